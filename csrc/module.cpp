@@ -1,0 +1,17 @@
+// The Python extension module moestream._C. Importing it registers every torch.ops.moestream.*
+// operator (static registrars in the kernel files) and exposes the streaming engine classes.
+#include <pybind11/pybind11.h>
+
+namespace moestream {
+void bind_stream(pybind11::module_& m);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moestream native extension";
+#ifdef MOESTREAM_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  moestream::bind_stream(m);
+}

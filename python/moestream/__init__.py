@@ -1,0 +1,36 @@
+"""moestream: fast MoE kernels (forward and backward) and asynchronous weight streaming for PyTorch."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # registers torch.ops.moestream.*
+from . import ops, reference
+from .ops import (
+    gated_activation,
+    grouped_mm,
+    moe_experts,
+    permute,
+    router_aux_loss,
+    router_topk,
+    router_z_loss,
+    unpermute,
+)
+
+__version__ = "0.1.0"
+
+with_cuda: bool = bool(_C.with_cuda)
+
+__all__ = [
+    "gated_activation",
+    "grouped_mm",
+    "moe_experts",
+    "ops",
+    "permute",
+    "reference",
+    "router_aux_loss",
+    "router_topk",
+    "router_z_loss",
+    "unpermute",
+    "with_cuda",
+]

@@ -1,0 +1,415 @@
+"""The functional API: thin wrappers over ``torch.ops.moestream.*``.
+
+Every op here is a dispatcher op with a CPU kernel (and a CUDA kernel when built with CUDA), a fake
+kernel for FakeTensor / ``torch.compile`` and an autograd formula written with moestream's own ops.
+Shapes use T tokens, k slots per token, E experts, H hidden, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "router_topk",
+    "router_aux_loss",
+    "router_z_loss",
+    "permute",
+    "unpermute",
+    "grouped_mm",
+    "gated_activation",
+    "moe_experts",
+]
+
+_ops = torch.ops.moestream
+
+SCORES = ("softmax", "sigmoid")
+KINDS = ("swiglu", "geglu", "gptoss")
+LAYOUTS = ("concat", "interleaved")
+
+
+# ----------------------------------------------------------------------------------------------
+# router
+
+
+def router_topk(
+    logits: Tensor,
+    k: int,
+    score: str = "softmax",
+    topk_first: bool = False,
+    bias: Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    normalize: bool = False,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Fused router gating: logits [T, E] -> (weights [T, k] float32, ids [T, k] int64).
+
+    Computes in float32 whatever the logits' dtype. Ties go to the lower expert id; ids are
+    ordered by descending selection score.
+
+    - ``score="softmax"``, ``topk_first=False``: softmax over E, then top-k (Mixtral, Qwen2/3-MoE,
+      OLMoE; add ``normalize=True`` where the model renormalises).
+    - ``score="sigmoid"`` with ``bias``, groups and ``normalize``/``scale``: DeepSeek-V3
+      (bias [E] is added for selection only; groups are ranked by the sum of their top-2 scores).
+    - ``topk_first=True``: top-k on the logits, then softmax over the k (GPT-OSS) or sigmoid (Llama 4).
+    - ``normalize`` divides by (sum + 1e-20); ``scale`` multiplies the result (routed scaling factor).
+
+    Differentiable with respect to ``logits`` (the selection itself is not).
+    """
+    return _ops.router_topk(logits, k, score, topk_first, bias, num_groups, topk_groups, normalize, scale)
+
+
+def router_aux_loss(logits: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Load-balancing auxiliary loss (Switch Transformer; transformers' ``load_balancing_loss_func``).
+
+    logits [T, E], ids [T, k] (the experts chosen), mask [T] optional token weights (1 = real token)
+    -> float32 scalar E * sum_e f_e * P_e. Differentiable with respect to ``logits``."""
+    return _ops.router_aux_loss(logits, ids, mask)
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2, float32 scalar."""
+    return _ops.router_z_loss(logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# permute / unpermute
+
+
+def permute(x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Token dispatch: x [T, H], ids [T, k] (int32 or int64) ->
+
+    - x_sorted [T*k, H]: x's rows in (expert, token, slot) order;
+    - perm [T, k] int64: the row of x_sorted holding token t's slot s;
+    - offsets [E] int64: cumulative row ends per expert (offsets[-1] == T*k).
+    """
+    return _ops.permute(x, ids, num_experts)
+
+
+def unpermute(y_sorted: Tensor, perm: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Weighted combine back to token order: y[t] = sum_s weights[t, s] * y_sorted[perm[t, s]].
+
+    y_sorted [N, H], perm [T, k] from :func:`permute`, weights [T, k] (any float dtype, optional)
+    -> y [T, H] in y_sorted's dtype; slots are summed in order with float32 accumulation."""
+    return _ops.unpermute(y_sorted, perm, weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped matmul
+
+
+def grouped_mm(
+    a: Tensor, b: Tensor, offsets: Tensor, transpose_b: bool = False, bias: Tensor | None = None
+) -> Tensor:
+    """Grouped matmul: a [M, K] with rows sorted by group, b [E, K, N] ([E, N, K] with
+    ``transpose_b``, the layout of transformers' fused experts), offsets [E] cumulative row ends
+    (int32 or int64), bias [E, N] optional -> out [M, N]. Rows past offsets[-1] are zero."""
+    return _ops.grouped_mm(a, b, offsets, transpose_b, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# gated activation
+
+
+def gated_activation(
+    x: Tensor, kind: str = "swiglu", layout: str = "concat", alpha: float = 1.702, limit: float = 7.0
+) -> Tensor:
+    """Fused gated activation: x [..., 2I] -> [..., I].
+
+    kind: ``swiglu`` silu(gate)*up, ``geglu`` gelu(gate)*up (erf form), ``gptoss`` GPT-OSS's
+    clamp(gate, max=limit) * sigmoid(alpha*gate) * (clamp(up, -limit, limit) + 1).
+    layout: ``concat`` ([gate | up] halves) or ``interleaved`` (gate0, up0, gate1, up1, ...)."""
+    return _ops.gated_activation(x, kind, layout, alpha, limit)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole expert path
+
+
+def moe_experts(
+    x: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    kind: str = "swiglu",
+    layout: str = "concat",
+    transpose_b: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> Tensor:
+    """The whole expert path: permute -> grouped_mm -> gated activation -> grouped_mm -> weighted
+    unpermute.
+
+    x [T, H], ids [T, k], weights [T, k]; w_gate_up [E, H, 2I] and w_down [E, I, H]
+    (with ``transpose_b``: [E, 2I, H] and [E, H, I], transformers' layout); optional biases
+    b_gate_up [E, 2I], b_down [E, H] (GPT-OSS) -> out [T, H] in x's dtype.
+
+    Without autograd this is one fused native op. When gradients are needed it is composed of the
+    individual ops, each saving what its backward needs, so nothing is recomputed."""
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weights, w_gate_up, w_down, b_gate_up, b_down)
+    ):
+        return _moe_experts_composite(
+            x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit
+        )
+    return _ops.moe_experts(
+        x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit
+    )
+
+
+def _moe_experts_composite(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit):
+    xs, perm, offsets = permute(x, ids, w_gate_up.shape[0])
+    h = grouped_mm(xs, w_gate_up, offsets, tb, b_gate_up)
+    a = gated_activation(h, kind, layout, alpha, limit)
+    y = grouped_mm(a, w_down, offsets, tb, b_down)
+    return unpermute(y, perm, weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# fake (meta) kernels: shapes and dtypes only
+
+
+def _register_fakes() -> None:
+    reg = torch.library.register_fake
+
+    @reg("moestream::router_topk")
+    def _(logits, k, score, topk_first, bias, num_groups, topk_groups, normalize, scale):
+        torch._check(logits.dim() == 2, lambda: "moestream.router_topk: logits must be 2-D")
+        T = logits.shape[0]
+        return (
+            logits.new_empty((T, k), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32),
+            logits.new_empty((T, k), dtype=torch.int64),
+        )
+
+    @reg("moestream::router_topk_backward")
+    def _(grad_weights, logits, ids, score, topk_first, normalize, scale):
+        return torch.empty_like(logits)
+
+    @reg("moestream::router_aux_loss")
+    def _(logits, ids, mask):
+        return logits.new_empty((), dtype=_acc(logits))
+
+    @reg("moestream::router_aux_loss_backward")
+    def _(grad, logits, ids, mask):
+        return torch.empty_like(logits)
+
+    @reg("moestream::router_z_loss")
+    def _(logits):
+        return logits.new_empty((), dtype=_acc(logits))
+
+    @reg("moestream::router_z_loss_backward")
+    def _(grad, logits):
+        return torch.empty_like(logits)
+
+    @reg("moestream::permute")
+    def _(x, ids, num_experts):
+        T, k = ids.shape
+        return (
+            x.new_empty((T * k, x.shape[1])),
+            ids.new_empty((T, k), dtype=torch.int64),
+            ids.new_empty((num_experts,), dtype=torch.int64),
+        )
+
+    @reg("moestream::unpermute")
+    def _(y_sorted, perm, weights):
+        return y_sorted.new_empty((perm.shape[0], y_sorted.shape[1]))
+
+    @reg("moestream::unpermute_backward")
+    def _(grad_y, y_sorted, perm, weights, needs_weights_grad):
+        gw_shape = tuple(perm.shape) if (weights is not None and needs_weights_grad) else (0,)
+        return torch.empty_like(y_sorted), perm.new_empty(gw_shape, dtype=_acc(y_sorted))
+
+    @reg("moestream::grouped_mm")
+    def _(a, b, offsets, transpose_b, bias):
+        n = b.shape[1] if transpose_b else b.shape[2]
+        return a.new_empty((a.shape[0], n))
+
+    @reg("moestream::grouped_mm_weight_grad")
+    def _(a, grad_out, offsets, transpose_b):
+        E, K, N = offsets.shape[0], a.shape[1], grad_out.shape[1]
+        return a.new_empty((E, N, K) if transpose_b else (E, K, N))
+
+    @reg("moestream::grouped_bias_grad")
+    def _(grad_out, offsets):
+        return grad_out.new_empty((offsets.shape[0], grad_out.shape[1]))
+
+    @reg("moestream::gated_activation")
+    def _(x, kind, layout, alpha, limit):
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    @reg("moestream::gated_activation_backward")
+    def _(grad, x, kind, layout, alpha, limit):
+        return torch.empty_like(x)
+
+    @reg("moestream::moe_experts")
+    def _(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit):
+        return torch.empty_like(x)
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd, written with moestream's own ops
+
+
+def _register_autograd() -> None:
+    def reg(name, backward, setup_context):
+        torch.library.register_autograd(f"moestream::{name}", backward, setup_context=setup_context)
+
+    # router_topk ------------------------------------------------------------------------------
+    def router_setup(ctx, inputs, output):
+        logits, k, score, topk_first, bias, num_groups, topk_groups, normalize, scale = inputs
+        ctx.save_for_backward(logits, output[1])
+        ctx.args = (score, topk_first, normalize, scale)
+
+    def router_backward(ctx, grad_weights, grad_ids):
+        logits, ids = ctx.saved_tensors
+        score, topk_first, normalize, scale = ctx.args
+        g = _ops.router_topk_backward(grad_weights.contiguous(), logits, ids, score, topk_first, normalize, scale)
+        return g, None, None, None, None, None, None, None, None
+
+    reg("router_topk", router_backward, router_setup)
+
+    # losses -------------------------------------------------------------------------------------
+    def aux_setup(ctx, inputs, output):
+        ctx.save_for_backward(*[t for t in inputs if t is not None])
+        ctx.has_mask = inputs[2] is not None
+
+    def aux_backward(ctx, grad):
+        saved = ctx.saved_tensors
+        logits, ids = saved[0], saved[1]
+        mask = saved[2] if ctx.has_mask else None
+        return _ops.router_aux_loss_backward(grad, logits, ids, mask), None, None
+
+    reg("router_aux_loss", aux_backward, aux_setup)
+
+    def z_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def z_backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        return _ops.router_z_loss_backward(grad, logits)
+
+    reg("router_z_loss", z_backward, z_setup)
+
+    # permute / unpermute --------------------------------------------------------------------------
+    def permute_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def permute_backward(ctx, grad_sorted, grad_perm, grad_offsets):
+        (perm,) = ctx.saved_tensors
+        # d x[t] = sum_s d x_sorted[perm[t, s]]: an unweighted unpermute.
+        return _ops.unpermute(grad_sorted.contiguous(), perm, None), None, None
+
+    reg("permute", permute_backward, permute_setup)
+
+    def unpermute_setup(ctx, inputs, output):
+        y_sorted, perm, weights = inputs
+        ctx.has_weights = weights is not None
+        ctx.weights_dtype = weights.dtype if weights is not None else None
+        ctx.save_for_backward(y_sorted, perm, weights if weights is not None else y_sorted.new_empty(0))
+
+    def unpermute_backward(ctx, grad_y):
+        y_sorted, perm, weights = ctx.saved_tensors
+        w = weights if ctx.has_weights else None
+        need_w = ctx.has_weights and ctx.needs_input_grad[2]
+        gy, gw = _ops.unpermute_backward(grad_y.contiguous(), y_sorted, perm, w, need_w)
+        return gy, None, (gw.to(ctx.weights_dtype) if need_w else None)
+
+    reg("unpermute", unpermute_backward, unpermute_setup)
+
+    # grouped matmul -------------------------------------------------------------------------------
+    def gmm_setup(ctx, inputs, output):
+        a, b, offsets, transpose_b, bias = inputs
+        ctx.transpose_b = transpose_b
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(a, b, offsets)
+
+    def gmm_backward(ctx, grad_out):
+        a, b, offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        ga = gb = gbias = None
+        if ctx.needs_input_grad[0]:
+            ga = _ops.grouped_mm(grad_out, b, offsets, not ctx.transpose_b, None)
+        if ctx.needs_input_grad[1]:
+            gb = _ops.grouped_mm_weight_grad(a, grad_out, offsets, ctx.transpose_b)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gbias = _ops.grouped_bias_grad(grad_out, offsets)
+        return ga, gb, None, None, gbias
+
+    reg("grouped_mm", gmm_backward, gmm_setup)
+
+    def gmm_wg_setup(ctx, inputs, output):
+        a, grad_out, offsets, transpose_b = inputs
+        ctx.transpose_b = transpose_b
+        ctx.save_for_backward(a, grad_out, offsets)
+
+    def gmm_wg_backward(ctx, gg):
+        # second order: W = a^T dy per group (or dy^T a); dW is linear in both a and dy.
+        a, dy, offsets = ctx.saved_tensors
+        gg = gg.contiguous()
+        tb = ctx.transpose_b
+        ga = gdy = None
+        if ctx.needs_input_grad[0]:
+            # W_g = a_g^T dy_g  ->  d a_g = dy_g gg_g^T  (tb: W_g = dy_g^T a_g -> d a_g = dy_g gg_g)
+            ga = _ops.grouped_mm(dy, gg, offsets, not tb, None)
+        if ctx.needs_input_grad[1]:
+            gdy = _ops.grouped_mm(a, gg, offsets, tb, None)
+        return ga, gdy, None, None
+
+    reg("grouped_mm_weight_grad", gmm_wg_backward, gmm_wg_setup)
+
+    # gated activation -----------------------------------------------------------------------------
+    def act_setup(ctx, inputs, output):
+        x, kind, layout, alpha, limit = inputs
+        ctx.args = (kind, layout, alpha, limit)
+        ctx.save_for_backward(x)
+
+    def act_backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _ops.gated_activation_backward(grad.contiguous(), x, *ctx.args), None, None, None, None
+
+    reg("gated_activation", act_backward, act_setup)
+
+    # whole expert path: the op's own autograd recomputes the forward's intermediates (it keeps
+    # only its inputs); ms.moe_experts avoids this by composing the ops when grads are needed.
+    def experts_setup(ctx, inputs, output):
+        x, ids, weights, w1, w2, b1, b2, kind, layout, tb, alpha, limit = inputs
+        ctx.args = (kind, layout, tb, alpha, limit)
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        empty = x.new_empty(0)
+        ctx.save_for_backward(x, ids, weights, w1, w2, b1 if b1 is not None else empty, b2 if b2 is not None else empty)
+
+    def experts_backward(ctx, grad):
+        x, ids, weights, w1, w2, b1, b2 = ctx.saved_tensors
+        kind, layout, tb, alpha, limit = ctx.args
+        b1 = b1 if ctx.has_b1 else None
+        b2 = b2 if ctx.has_b2 else None
+        grad = grad.contiguous()
+        xs, perm, offsets = _ops.permute(x, ids, w1.shape[0])
+        h = _ops.grouped_mm(xs, w1, offsets, tb, b1)
+        a = _ops.gated_activation(h, kind, layout, alpha, limit)
+        y = _ops.grouped_mm(a, w2, offsets, tb, b2)
+        gy, gw = _ops.unpermute_backward(grad, y, perm, weights, True)
+        ga = _ops.grouped_mm(gy, w2, offsets, not tb, None)
+        gw2 = _ops.grouped_mm_weight_grad(a, gy, offsets, tb)
+        gb2 = _ops.grouped_bias_grad(gy, offsets) if b2 is not None else None
+        gh = _ops.gated_activation_backward(ga, h, kind, layout, alpha, limit)
+        gxs = _ops.grouped_mm(gh, w1, offsets, not tb, None)
+        gw1 = _ops.grouped_mm_weight_grad(xs, gh, offsets, tb)
+        gb1 = _ops.grouped_bias_grad(gh, offsets) if b1 is not None else None
+        gx = _ops.unpermute(gxs, perm, None)
+        return gx, None, gw.to(weights.dtype), gw1, gw2, gb1, gb2, None, None, None, None, None
+
+    reg("moe_experts", experts_backward, experts_setup)
+
+
+_register_fakes()
+_register_autograd()
