@@ -7,30 +7,49 @@ modules, gradchecked in float64 and run through torch.library.opcheck.
 
 from __future__ import annotations
 
+import moestream as ms
 import pytest
 import torch
 from conftest import HAS_CUDA, assert_accurate, cuda, rel_err
-
-import moestream as ms
 from moestream import reference as R
 
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 # name -> (E, router_topk keyword arguments); bias=True means "a random correction bias [E]"
 VARIANTS = {
-    "mixtral": (8, dict(k=2, normalize=True)),
-    "qwen2_moe": (60, dict(k=4)),
-    "olmoe": (64, dict(k=8)),
-    "deepseek_v3": (64, dict(k=8, score="sigmoid", bias=True, num_groups=8, topk_groups=4, normalize=True, scale=2.5)),
-    "deepseek_groups_of_one": (12, dict(k=3, score="sigmoid", bias=True, num_groups=12, topk_groups=5, normalize=True)),
-    "gpt_oss": (32, dict(k=4, topk_first=True)),
-    "llama4": (16, dict(k=1, topk_first=True, score="sigmoid")),
-    "softmax_bias_groups": (48, dict(k=6, bias=True, num_groups=4, topk_groups=2, scale=0.7)),
-    "topk_first_groups": (40, dict(k=5, topk_first=True, bias=True, num_groups=5, topk_groups=3, normalize=True)),
-    "sigmoid_plain": (24, dict(k=3, score="sigmoid", scale=1.5)),
-    "large_k": (96, dict(k=40, normalize=True)),
-    "large_k_sigmoid_groups": (128, dict(k=33, score="sigmoid", bias=True, num_groups=4, topk_groups=3)),
-    "k_equals_e": (16, dict(k=16, normalize=True)),
+    "mixtral": (8, {"k": 2, "normalize": True}),
+    "qwen2_moe": (60, {"k": 4}),
+    "olmoe": (64, {"k": 8}),
+    "deepseek_v3": (
+        64,
+        {
+            "k": 8,
+            "score": "sigmoid",
+            "bias": True,
+            "num_groups": 8,
+            "topk_groups": 4,
+            "normalize": True,
+            "scale": 2.5,
+        },
+    ),
+    "deepseek_groups_of_one": (
+        12,
+        {"k": 3, "score": "sigmoid", "bias": True, "num_groups": 12, "topk_groups": 5, "normalize": True},
+    ),
+    "gpt_oss": (32, {"k": 4, "topk_first": True}),
+    "llama4": (16, {"k": 1, "topk_first": True, "score": "sigmoid"}),
+    "softmax_bias_groups": (48, {"k": 6, "bias": True, "num_groups": 4, "topk_groups": 2, "scale": 0.7}),
+    "topk_first_groups": (
+        40,
+        {"k": 5, "topk_first": True, "bias": True, "num_groups": 5, "topk_groups": 3, "normalize": True},
+    ),
+    "sigmoid_plain": (24, {"k": 3, "score": "sigmoid", "scale": 1.5}),
+    "large_k": (96, {"k": 40, "normalize": True}),
+    "large_k_sigmoid_groups": (
+        128,
+        {"k": 33, "score": "sigmoid", "bias": True, "num_groups": 4, "topk_groups": 3},
+    ),
+    "k_equals_e": (16, {"k": 16, "normalize": True}),
 }
 
 
@@ -96,7 +115,11 @@ def test_router_topk_non_contiguous(device, variant):
 def test_router_topk_ties_pick_lower_id(device, dtype):
     # few distinct values: most rows hold ties, which go to the lower id, best first
     logits = torch.randint(0, 3, (50, 16)).to(device=device, dtype=dtype)
-    for kw in (dict(k=5), dict(k=5, score="sigmoid", num_groups=4, topk_groups=2), dict(k=3, topk_first=True)):
+    for kw in (
+        {"k": 5},
+        {"k": 5, "score": "sigmoid", "num_groups": 4, "topk_groups": 2},
+        {"k": 3, "topk_first": True},
+    ):
         w, ids = ms.router_topk(logits, **kw)
         rw, rids = _ref(logits, **kw)
         assert torch.equal(ids.cpu(), rids), kw
@@ -113,7 +136,7 @@ def test_router_topk_ties_pick_lower_id(device, dtype):
 
 def test_router_topk_nan_ranks_first_like_reference(device):
     x = torch.tensor([[0.5, float("nan"), 2.0, float("nan"), 2.0, -float("inf")]], device=device)
-    for kw in (dict(k=6, score="sigmoid"), dict(k=3, score="sigmoid", num_groups=3, topk_groups=2)):
+    for kw in ({"k": 6, "score": "sigmoid"}, {"k": 3, "score": "sigmoid", "num_groups": 3, "topk_groups": 2}):
         w, ids = ms.router_topk(x, **kw)
         rw, rids = _ref(x, **kw)
         assert torch.equal(ids.cpu(), rids)
@@ -135,8 +158,10 @@ def test_router_topk_edge_shapes(device):
     w, ids = ms.router_topk(logits, 33)
     assert torch.equal(ids.sort(dim=1).values.cpu(), torch.arange(33).expand(9, 33))
     torch.testing.assert_close(w.sum(1).cpu(), torch.ones(9))
-    # a large E, k spanning both selection strategies
-    logits = torch.randn(4, 3000, device=device)
+    # a large E, k spanning both selection strategies. The logits lie on a 1/64 grid: many exact
+    # ties, and no two distinct scores within rounding of each other (with 3000 continuous values
+    # some neighbours are ~1 ulp apart, and there float32 rounding decides the order).
+    logits = (torch.randn(4, 3000, device=device) * 64).round() / 64
     for k in (1, 16, 17, 300, 3000):
         w, ids = ms.router_topk(logits, k)
         rw, rids = _ref(logits, k=k)
@@ -147,7 +172,7 @@ def test_router_topk_edge_shapes(device):
 def test_router_topk_bias_dtype(device):
     logits = torch.randn(20, 32, device=device)
     bias = (0.1 * torch.randn(32, device=device)).to(torch.bfloat16)
-    kw = dict(k=4, score="sigmoid", bias=bias, num_groups=4, topk_groups=2, normalize=True)
+    kw = {"k": 4, "score": "sigmoid", "bias": bias, "num_groups": 4, "topk_groups": 2, "normalize": True}
     w, ids = ms.router_topk(logits, **kw)
     rw, rids = _ref(logits, **kw)
     assert torch.equal(ids.cpu(), rids)
@@ -175,7 +200,9 @@ def test_router_topk_gradcheck(device, variant):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["mixtral", "olmoe", "deepseek_v3", "gpt_oss", "llama4", "softmax_bias_groups"])
+@pytest.mark.parametrize(
+    "variant", ["mixtral", "olmoe", "deepseek_v3", "gpt_oss", "llama4", "softmax_bias_groups"]
+)
 def test_router_topk_backward_matches_reference(device, variant, dtype):
     logits, kw = _args(variant, device, dtype)
     gw = torch.randn(logits.shape[0], kw["k"], device=device)
@@ -201,11 +228,11 @@ def test_router_topk_backward_matches_reference(device, variant, dtype):
 def test_router_topk_backward_direct(device):
     # the backward op on its own: int32 ids, float64 grads, non-contiguous grad_weights
     logits = torch.randn(11, 20, device=device)
-    w, ids = ms.router_topk(logits, 4, normalize=True, scale=1.3)
+    _w, ids = ms.router_topk(logits, 4, normalize=True, scale=1.3)
     gw = torch.randn(4, 11, device=device, dtype=torch.float64).t()
     g = torch.ops.moestream.router_topk_backward(gw, logits, ids.int(), "softmax", False, True, 1.3)
     x = logits.cpu().double().requires_grad_(True)
-    rw, rids = R.router_topk(x, 4, normalize=True, scale=1.3)
+    rw, _rids = R.router_topk(x, 4, normalize=True, scale=1.3)
     (ref,) = torch.autograd.grad(rw, x, gw.cpu())
     assert g.dtype == torch.float32
     assert_accurate(g, ref)
@@ -234,11 +261,17 @@ def test_matches_transformers_softmax_routers(norm):
 
     H, T = 24, 33
     routers = [
-        Qwen3MoeTopKRouter(Qwen3MoeConfig(hidden_size=H, num_experts=16, num_experts_per_tok=4, norm_topk_prob=norm)),
-        OlmoeTopKRouter(OlmoeConfig(hidden_size=H, num_experts=64, num_experts_per_tok=8, norm_topk_prob=norm)),
+        Qwen3MoeTopKRouter(
+            Qwen3MoeConfig(hidden_size=H, num_experts=16, num_experts_per_tok=4, norm_topk_prob=norm)
+        ),
+        OlmoeTopKRouter(
+            OlmoeConfig(hidden_size=H, num_experts=64, num_experts_per_tok=8, norm_topk_prob=norm)
+        ),
     ]
     if norm:  # Mixtral always renormalises
-        routers.append(MixtralTopKRouter(MixtralConfig(hidden_size=H, num_local_experts=8, num_experts_per_tok=2)))
+        routers.append(
+            MixtralTopKRouter(MixtralConfig(hidden_size=H, num_local_experts=8, num_experts_per_tok=2))
+        )
     with torch.no_grad():
         for r in routers:
             r.weight.copy_(torch.randn_like(r.weight))
@@ -335,7 +368,9 @@ def test_aux_loss_matches_reference(device, dtype, with_mask):
 
     # backward vs autograd of the reference
     x = logits.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(ms.router_aux_loss(x, ids, mask), x, torch.tensor(1.7, device=device, dtype=loss.dtype))
+    (g,) = torch.autograd.grad(
+        ms.router_aux_loss(x, ids, mask), x, torch.tensor(1.7, device=device, dtype=loss.dtype)
+    )
     assert g.dtype == dtype
 
     def ref_grad(d):
@@ -403,7 +438,9 @@ def test_losses_edge_shapes(device):
     empty = torch.randn(0, 5, device=device)
     ids = torch.zeros(0, 2, dtype=torch.int64, device=device)
     assert torch.isnan(ms.router_z_loss(empty)) and torch.isnan(R.router_z_loss(empty.cpu()))
-    assert torch.isnan(ms.router_aux_loss(empty, ids)) and torch.isnan(R.router_aux_loss(empty.cpu(), ids.cpu()))
+    assert torch.isnan(ms.router_aux_loss(empty, ids)) and torch.isnan(
+        R.router_aux_loss(empty.cpu(), ids.cpu())
+    )
     one = torch.tensor(1.0, device=device)
     assert ms.ops._ops.router_z_loss_backward(one, empty).shape == (0, 5)
     assert ms.ops._ops.router_aux_loss_backward(one, empty, ids, None).shape == (0, 5)
@@ -517,7 +554,9 @@ def test_router_topk_backward_bad_input(device):
     gw = torch.randn(4, 2, device=device)
     bwd = torch.ops.moestream.router_topk_backward
     with pytest.raises(RuntimeError, match=r"ids must lie in \[0, E\).*got ids\[1, 0\] = 8"):
-        bwd(gw, x, torch.tensor([[0, 1], [8, 2], [0, 1], [0, 1]], device=device), "softmax", False, False, 1.0)
+        bwd(
+            gw, x, torch.tensor([[0, 1], [8, 2], [0, 1], [0, 1]], device=device), "softmax", False, False, 1.0
+        )
     with pytest.raises(RuntimeError, match=r"ids must lie in \[0, E\).*got ids\[0, 1\] = -1"):
         bwd(gw, x, torch.tensor([[0, -1]] * 4, device=device), "sigmoid", False, False, 1.0)
     with pytest.raises(RuntimeError, match="ids must be int32 or int64"):
