@@ -102,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x,
 
 // y_sorted [N, H] float, perm [T, k] int64 (int32 accepted), weights [T, k] optional (any float dtype)
 // -> y [T, H] in y_sorted's dtype.
-at::Tensor unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& perm, const std::optional<at::Tensor>& weights) {
+at::Tensor unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& perm,
+                          const std::optional<at::Tensor>& weights) {
   const char* op = "unpermute";
   MS_CHECK(y_sorted.is_cuda(), op, "y_sorted must be a CUDA tensor, got device ", y_sorted.device());
   c10::cuda::CUDAGuard guard(y_sorted.device());

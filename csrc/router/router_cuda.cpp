@@ -150,7 +150,8 @@ at::Tensor router_topk_backward_cuda(const at::Tensor& grad_weights, const at::T
 
 // logits [T, E], ids [T, k] (entries outside [0, E) are not counted), mask [T] optional
 // -> scalar, float32 (float64 for float64 logits).
-at::Tensor router_aux_loss_cuda(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& mask) {
+at::Tensor router_aux_loss_cuda(const at::Tensor& logits, const at::Tensor& ids,
+                                const std::optional<at::Tensor>& mask) {
   const char* op = "router_aux_loss";
   check_logits(logits, op);
   c10::cuda::CUDAGuard guard(logits.device());
