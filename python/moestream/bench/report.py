@@ -105,10 +105,15 @@ def _header(meta: dict) -> list[str]:
         ),
     ]
     shape = meta.get("shape") or {}
-    if shape:
+    if shape and shape.get("num_experts"):
         lines.append(
             f"shape {shape.get('name')}: hidden {shape.get('hidden')}, intermediate {shape.get('intermediate')}, "
             f"{shape.get('num_experts')} experts, top-{shape.get('top_k')}, {shape.get('kind')}/{shape.get('layout')}"
+        )
+    elif shape:
+        lines.append(
+            f"shape {shape.get('name')}: dense, hidden {shape.get('hidden')}, intermediate "
+            f"{shape.get('intermediate')}, {shape.get('num_layers')} layers"
         )
     ceil = meta.get("ceilings") or {}
     parts = []
@@ -213,7 +218,7 @@ def _summary(rows: list[dict]) -> list[str]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    out = ["", "rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    out = ["", "rows: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")]
     for (impl, b), xs in sorted(acc.items()):
         gm = math.exp(sum(math.log(x) for x in xs) / len(xs))
         out.append(f"{impl} vs {b}: geometric-mean speedup {gm:.2f}x over {len(xs)} rows")
@@ -350,6 +355,9 @@ def plot(result, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
 
     data = _as_dict(result)
     panels: OrderedDict[tuple, dict[str, list[dict]]] = OrderedDict()
@@ -368,16 +376,22 @@ def plot(result, path: str | Path) -> None:
             fr = [(r["tokens"], r["ceiling_fraction"]) for r in rs if r.get("ceiling_fraction") is not None]
             if fr:
                 ax_c.plot([x for x, _ in fr], [100 * y for _, y in fr], marker="o", label=impl)
+        tokens = sorted({r["tokens"] for rs in impls.values() for r in rs})
         ax_t.set_title(f"{suite}/{op} ({dtype})", fontsize=9)
-        ax_t.set_xscale("log")
         ax_t.set_yscale("log")
         ax_t.set_ylabel("median time (ms)")
-        ax_t.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=7)
-        ax_c.set_xscale("log")
         ax_c.set_xlabel("tokens")
-        ax_c.set_ylabel("% of measured ceiling")
-        ax_c.grid(True, which="both", alpha=0.3)
+        ax_c.set_ylabel("% of measured ceiling (matmul or bandwidth)")
+        for ax in (ax_t, ax_c):
+            ax.set_xscale("log")
+            ax.set_xticks(tokens)
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(True, which="major", alpha=0.3)
+        ax_t.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax_t.yaxis.set_major_formatter(plain)
+        ax_t.yaxis.set_minor_formatter(NullFormatter())
     if not panels:
         axes[0][0].text(0.5, 0.5, "no timed rows", ha="center", va="center")
     m = data["meta"]
