@@ -1,0 +1,266 @@
+"""The correctness gate: float64 results of ``moestream.reference`` and the error measure.
+
+Every implementation's output is compared with the reference computed in float64 from the same
+(low-precision) inputs, as a norm-wise relative error ``||out - ref|| / ||ref||`` (the measure of
+``tests/conftest.py``). The float64 reference is computed in pieces (per expert, or per block of
+rows) with the reference ops, so it never holds a float64 copy of all expert weights.
+
+Tolerances (by the dtype of the output compared):
+
+- float32 (and the router's float32 weights whatever the logits' dtype): 1e-4. The tests hold the
+  native ops to 1e-5; the bench allows 10x because its shapes are much larger (long sums) and it
+  also gates baselines that compute in a different order (transformers' eager loop, torch.mm).
+- bfloat16 / float16: 5e-2. The reference itself loses about 4e-3 (bf16) / 5e-4 (fp16) on one
+  matmul at these sizes and ~1e-2 on the whole expert path (every intermediate rounded); 5e-2
+  still flags any real bug (a wrong expert, a missing weight or bias, a wrong activation gives
+  errors of order 1).
+- index outputs (permutation, offsets): exact. Router ids: at most 0.1% of rows may pick a
+  different expert set than the float64 reference (near-ties decided differently in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import reference
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2, torch.float64: 1e-10}
+ROUTER_ID_MISMATCH = 1e-3  # fraction of rows whose chosen experts may differ from the float64 reference
+
+# float64 working set per block of rows (bytes)
+_BLOCK_BYTES = 64 << 20
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCE[dtype]
+
+
+def _rows_per_block(width: int, itemsize: int = 8) -> int:
+    return max(1, _BLOCK_BYTES // max(1, width * itemsize))
+
+
+class ErrAcc:
+    """Accumulates ||out - ref||^2 and ||ref||^2 over pieces; non-finite outputs give inf."""
+
+    def __init__(self) -> None:
+        self.num = 0.0
+        self.den = 0.0
+        self.finite = True
+
+    def add(self, out: Tensor, ref: Tensor) -> None:
+        if out.shape != ref.shape:
+            raise ValueError(f"output shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
+        o = out.detach().reshape(-1, out.shape[-1] if out.dim() else 1)
+        r = ref.detach().reshape(-1, ref.shape[-1] if ref.dim() else 1)
+        step = _rows_per_block(o.shape[1] if o.dim() == 2 else 1)
+        for s in range(0, o.shape[0], step):
+            oc = o[s : s + step].to(torch.float64)
+            rc = r[s : s + step].to(torch.float64)
+            if not bool(torch.isfinite(oc).all()):
+                self.finite = False
+            self.num += float((oc - rc).pow(2).sum())
+            self.den += float(rc.pow(2).sum())
+
+    def value(self) -> float:
+        if not self.finite:
+            return math.inf
+        return math.sqrt(self.num / self.den) if self.den > 0 else math.sqrt(self.num)
+
+
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    acc = ErrAcc()
+    acc.add(out, ref)
+    return acc.value()
+
+
+def compare(outputs: dict[str, Tensor | None], refs: dict[str, Tensor]) -> tuple[float, str]:
+    """Largest relative error over the named outputs -> (error, name of the worst output)."""
+    worst, which = 0.0, ""
+    for name, ref in refs.items():
+        out = outputs.get(name)
+        if out is None:
+            return math.inf, f"{name} missing"
+        e = rel_err(out, ref)
+        if not e <= worst:  # also catches nan
+            worst, which = e, name
+    return worst, which
+
+
+def mismatch_fraction(out: Tensor, ref: Tensor) -> float:
+    """Fraction of elements that differ (exact comparison, for index and data-movement outputs)."""
+    if out.shape != ref.shape:
+        return 1.0
+    if out.numel() == 0:
+        return 0.0
+    return float((out.detach() != ref.detach()).sum()) / out.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 references, piecewise
+
+
+def f64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def router_topk64(logits: Tensor, k: int, bias: Tensor | None, **kw) -> tuple[Tensor, Tensor]:
+    return reference.router_topk(f64(logits), k, bias=f64(bias), **kw)
+
+
+def unpermute64(y_sorted: Tensor, perm: Tensor, weights: Tensor | None) -> Tensor:
+    T, k = perm.shape
+    out = torch.empty(T, y_sorted.shape[1], dtype=torch.float64, device=y_sorted.device)
+    step = max(1, _rows_per_block(y_sorted.shape[1]) // max(1, k))
+    for s in range(0, T, step):
+        p = perm[s : s + step]
+        rows = y_sorted[p.reshape(-1)].to(torch.float64)
+        local = torch.arange(rows.shape[0], device=perm.device).view(p.shape)
+        w = None if weights is None else f64(weights[s : s + step])
+        out[s : s + step] = reference.unpermute(rows, local, w)
+    return out
+
+
+def grouped_mm64(
+    a: Tensor, b: Tensor, offsets: Tensor, transpose_b: bool, bias: Tensor | None = None
+) -> Tensor:
+    N = b.shape[1] if transpose_b else b.shape[2]
+    out = torch.zeros(a.shape[0], N, dtype=torch.float64, device=a.device)
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        if end > start:
+            one = torch.tensor([end - start], dtype=torch.int64, device=a.device)
+            bg = None if bias is None else f64(bias[g : g + 1])
+            out[start:end] = reference.grouped_mm(f64(a[start:end]), f64(b[g : g + 1]), one, transpose_b, bg)
+        start = end
+    return out
+
+
+def gated_activation64(x: Tensor, kind: str, layout: str, alpha: float, limit: float) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty(x2.shape[0], x2.shape[1] // 2, dtype=torch.float64, device=x.device)
+    step = _rows_per_block(x2.shape[1])
+    for s in range(0, x2.shape[0], step):
+        out[s : s + step] = reference.gated_activation(f64(x2[s : s + step]), kind, layout, alpha, limit)
+    return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def _expert_slices(ids: Tensor, num_experts: int):
+    """Yield (expert, token index, slot index) for every expert that receives tokens."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            idx = order[start : start + c]
+            yield e, idx // k, idx % k
+        start += c
+
+
+def _expert_mlp64(xs, e, w1, w2, b1, b2, kind, layout, tb, alpha, limit):
+    one = torch.tensor([xs.shape[0]], dtype=torch.int64, device=xs.device)
+    h = reference.grouped_mm(xs, w1[e : e + 1], one, tb, None if b1 is None else b1[e : e + 1])
+    a = reference.gated_activation(h, kind, layout, alpha, limit)
+    return reference.grouped_mm(a, w2[e : e + 1], one, tb, None if b2 is None else b2[e : e + 1])
+
+
+def moe_experts64(
+    x,
+    ids,
+    weights,
+    w_gate_up,
+    w_down,
+    b_gate_up=None,
+    b_down=None,
+    kind="swiglu",
+    layout="concat",
+    transpose_b=False,
+    alpha=1.702,
+    limit=7.0,
+) -> Tensor:
+    """The expert path in float64, one expert at a time (the weights are converted per expert)."""
+    E = w_gate_up.shape[0]
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for e, tok, slot in _expert_slices(ids, E):
+        w1, w2 = f64(w_gate_up[e : e + 1]), f64(w_down[e : e + 1])
+        b1 = None if b_gate_up is None else f64(b_gate_up[e : e + 1])
+        b2 = None if b_down is None else f64(b_down[e : e + 1])
+        y = _expert_mlp64(f64(x[tok]), 0, w1, w2, b1, b2, kind, layout, transpose_b, alpha, limit)
+        out.index_add_(0, tok, y * f64(weights[tok, slot]).unsqueeze(1))
+    return out
+
+
+def moe_experts_grads64(
+    x,
+    ids,
+    weights,
+    w_gate_up,
+    w_down,
+    b_gate_up,
+    b_down,
+    grad_out,
+    kind="swiglu",
+    layout="concat",
+    transpose_b=False,
+    alpha=1.702,
+    limit=7.0,
+) -> dict[str, Tensor]:
+    """Forward output and the gradients of sum(out * grad_out) with respect to x, the routing
+    weights, the expert weights and biases, in float64 (autograd through the reference ops, one
+    expert at a time)."""
+    E = w_gate_up.shape[0]
+    dev = x.device
+    res = {
+        "out": torch.zeros(x.shape, dtype=torch.float64, device=dev),
+        "grad_x": torch.zeros(x.shape, dtype=torch.float64, device=dev),
+        "grad_weights": torch.zeros(weights.shape, dtype=torch.float64, device=dev),
+        "grad_w_gate_up": torch.zeros(w_gate_up.shape, dtype=torch.float64, device=dev),
+        "grad_w_down": torch.zeros(w_down.shape, dtype=torch.float64, device=dev),
+    }
+    if b_gate_up is not None:
+        res["grad_b_gate_up"] = torch.zeros(b_gate_up.shape, dtype=torch.float64, device=dev)
+    if b_down is not None:
+        res["grad_b_down"] = torch.zeros(b_down.shape, dtype=torch.float64, device=dev)
+    with torch.enable_grad():
+        for e, tok, slot in _expert_slices(ids, E):
+            leaves = {
+                "x": f64(x[tok]).requires_grad_(),
+                "w": f64(weights[tok, slot]).requires_grad_(),
+                "w1": f64(w_gate_up[e : e + 1]).requires_grad_(),
+                "w2": f64(w_down[e : e + 1]).requires_grad_(),
+            }
+            if b_gate_up is not None:
+                leaves["b1"] = f64(b_gate_up[e : e + 1]).requires_grad_()
+            if b_down is not None:
+                leaves["b2"] = f64(b_down[e : e + 1]).requires_grad_()
+            y = _expert_mlp64(
+                leaves["x"],
+                0,
+                leaves["w1"],
+                leaves["w2"],
+                leaves.get("b1"),
+                leaves.get("b2"),
+                kind,
+                layout,
+                transpose_b,
+                alpha,
+                limit,
+            )
+            contrib = y * leaves["w"].unsqueeze(1)
+            names = list(leaves)
+            grads = torch.autograd.grad(contrib, [leaves[n] for n in names], f64(grad_out[tok]))
+            g = dict(zip(names, grads))
+            res["out"].index_add_(0, tok, contrib.detach())
+            res["grad_x"].index_add_(0, tok, g["x"])
+            res["grad_weights"][tok, slot] = g["w"]
+            res["grad_w_gate_up"][e] = g["w1"][0]
+            res["grad_w_down"][e] = g["w2"][0]
+            if "b1" in g:
+                res["grad_b_gate_up"][e] = g["b1"][0]
+            if "b2" in g:
+                res["grad_b_down"][e] = g["b2"][0]
+    return res
