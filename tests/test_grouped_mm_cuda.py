@@ -348,7 +348,7 @@ def test_opcheck_cuda():
 # determinism, synchronisation, the implementation switch, malformed offsets
 
 
-@pytest.mark.parametrize("impl", ["auto", "simt", "mma", "gemv"], indirect=True)
+@pytest.mark.parametrize("impl", ["auto", "simt", "mma", "gemv", "wgmma"], indirect=True)
 def test_bitwise_deterministic(impl):
     counts, K, N = [0, 1, 7, 129, 1000, 3], 256, 384
     E, M = len(counts), sum(counts) + 2
@@ -371,7 +371,7 @@ def test_bitwise_deterministic(impl):
                 assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("impl", ["auto", "simt", "mma", "gemv"], indirect=True)
+@pytest.mark.parametrize("impl", ["auto", "simt", "mma", "gemv", "wgmma"], indirect=True)
 def test_no_host_sync(impl):
     counts, K, N = [0, 3, 70, 1], 128, 256
     E, M = len(counts), sum(counts) + 1
@@ -409,7 +409,7 @@ def test_impls_agree_bf16(monkeypatch):
     a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     b = rand_b(E, K, N, True, torch.bfloat16)
     outs = {}
-    for name in ("simt", "mma", "gemv", "auto"):
+    for name in ("simt", "mma", "gemv", "wgmma", "auto"):
         monkeypatch.setenv("MOESTREAM_GMM_IMPL", name)
         outs[name] = check_forward(a, b, offsets, True, None, name)
     # fp32 accumulation in different orders, one rounding to bf16: at most one bf16 ulp apart

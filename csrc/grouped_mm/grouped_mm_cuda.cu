@@ -9,6 +9,10 @@
 //                 persistent CTAs walking the tile list; 16-byte stores through shared memory.
 //                 Needs K, N and the leading dimensions to be multiples of 8 elements and 16-byte
 //                 aligned pointers.
+//   * wgmma     : forward only, sm_90a: 128x256x64 tiles, two warpgroups issuing asynchronous
+//                 wgmma.mma_async from 128B-swizzled shared memory fed by cp.async. Chosen only when
+//                 MOESTREAM_GMM_IMPL=wgmma (auto keeps mma.sync until the wgmma kernel has been
+//                 validated on hardware; see forward_impl).
 //   * simt      : shared-memory tiled FMA GEMM with register blocking for every dtype and shape.
 //                 float32 is true float32 (FFMA, no TF32); float64 accumulates in float64.
 //   * gemv      : decode path for groups of a few rows: each CTA streams a slice of one expert's
@@ -24,6 +28,7 @@
 #include <type_traits>
 
 #include "grouped_mm/gmm_common.cuh"
+#include "grouped_mm/gmm_wgmma.cuh"
 
 namespace moestream {
 namespace gmm {
@@ -134,13 +139,20 @@ using CfgSmall = MmaCfg<64, 128, 1, 4, 3, 2>;
 // chunks are zero-filled by cp.async, so partial tiles in M, N and K need no other masking.
 // Requirements: ptr, ld and the chunk grid 16-byte aligned; RC also needs k_end - k_begin and
 // k_begin multiples of 8, outer-contiguous needs o_end a multiple of 8 (checked by the host).
-template <typename T, bool RC, int BO, int kThreads>
+//
+// PANEL (outer-contiguous only, for wgmma's N-major operand): the stage is split into panels of 64
+// outer elements, each 64 k-rows of 128 B (chunk ^= k & 7): the canonical 128B-swizzle MN-major
+// layout. Otherwise k-rows are BO / 8 chunks long.
+template <typename T, bool RC, int BO, int kThreads, bool PANEL = false>
 struct Loader {
   static constexpr int kCpr = RC ? 8 : BO / 8;
   static constexpr int kChunks = BO * 8;  // = 64 * BO / 8
   static constexpr int kIters = kChunks / kThreads;
   static constexpr int kRowsPerIt = kThreads / kCpr;
+  // shared-memory bytes between consecutive k-rows (PANEL: inside a panel; panels are 64 x 128 B)
+  static constexpr int kRowBytes = PANEL ? 128 : kCpr * 16;
   static_assert(kChunks % kThreads == 0 && kThreads % kCpr == 0 && kRowsPerIt % 8 == 0, "loader mapping");
+  static_assert(!PANEL || (!RC && BO % 64 == 0), "panels are for outer-contiguous operands");
 
   const T* base;   // any valid address, passed for zero-filled chunks
   const T* gptr;   // iteration 0's chunk at the current k-tile
@@ -154,7 +166,10 @@ struct Loader {
     const int row_t = tid / kCpr, c = tid % kCpr;
     base = op.ptr;
     ld = op.ld;
-    soff = static_cast<uint32_t>((row_t * kCpr + (c ^ (row_t & 7))) * 16);
+    if constexpr (PANEL)
+      soff = static_cast<uint32_t>((c >> 3) * (64 * 128) + row_t * 128 + (((c & 7) ^ (row_t & 7)) * 16));
+    else
+      soff = static_cast<uint32_t>((row_t * kCpr + (c ^ (row_t & 7))) * 16);
     valid = 0;
     if constexpr (RC) {
       gptr = op.ptr + (op.o_begin + row_t) * op.ld + k_begin + c * 8;
@@ -178,7 +193,7 @@ struct Loader {
         ok = ((valid >> it) & 1u) && kpos < k_end;
       else
         ok = valid && kpos + it * kRowsPerIt < k_end;
-      detail::cp_async16(s + soff + it * (kRowsPerIt * kCpr * 16), ok ? gptr + it * kRowsPerIt * ld : base, ok);
+      detail::cp_async16(s + soff + it * (kRowsPerIt * kRowBytes), ok ? gptr + it * kRowsPerIt * ld : base, ok);
     }
     gptr += RC ? int64_t(64) : 64 * ld;
     kpos += 64;
@@ -381,6 +396,128 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) mma_forward_ke
     const float* bias = (real && p.bias != nullptr) ? p.bias + static_cast<int64_t>(t.g) * p.N : nullptr;
     mma_epilogue<T, Cfg>(acc, smem, p.out, p.ldo, t.row_begin, t.row_end, n0, static_cast<int>(p.N), bias);
   }
+#endif
+}
+
+// ================================================================================================
+// sm_90a warpgroup-MMA (wgmma) forward
+//
+// 128 x 256 x 64 tiles, two warpgroups (rows 0-63 and 64-127 of the tile), four cp.async stages
+// (48 KiB each), one CTA per SM, persistent over the same tile list. Both operands are read by
+// wgmma straight from shared memory through descriptors: A (rows of a) and, with transpose_b, B
+// ([N, K]) are K-major, stored exactly as the mma.sync kernel's RC stages (the canonical 128B
+// swizzle); B of [E, K, N] is N-major, stored in panels of 64 columns. Per k-tile: wait for its
+// copies, fence them to the async proxy, barrier, issue the four k16 wgmmas, then issue the copies
+// of k-tile + 3 into the stage the previous k-tile used (every warpgroup has waited for its wgmmas
+// on it before the barrier) while the wgmmas run, then wait for them. No mbarriers or TMA: nothing
+// can deadlock on a malformed shape.
+struct WgmmaCfg {
+  static constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, kThreads = 256;
+  static constexpr int kABytes = BM * BK * 2, kBBytes = BN * BK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kLdc = BN + 8;
+  static constexpr int kPipeBytes = STAGES * kStageBytes;
+  static constexpr int kSmemBytes = (kPipeBytes > BM * kLdc * 2 ? kPipeBytes : BM * kLdc * 2) + 1024;  // + alignment
+};
+
+template <typename T, bool B_RC>
+__global__ void __launch_bounds__(WgmmaCfg::kThreads, 1) wgmma_forward_kernel(FwdParams<T> p) {
+#if MS_GMM_HAS_WGMMA
+  using C = WgmmaCfg;
+  constexpr int NACC = C::BN / 2;  // accumulators per thread: 64 x 256 per warpgroup / 128 threads
+  extern __shared__ char smem_raw[];
+  // 128B-swizzled tiles must start on 1024-byte boundaries
+  const uint32_t raw = detail::smem_u32(smem_raw);
+  const uint32_t s0 = (raw + 1023u) & ~1023u;
+  char* smem = smem_raw + (s0 - raw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
+  const int n_tiles = static_cast<int>((p.N + C::BN - 1) / C::BN);
+  const int total = __ldg(p.mtile_start + p.E + 1) * n_tiles;
+  const int K32 = static_cast<int>(p.K);
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const TileCoord t = detail::decode_tile(tile, n_tiles, p.E, C::BM, kBand, p.row_bounds, p.mtile_start);
+    const bool real = t.g < p.E;
+    const int n0 = t.n_tile * C::BN;
+    const T* bg = real ? p.b + static_cast<int64_t>(t.g) * p.K * p.N : p.b;
+    const Operand<T> A{p.a, p.lda, t.row_begin, t.row_end};
+    const Operand<T> B{bg, B_RC ? p.K : p.N, n0, p.N};
+    const int num_k = real ? (K32 + C::BK - 1) / C::BK : 0;
+    float acc[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+
+    Loader<T, true, C::BM, C::kThreads> la(A, 0, tid);
+    Loader<T, B_RC, C::BN, C::kThreads, !B_RC> lb(B, 0, tid);
+#pragma unroll
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+      if (s < num_k) {
+        la.load_and_advance(s0 + s * C::kStageBytes, K32);
+        lb.load_and_advance(s0 + s * C::kStageBytes + C::kABytes, K32);
+      }
+      detail::cp_async_commit();
+    }
+    int read_stage = 0, write_stage = C::STAGES - 1;
+    for (int kt = 0; kt < num_k; ++kt) {
+      detail::cp_async_wait<C::STAGES - 2>();
+      detail::fence_proxy_async_smem();
+      __syncthreads();
+      const uint32_t sa = s0 + read_stage * C::kStageBytes + wg * (64 * 128);  // this warpgroup's 64 rows
+      const uint32_t sb = s0 + read_stage * C::kStageBytes + C::kABytes;
+      detail::wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < C::BK / 16; ++j) {
+        const uint64_t da = detail::wgmma_desc(sa + j * 32, 16, 1024);
+        const uint64_t db = B_RC ? detail::wgmma_desc(sb + j * 32, 16, 1024)
+                                 : detail::wgmma_desc(sb + j * (16 * 128), 64 * 128, 1024);
+        detail::wgmma_ss<T, C::BN, B_RC ? 0 : 1>(acc, da, db);
+      }
+      detail::wgmma_commit();
+      if (kt + C::STAGES - 1 < num_k) {
+        la.load_and_advance(s0 + write_stage * C::kStageBytes, K32);
+        lb.load_and_advance(s0 + write_stage * C::kStageBytes + C::kABytes, K32);
+      }
+      detail::cp_async_commit();
+      detail::wgmma_wait<0>();
+      detail::fence_regs(acc);
+      read_stage = read_stage == C::STAGES - 1 ? 0 : read_stage + 1;
+      write_stage = write_stage == C::STAGES - 1 ? 0 : write_stage + 1;
+    }
+    detail::cp_async_wait<0>();
+    __syncthreads();
+
+    // epilogue: fragments (+ bias) -> padded staging tile -> 16-byte stores
+    const float* bias = (real && p.bias != nullptr) ? p.bias + static_cast<int64_t>(t.g) * p.N : nullptr;
+    const int N32 = static_cast<int>(p.N);
+    T* sc = reinterpret_cast<T*>(smem);
+    const int r = wg * 64 + wq * 16 + (lane >> 2);
+#pragma unroll
+    for (int j = 0; j < C::BN / 8; ++j) {
+      const int c = j * 8 + (lane & 3) * 2;
+      float b0 = 0.f, b1 = 0.f;
+      if (bias != nullptr && n0 + c < N32) {
+        const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + n0 + c));
+        b0 = bb.x;
+        b1 = bb.y;
+      }
+      *reinterpret_cast<uint32_t*>(sc + r * C::kLdc + c) = detail::pack2<T>(acc[4 * j] + b0, acc[4 * j + 1] + b1);
+      *reinterpret_cast<uint32_t*>(sc + (r + 8) * C::kLdc + c) =
+          detail::pack2<T>(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+    }
+    __syncthreads();
+    constexpr int kCpr = C::BN / 8;
+#pragma unroll 4
+    for (int i = tid; i < C::BM * kCpr; i += C::kThreads) {
+      const int rr = i / kCpr, cc = i % kCpr;
+      const int gr = t.row_begin + rr, gc = n0 + cc * 8;
+      if (gr < t.row_end && gc < N32)
+        *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(gr) * p.ldo + gc) =
+            *reinterpret_cast<const uint4*>(sc + rr * C::kLdc + cc * 8);
+    }
+    __syncthreads();
+  }
+#else
+  // Built without sm_90a code: the host never selects this kernel (it checks the binary version).
+  __trap();
 #endif
 }
 
@@ -889,7 +1026,7 @@ constexpr int64_t kGemvMaxAvgRows = 8;
 // Average rows per group below which the 64-row tensor-core tile is used.
 constexpr int64_t kSmallTileMaxAvgRows = 96;
 
-enum class FwdKernel { kSimt, kMmaLarge, kMmaSmall, kGemv };
+enum class FwdKernel { kSimt, kMmaLarge, kMmaSmall, kGemv, kWgmma };
 
 template <typename T>
 cudaError_t run_schedule(const ForwardArgs& p, int bm, int* ws, cudaStream_t stream) {
@@ -975,6 +1112,35 @@ cudaError_t launch_mma(const ForwardArgs& p, const Device& dev, int* ws, cudaStr
 }
 
 template <typename T>
+cudaError_t launch_wgmma(const ForwardArgs& p, const Device& dev, int* ws, cudaStream_t stream) {
+  using C = WgmmaCfg;
+  const int64_t n_tiles = ceil_div(p.N, C::BN);
+  if (p.transpose_b)
+    return launch_persistent<T, wgmma_forward_kernel<T, true>>(p, dev, ws, stream, C::BM, n_tiles, C::kThreads,
+                                                               C::kSmemBytes);
+  return launch_persistent<T, wgmma_forward_kernel<T, false>>(p, dev, ws, stream, C::BM, n_tiles, C::kThreads,
+                                                              C::kSmemBytes);
+}
+
+// Whether the wgmma kernel can run on the current device: compute capability 9.0 and a binary
+// built for sm_90a (a build without it would run the kernel's stub). Cached per device.
+bool wgmma_available(const Device& dev) {
+  if (dev.cc_major != 9 || dev.cc_minor != 0) return false;
+  static std::atomic<int> cached{-1};
+  int v = cached.load();
+  if (v < 0) {
+    cudaFuncAttributes attr{};
+    v = (cudaFuncGetAttributes(&attr, wgmma_forward_kernel<__nv_bfloat16, true>) == cudaSuccess &&
+         attr.binaryVersion >= 90)
+            ? 1
+            : 0;
+    cudaGetLastError();  // a failed query must not leak into the next launch check
+    cached.store(v);
+  }
+  return v == 1;
+}
+
+template <typename T>
 cudaError_t launch_simt(const ForwardArgs& p, const Device& dev, int* ws, cudaStream_t stream) {
   using C = SimtCfg<T>;
   const int64_t n_tiles = ceil_div(p.N, C::BN);
@@ -1005,7 +1171,9 @@ FwdChoice choose_forward(const ForwardArgs& p, Impl requested, const Device& dev
     case Impl::kGemv:
       return gemv_ok ? FwdChoice{Impl::kGemv, FwdKernel::kGemv} : FwdChoice{Impl::kSimt, FwdKernel::kSimt};
     case Impl::kMma:
-    case Impl::kWgmma:  // no sm_90a wgmma kernel in this file: the mma.sync kernel serves it
+      return mma_ok ? FwdChoice{Impl::kMma, mma_kernel} : FwdChoice{Impl::kSimt, FwdKernel::kSimt};
+    case Impl::kWgmma:
+      if (mma_ok && wgmma_available(dev)) return {Impl::kWgmma, FwdKernel::kWgmma};
       return mma_ok ? FwdChoice{Impl::kMma, mma_kernel} : FwdChoice{Impl::kSimt, FwdKernel::kSimt};
     case Impl::kAuto:
     default:
@@ -1020,6 +1188,7 @@ cudaError_t forward_typed(const ForwardArgs& p, FwdKernel kernel, const Device& 
   if constexpr (sizeof(T) == 2) {
     if (kernel == FwdKernel::kMmaLarge) return launch_mma<T, CfgLarge>(p, dev, ws, stream);
     if (kernel == FwdKernel::kMmaSmall) return launch_mma<T, CfgSmall>(p, dev, ws, stream);
+    if (kernel == FwdKernel::kWgmma) return launch_wgmma<T>(p, dev, ws, stream);
   }
   if constexpr (!std::is_same<T, double>::value) {
     if (kernel == FwdKernel::kGemv) return launch_gemv<T>(p, dev, ws, stream);

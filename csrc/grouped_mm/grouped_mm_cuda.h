@@ -20,9 +20,11 @@ namespace gmm {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// Kernel families. kAuto picks by dtype, alignment and shape; a forced family that does not apply
-// to the call (dtype, alignment, device) falls back to the next one that does: kWgmma -> kMma ->
-// kSimt, kGemv -> kSimt.
+// Kernel families. kAuto picks by dtype, alignment and shape among gemv (a few rows per group),
+// mma (bf16/fp16, aligned, sm_80+) and simt (everything else); it does not pick kWgmma (sm_90a,
+// forward only), which runs only when requested. A requested family that does not apply to the
+// call (dtype, alignment, device, binary) falls back: kWgmma -> kMma -> kSimt, kGemv -> kSimt,
+// kMma -> kSimt. The weight gradient has mma and simt kernels only.
 enum class Impl : int { kAuto = 0, kSimt = 1, kMma = 2, kWgmma = 3, kGemv = 4 };
 
 const char* impl_name(Impl impl);
