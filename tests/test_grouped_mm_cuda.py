@@ -110,6 +110,7 @@ def test_forward_matches_reference(impl, dtype, transpose_b, case):
     check_forward(a, b, offsets_of(counts), transpose_b, bias, f"grouped_mm+bias[{impl}]")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transpose_b", [False, True], ids=["KN", "NK"])
 @pytest.mark.parametrize("impl", ["auto", "mma", "wgmma"], indirect=True)
 def test_forward_large_bf16(impl, transpose_b):
@@ -185,6 +186,7 @@ def test_forward_misaligned_inputs(impl):
         check_forward(a_ld, b, offsets, False, bias, f"bias misaligned[{impl}]")
 
 
+@pytest.mark.slow
 def test_forward_64bit_rows():
     # rows * K > 2^31 elements: addresses must be computed in 64 bits
     K, N = 4096, 16
@@ -261,6 +263,7 @@ def test_weight_grad_matches_reference(impl, dtype, transpose_b, case):
             assert (gb[e] == 0).all()
 
 
+@pytest.mark.slow
 def test_weight_grad_large_bf16():
     counts = [4000, 0, 1, 3000, 1191]
     K, N = 2048, 1536

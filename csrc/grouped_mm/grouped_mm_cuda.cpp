@@ -7,7 +7,9 @@
 // MOESTREAM_CHECK_INPUTS=1 to validate them anyway (one device-to-host copy and sync per call).
 //
 // MOESTREAM_GMM_IMPL = auto | simt | mma | wgmma | gemv forces a kernel family where it applies
-// (dtype, alignment, device); elsewhere the generic SIMT kernel runs. Read on every call.
+// (dtype, alignment, device); elsewhere the generic SIMT kernel runs. Read on every call. auto:
+// decode GEMV for a few rows per group, mma.sync tensor cores for aligned bf16/fp16, SIMT
+// otherwise; float32 is computed in true float32 (FFMA, never TF32), float64 in float64.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -580,6 +580,55 @@ struct SimtCfg<double> {
   static constexpr int kThreads = (BM / TM) * (BN / TN);
 };
 
+// Global -> register -> shared copier of one SIMT operand slab (BO x BK elements, NT threads).
+// Element i of a thread is (o, k) with the contiguous global dimension fastest across threads, so
+// each thread keeps one of o / k fixed and steps the other by a constant: one base pointer, no
+// divisions in the loop. Bounds are checked per element (any shape, any alignment).
+template <typename T, bool RC, int BO, int BK, int NT>
+struct SimtLoader {
+  using Acc = typename AccOf<T>::type;
+  static constexpr int N = BO * BK / NT;
+  static constexpr int kStep = RC ? NT / BK : NT / BO;  // o step (RC) or k step per element
+  static_assert(N * NT == BO * BK && (RC ? NT % BK : NT % BO) == 0, "loader mapping");
+  const T* base;  // element 0 at k0 = 0
+  int64_t ld;
+  int64_t o_lim;  // valid o < o_lim (tile-relative)
+  int o_t, k_t;   // element 0's tile coordinates
+
+  __device__ __forceinline__ SimtLoader(const Operand<T>& op, int tid) {
+    o_t = RC ? tid / BK : tid % BO;
+    k_t = RC ? tid % BK : tid / BO;
+    ld = op.ld;
+    o_lim = op.o_end - op.o_begin;
+    base = RC ? op.ptr + (op.o_begin + o_t) * op.ld + k_t : op.ptr + k_t * op.ld + op.o_begin + o_t;
+  }
+  __device__ __forceinline__ void load(Acc (&r)[N], int64_t k0, int64_t k_end) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      bool ok;
+      const T* src;
+      if constexpr (RC) {
+        ok = o_t + i * kStep < o_lim && k0 + k_t < k_end;
+        src = base + static_cast<int64_t>(i * kStep) * ld + k0;
+      } else {
+        ok = o_t < o_lim && k0 + k_t + i * kStep < k_end;
+        src = base + (k0 + i * kStep) * ld;
+      }
+      r[i] = ok ? detail::to_acc(__ldg(src)) : Acc(0);
+    }
+  }
+  // shared slab is [BK][L] (o contiguous)
+  __device__ __forceinline__ void store(Acc* s, int L, const Acc (&r)[N]) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if constexpr (RC)
+        s[k_t * L + o_t + i * kStep] = r[i];
+      else
+        s[(k_t + i * kStep) * L + o_t] = r[i];
+    }
+  }
+};
+
 // acc[i][j] += sum_k A(o_a = A.o_begin + ty + i * TY, k) * B(k, o_b = B.o_begin + tx + j * TX) over
 // k in [k_begin, k_end); one k-slab in shared memory, the next one prefetched into registers while
 // the current one is multiplied.
@@ -599,63 +648,21 @@ __device__ __forceinline__ void simt_mainloop(typename AccOf<T>::type (&acc)[Sim
   const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
   Acc ra[NA], rb[NB];
 
-  // element i of a thread's share: (o, k) with the contiguous dimension fastest across threads
-  auto a_ok = [&](int i, int& o, int& k) {
-    const int idx = i * NT + tid;
-    if (A_RC) {
-      o = idx / BK;
-      k = idx % BK;
-    } else {
-      o = idx % BM;
-      k = idx / BM;
-    }
-  };
-  auto b_ok = [&](int i, int& o, int& k) {
-    const int idx = i * NT + tid;
-    if (B_RC) {
-      o = idx / BK;
-      k = idx % BK;
-    } else {
-      o = idx % BN;
-      k = idx / BN;
-    }
-  };
-  auto load = [&](int64_t k0) {
-#pragma unroll
-    for (int i = 0; i < NA; ++i) {
-      int o, k;
-      a_ok(i, o, k);
-      const int64_t go = A.o_begin + o, gk = k0 + k;
-      ra[i] = (go < A.o_end && gk < k_end) ? detail::to_acc(__ldg(A.ptr + (A_RC ? go * A.ld + gk : gk * A.ld + go)))
-                                           : Acc(0);
-    }
-#pragma unroll
-    for (int i = 0; i < NB; ++i) {
-      int o, k;
-      b_ok(i, o, k);
-      const int64_t go = B.o_begin + o, gk = k0 + k;
-      rb[i] = (go < B.o_end && gk < k_end) ? detail::to_acc(__ldg(B.ptr + (B_RC ? go * B.ld + gk : gk * B.ld + go)))
-                                           : Acc(0);
-    }
-  };
-
+  SimtLoader<T, A_RC, BM, BK, NT> la(A, tid);
+  SimtLoader<T, B_RC, BN, BK, NT> lb(B, tid);
   const int64_t num_k = (k_end - k_begin + BK - 1) / BK;
-  if (num_k > 0) load(k_begin);
+  if (num_k > 0) {
+    la.load(ra, k_begin, k_end);
+    lb.load(rb, k_begin, k_end);
+  }
   for (int64_t kt = 0; kt < num_k; ++kt) {
-#pragma unroll
-    for (int i = 0; i < NA; ++i) {
-      int o, k;
-      a_ok(i, o, k);
-      sa[k * LA + o] = ra[i];
-    }
-#pragma unroll
-    for (int i = 0; i < NB; ++i) {
-      int o, k;
-      b_ok(i, o, k);
-      sb[k * LB + o] = rb[i];
-    }
+    la.store(sa, LA, ra);
+    lb.store(sb, LB, rb);
     __syncthreads();
-    if (kt + 1 < num_k) load(k_begin + (kt + 1) * BK);
+    if (kt + 1 < num_k) {
+      la.load(ra, k_begin + (kt + 1) * BK, k_end);
+      lb.load(rb, k_begin + (kt + 1) * BK, k_end);
+    }
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
       Acc av[TM], bv[TN];
@@ -693,7 +700,7 @@ __device__ __forceinline__ void simt_epilogue(const typename AccOf<T>::type (&ac
 }
 
 template <typename T, bool B_RC>
-__global__ void __launch_bounds__(SimtCfg<T>::kThreads) simt_forward_kernel(FwdParams<T> p) {
+__global__ void __launch_bounds__(SimtCfg<T>::kThreads, 2) simt_forward_kernel(FwdParams<T> p) {
   using C = SimtCfg<T>;
   using Acc = typename AccOf<T>::type;
   const int n_tiles = static_cast<int>((p.N + C::BN - 1) / C::BN);
@@ -717,7 +724,7 @@ __global__ void __launch_bounds__(SimtCfg<T>::kThreads) simt_forward_kernel(FwdP
 }
 
 template <typename T>
-__global__ void __launch_bounds__(SimtCfg<T>::kThreads) simt_wgrad_kernel(WgParams<T> p) {
+__global__ void __launch_bounds__(SimtCfg<T>::kThreads, 2) simt_wgrad_kernel(WgParams<T> p) {
   using C = SimtCfg<T>;
   using Acc = typename AccOf<T>::type;
   const int64_t g = p.g_base + blockIdx.y;
