@@ -83,6 +83,9 @@ def permute(x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, T
     - x_sorted [T*k, H]: x's rows in (expert, token, slot) order;
     - perm [T, k] int64: the row of x_sorted holding token t's slot s;
     - offsets [E] int64: cumulative row ends per expert (offsets[-1] == T*k).
+
+    On CUDA, ids are not range-checked without a host sync: out-of-range ids are dropped (placed
+    past offsets[-1]); ``MOESTREAM_CHECK_INPUTS=1`` makes them raise as on the CPU.
     """
     return _ops.permute(x, ids, num_experts)
 
@@ -104,7 +107,10 @@ def grouped_mm(
 ) -> Tensor:
     """Grouped matmul: a [M, K] with rows sorted by group, b [E, K, N] ([E, N, K] with
     ``transpose_b``, the layout of transformers' fused experts), offsets [E] cumulative row ends
-    (int32 or int64), bias [E, N] optional -> out [M, N]. Rows past offsets[-1] are zero."""
+    (int32 or int64), bias [E, N] optional -> out [M, N]. Rows past offsets[-1] are zero.
+
+    On CUDA the offsets' values are not checked (that would need a host sync): bad offsets give
+    wrong groups but never out-of-bounds accesses. Set ``MOESTREAM_CHECK_INPUTS=1`` to validate them."""
     return _ops.grouped_mm(a, b, offsets, transpose_b, bias)
 
 
