@@ -9,26 +9,38 @@ import gc
 import os
 import warnings
 
+import moestream as ms
 import pytest
 import torch
-
-import moestream as ms
 from moestream import _C
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one intra-op thread is faster, and spinning OpenMP workers do not starve the
+    # engine's reader threads on a 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 LAYERS = 6  # more units than the 4 slots of prefetch=3, so every step streams
 NEW_TOKENS = 32
 
 
 def tiny_config(family: str):
-    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4)
+    common = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": LAYERS, "num_attention_heads": 4}
     if family == "llama":
         return transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **common)
     if family == "qwen2":
         return transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=2, **common)
     if family == "mistral":
-        return transformers.MistralConfig(intermediate_size=64, num_key_value_heads=2, sliding_window=None, **common)
+        return transformers.MistralConfig(
+            intermediate_size=64, num_key_value_heads=2, sliding_window=None, **common
+        )
     if family == "gemma":  # tied embeddings
         return transformers.GemmaConfig(intermediate_size=64, num_key_value_heads=1, head_dim=8, **common)
     if family == "opt":  # model.decoder.layers, learned positions, biases
@@ -37,8 +49,13 @@ def tiny_config(family: str):
         )
     if family == "qwen3_moe":
         return transformers.Qwen3MoeConfig(
-            intermediate_size=64, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8, num_experts=4,
-            num_experts_per_tok=2, **common,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
         )
     if family == "mixtral":
         return transformers.MixtralConfig(
@@ -63,8 +80,12 @@ def generate(model, ids):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            do_sample=False, pad_token_id=0,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
         )
 
 
@@ -163,7 +184,9 @@ def test_save_layered_roundtrip(tmp_path):
 def test_budget_too_small_is_a_clear_error():
     model = build("llama")
     layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    with pytest.raises(ValueError, match=r"max_device_memory=.* is too small: one streamed layer needs .* at least"):
+    with pytest.raises(
+        ValueError, match=r"max_device_memory=.* is too small: one streamed layer needs .* at least"
+    ):
         ms.offload(model, device="cpu", max_device_memory=layer // 2)
     # nothing was changed by the failed call
     assert all(p.is_contiguous() for p in model.parameters())
@@ -207,7 +230,9 @@ def test_truncated_file_raises_naming_file_and_tensor(tmp_path):
     generate(model, ids)
     victim = tmp_path / "unit-00004.safetensors"
     os.truncate(victim, os.path.getsize(victim) // 2)
-    with pytest.raises(RuntimeError, match=r"reading tensor 'model\.layers\.4\..*unit-00004\.safetensors.*short read"):
+    with pytest.raises(
+        RuntimeError, match=r"reading tensor 'model\.layers\.4\..*unit-00004\.safetensors.*short read"
+    ):
         generate(model, ids)
 
 

@@ -8,13 +8,23 @@ import json
 import os
 import random
 
+import moestream as ms
 import pytest
 import torch
-from torch import nn
-
-import moestream as ms
 from moestream import _C
 from moestream.offload import safetensors_io as sio
+from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one intra-op thread is faster, and spinning OpenMP workers do not starve the
+    # engine's reader threads on a 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 KiB = 1024
 
@@ -51,7 +61,7 @@ def test_streamer_delivers_exact_bytes_in_any_order(tmp_path, direct_io, source,
     data = _random_file(path, total + 4096)
     chunk = 64 * KiB  # many chunks per segment
     nst = 3
-    pool_bytes = (total + 4096 if source == "pool" else 0)
+    pool_bytes = total + 4096 if source == "pool" else 0
     staging_off = (pool_bytes + 4095) // 4096 * 4096
     pool = _C.HostPool(staging_off + _C.stream_staging_bytes(chunk, nst), 0)
     if source == "pool":
@@ -104,9 +114,13 @@ def test_streamer_errors_name_the_argument(tmp_path):
     pool = _C.HostPool(4096, 0)
     s = _C.Streamer(pool, "cpu", 4096, 1, 1, 4096, 0, 0, False)
     f = s.add_file(str(path))
-    with pytest.raises(RuntimeError, match=r"tensor 'w' needs bytes \[9000, 11000\) of .*d\.bin' but the file has 10000"):
+    with pytest.raises(
+        RuntimeError, match=r"tensor 'w' needs bytes \[9000, 11000\) of .*d\.bin' but the file has 10000"
+    ):
         s.add_unit([(0, 2000, f, 9000, "w")])
-    with pytest.raises(RuntimeError, match=r"tensor 'big' at slot bytes \[0, 5000\) does not fit a slot of 4096"):
+    with pytest.raises(
+        RuntimeError, match=r"tensor 'big' at slot bytes \[0, 5000\) does not fit a slot of 4096"
+    ):
         s.add_unit([(0, 5000, f, 0, "big")])
     with pytest.raises(RuntimeError, match=r"tensor 'p' needs pool bytes \[1, 4097\)"):
         s.add_unit([(0, 4096, -1, 1, "p")])
@@ -147,8 +161,11 @@ def test_streamer_errors_name_the_argument(tmp_path):
 
 def test_host_pool_pins_and_reports():
     pool = _C.HostPool(1 << 20, 1)  # mlock; refused under a small memlock limit (see test_offload_rss)
-    assert pool.capacity == 1 << 20
+    assert pool.capacity == 1 << 20 and not pool.pinned
+    assert pool.pin() == pool.pinned
     assert pool.pinned or "mlock" in pool.pin_error
+    assert pool.pin() == pool.pinned  # idempotent
+    pool.populate(0, 1 << 20)
     host, _ = _C.stream_live_bytes()
     assert host >= 1 << 20
     v = pool.view(4096, 100)
@@ -162,8 +179,18 @@ def test_host_pool_pins_and_reports():
 # ---------------------------------------------------------------------------------------------- files
 
 
-ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
-              torch.uint8, torch.bool, torch.float8_e4m3fn]
+ALL_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+]
 
 
 def test_safetensors_writer_matches_the_reference_reader(tmp_path):
@@ -184,8 +211,10 @@ def test_safetensors_writer_matches_the_reference_reader(tmp_path):
         for name, t in tensors:
             got = f.get_tensor(name)
             assert got.dtype == t.dtype and got.shape == t.shape
-            assert torch.equal(got.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else got,
-                               t.contiguous().view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t), name
+            assert torch.equal(
+                got.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else got,
+                t.contiguous().view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
+            ), name
     infos, meta = sio.read_header(path)
     assert meta == {"a": "b"}
     first = min(i.offset for i in infos.values())
@@ -261,7 +290,13 @@ def test_offload_generic_module_list_model(storage, tmp_path):
     from moestream.offload import find_blocks
 
     assert find_blocks(net)[0] == "blocks"
-    ms.offload(net, device="cpu", storage=storage, prefetch=1, offload_dir=str(tmp_path / "o") if storage == "disk" else None)
+    ms.offload(
+        net,
+        device="cpu",
+        storage=storage,
+        prefetch=1,
+        offload_dir=str(tmp_path / "o") if storage == "disk" else None,
+    )
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(net(ids), ref)
@@ -309,8 +344,10 @@ def test_save_layered_is_atomic(tmp_path, monkeypatch):
     def failing(path, tensors, metadata=None, on_tensor=None):
         calls["n"] += 1
         if calls["n"] == 3:
+
             def boom(n):
                 raise KeyboardInterrupt("interrupted")
+
             return real(path, tensors, metadata, on_tensor=boom)
         return real(path, tensors, metadata, on_tensor)
 
@@ -335,7 +372,9 @@ def test_save_layered_is_atomic(tmp_path, monkeypatch):
     small = Net(n=2).eval()
     ms.save_layered(small, tmp_path, progress=False)
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("model-layer")) == [
-        "model-layer-00000.safetensors", "model-layer-00001.safetensors"]
+        "model-layer-00000.safetensors",
+        "model-layer-00001.safetensors",
+    ]
 
 
 def test_load_offloaded_reports_missing_and_mismatched(tmp_path):

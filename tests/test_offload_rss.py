@@ -27,8 +27,13 @@ def _write_checkpoint(d: str) -> int:
 
     h, inter, layers, vocab = 1024, 4096, 18, 1024
     LlamaConfig(
-        vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=16,
-        num_key_value_heads=16, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        tie_word_embeddings=False,
     ).save_pretrained(d)
     g = torch.Generator().manual_seed(0)
 
@@ -36,15 +41,25 @@ def _write_checkpoint(d: str) -> int:
         return torch.empty(*shape).uniform_(-0.03, 0.03, generator=g)
 
     weight_map = {}
-    rest = {"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": 1 + w(h), "lm_head.weight": w(vocab, h)}
+    rest = {
+        "model.embed_tokens.weight": w(vocab, h),
+        "model.norm.weight": 1 + w(h),
+        "lm_head.weight": w(vocab, h),
+    }
     save_file(rest, os.path.join(d, "model-rest.safetensors"))
     weight_map.update(dict.fromkeys(rest, "model-rest.safetensors"))
     for i in range(layers):
         p = f"model.layers.{i}."
         sd = {p + f"self_attn.{k}_proj.weight": w(h, h) for k in "qkvo"}
-        sd.update({p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
-                   p + "mlp.down_proj.weight": w(h, inter),
-                   p + "input_layernorm.weight": 1 + w(h), p + "post_attention_layernorm.weight": 1 + w(h)})
+        sd.update(
+            {
+                p + "mlp.gate_proj.weight": w(inter, h),
+                p + "mlp.up_proj.weight": w(inter, h),
+                p + "mlp.down_proj.weight": w(h, inter),
+                p + "input_layernorm.weight": 1 + w(h),
+                p + "post_attention_layernorm.weight": 1 + w(h),
+            }
+        )
         name = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
         save_file(sd, os.path.join(d, name))
         weight_map.update(dict.fromkeys(sd, name))
@@ -83,7 +98,13 @@ def test_model_4x_budget_runs_from_disk_within_rss_budget(tmp_path):
     os.makedirs(ckpt)
     size = _write_checkpoint(ckpt)
     assert size >= 4 * BUDGET
-    r = subprocess.run([sys.executable, "-c", _CHILD, ckpt, str(BUDGET)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, ckpt, str(BUDGET)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(res["tokens"]) == 8 + 3
@@ -91,8 +112,10 @@ def test_model_4x_budget_runs_from_disk_within_rss_budget(tmp_path):
     # every forward streamed all the layers from the files (4 forwards: prefill + 3 decode steps)
     assert res["bytes_read"] >= 3 * res["streamed_bytes"] and res["streamed_bytes"] >= size - 10 * MB
     growth = res["peak"] - res["base"]
-    print(f"checkpoint {size / MB:.0f} MB, budget {BUDGET / MB:.0f} MB, interpreter+libraries {res['base'] / MB:.0f} MB, "
-          f"peak RSS {res['peak'] / MB:.0f} MB (+{growth / MB:.0f} MB)")
+    print(
+        f"checkpoint {size / MB:.0f} MB, budget {BUDGET / MB:.0f} MB, interpreter+libraries {res['base'] / MB:.0f} MB, "
+        f"peak RSS {res['peak'] / MB:.0f} MB (+{growth / MB:.0f} MB)"
+    )
     assert growth <= BUDGET + 300 * MB, f"peak RSS grew by {growth / MB:.0f} MB"
 
 
@@ -131,7 +154,9 @@ _PIN_CHILD = textwrap.dedent(
 
 
 def test_pinning_refused_falls_back_to_pageable_memory():
-    r = subprocess.run([sys.executable, "-c", _PIN_CHILD], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _PIN_CHILD], check=False, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["ok"]

@@ -71,29 +71,45 @@ HostPool::HostPool(int64_t nbytes, PinMode pin, bool is_slot) : is_slot_(is_slot
   capacity_ = nbytes;
   pin_mode_ = pin;
   if (nbytes == 0) return;
-  const int64_t page = std::max<int64_t>(::sysconf(_SC_PAGESIZE), kAlign);
-  mapped_ = round_up(nbytes, page);
-  // An anonymous mapping: page aligned (O_DIRECT, cudaHostRegister) and handed back to the OS on free.
+  page_ = std::max<int64_t>(::sysconf(_SC_PAGESIZE), kAlign);
+  mapped_ = round_up(nbytes, page_);
+  // An anonymous mapping: page aligned (O_DIRECT, cudaHostRegister), handed back to the OS on free,
+  // and faulted in lazily, so filling it while the source tensors are freed never doubles memory.
   void* p = ::mmap(nullptr, static_cast<size_t>(mapped_), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TORCH_CHECK(p != MAP_FAILED, "moestream.HostPool: could not allocate ", nbytes, " bytes of host memory: ",
               errno_str(errno));
   data_ = static_cast<uint8_t*>(p);
   (is_slot_ ? g_slot_bytes : g_host_bytes) += mapped_;
-  if (pin == PinMode::kCuda) {
+#ifdef MADV_HUGEPAGE
+  if (mapped_ >= (int64_t{2} << 20)) (void)::madvise(data_, static_cast<size_t>(mapped_), MADV_HUGEPAGE);
+#endif
+}
+
+void HostPool::populate(int64_t offset, int64_t nbytes) {
+  TORCH_CHECK(offset >= 0 && nbytes >= 0 && offset + nbytes <= capacity_, "moestream.HostPool.populate: range [",
+              offset, ", ", offset + nbytes, ") is outside the pool of ", capacity_, " bytes");
+  // Fault the pages in now, so first-touch faults do not stall the first reads and copies.
+  for (int64_t off = offset / page_ * page_; off < offset + nbytes; off += page_) data_[off] = 0;
+}
+
+bool HostPool::pin() {
+  std::lock_guard<std::mutex> lk(pin_mu_);
+  if (pinned_ || data_ == nullptr || pin_mode_ == PinMode::kNone) return pinned_;
+  pin_error_.clear();
+  if (pin_mode_ == PinMode::kCuda) {
     auto& hooks = cuda_hooks();
     if (hooks.host_register == nullptr) {
       pin_error_ = "this build of moestream has no CUDA support";
     } else {
       pinned_ = hooks.host_register(data_, mapped_, &pin_error_);
     }
-  } else if (pin == PinMode::kMlock) {
-    if (::mlock(data_, static_cast<size_t>(mapped_)) == 0) {
-      pinned_ = true;
-    } else {
-      pin_error_ = "mlock of " + std::to_string(mapped_) + " bytes failed: " + errno_str(errno) +
-                   " (raise the memlock limit, ulimit -l)";
-    }
+  } else if (::mlock(data_, static_cast<size_t>(mapped_)) == 0) {
+    pinned_ = true;
+  } else {
+    pin_error_ = "mlock of " + std::to_string(mapped_) + " bytes failed: " + errno_str(errno) +
+                 " (raise the memlock limit, ulimit -l)";
   }
+  return pinned_;
 }
 
 HostPool::~HostPool() {
@@ -226,6 +242,7 @@ Streamer::Streamer(std::shared_ptr<HostPool> pool, const std::string& device, in
     } else {
       // RAM slots page aligned, so block-aligned file ranges are read into them with O_DIRECT.
       auto host = std::make_shared<HostPool>(slot_bytes, PinMode::kNone, /*is_slot=*/true);
+      host->populate(0, slot_bytes);
       s.mem = host->view(0, slot_bytes);
     }
     s.ptr = s.mem.data_ptr<uint8_t>();
@@ -233,6 +250,7 @@ Streamer::Streamer(std::shared_ptr<HostPool> pool, const std::string& device, in
   if (cuda_) g_slot_bytes += slot_bytes * num_slots;
   staging_size_ = round_up(chunk_bytes + 2 * kAlign, kAlign);
   for (int i = 0; i < num_staging; ++i) staging_.push_back(pool_->data() + staging_offset + i * staging_size_);
+  if (num_staging > 0) pool_->populate(staging_offset, num_staging * staging_size_);
   staging_busy_.assign(num_staging, 0);
   staging_owner_.resize(num_staging);
   readers_ = std::make_unique<TaskPool>(num_readers);
@@ -526,6 +544,7 @@ void Streamer::finish_task(const std::shared_ptr<Job>& job, const std::string& e
   if (job->pending.fetch_sub(1) == 1) {
     std::lock_guard<std::mutex> lk(mu_);
     job->state = job->error.empty() ? Job::kDone : Job::kFailed;
+    if (job->state == Job::kDone) bytes_loaded_ += job->bytes;
     cv_.notify_all();
   }
 }
@@ -721,6 +740,7 @@ void Streamer::drain_inflight(size_t keep) {
       }
       std::lock_guard<std::mutex> lk(mu_);
       job.state = job.error.empty() ? Job::kDone : Job::kFailed;
+      if (job.state == Job::kDone) bytes_loaded_ += job.bytes;
       cv_.notify_all();
       continue;
     }
@@ -803,6 +823,7 @@ void Streamer::read_into(const at::Tensor& dst, std::vector<Segment> segments) {
 std::map<std::string, double> Streamer::stats() {
   std::lock_guard<std::mutex> lk(mu_);
   std::map<std::string, double> s;
+  s["bytes_loaded"] = static_cast<double>(bytes_loaded_);
   s["bytes_read"] = static_cast<double>(bytes_read_.load());
   s["bytes_copied"] = static_cast<double>(bytes_copied_.load());
   s["read_seconds"] = static_cast<double>(read_ns_.load()) * 1e-9;
@@ -821,6 +842,7 @@ std::map<std::string, double> Streamer::stats() {
 
 void Streamer::reset_stats() {
   std::lock_guard<std::mutex> lk(mu_);
+  bytes_loaded_ = 0;
   bytes_read_ = 0;
   bytes_copied_ = 0;
   read_ns_ = 0;

@@ -38,9 +38,10 @@ int64_t live_slot_bytes();
 
 enum class PinMode : int { kNone = 0, kMlock = 1, kCuda = 2 };
 
-// One aligned host allocation, made once, reused for the lifetime of the streamer. With kCuda it is
-// page-locked with cudaHostRegister (through the CUDA glue), with kMlock by mlock(); when locking is
-// refused (memlock limits, no driver) the memory stays pageable and pin_error() says why.
+// One aligned host allocation, made once, reused for the lifetime of the streamer. pin() page-locks
+// it, with cudaHostRegister (kCuda, through the CUDA glue) or mlock (kMlock); when locking is refused
+// (memlock limits, no driver) the memory stays pageable and pin_error() says why. Callers pin after
+// filling it, so the pages are not all resident before the tensors they copy are freed.
 class HostPool : public std::enable_shared_from_this<HostPool> {
  public:
   // is_slot: a RAM slot of a CPU streamer (counted in live_slot_bytes, not live_host_bytes).
@@ -54,6 +55,10 @@ class HostPool : public std::enable_shared_from_this<HostPool> {
   bool pinned() const { return pinned_; }
   PinMode pin_mode() const { return pin_mode_; }
   const std::string& pin_error() const { return pin_error_; }
+  // Page-locks the whole pool per pin_mode(); returns pinned(). Idempotent.
+  bool pin();
+  // Touches every page of [offset, offset + nbytes).
+  void populate(int64_t offset, int64_t nbytes);
   // A uint8 CPU tensor aliasing [offset, offset + nbytes); it keeps the pool alive.
   at::Tensor view(int64_t offset, int64_t nbytes);
 
@@ -61,7 +66,9 @@ class HostPool : public std::enable_shared_from_this<HostPool> {
   uint8_t* data_ = nullptr;
   int64_t capacity_ = 0;
   int64_t mapped_ = 0;
+  int64_t page_ = 4096;
   bool pinned_ = false;
+  std::mutex pin_mu_;
   bool is_slot_ = false;
   PinMode pin_mode_ = PinMode::kNone;
   std::string pin_error_;
@@ -234,6 +241,7 @@ class Streamer {
   std::atomic<int64_t> bytes_read_{0};
   std::atomic<int64_t> bytes_copied_{0};
   std::atomic<int64_t> read_ns_{0};
+  int64_t bytes_loaded_ = 0;  // bytes of units whose load completed (issued, on CUDA)
   int64_t jobs_ = 0;
   int64_t acquires_ = 0;
   int64_t hits_ = 0;

@@ -57,6 +57,10 @@ void bind_stream(py::module_& m) {
       .def_property_readonly("capacity", &HostPool::capacity)
       .def_property_readonly("pinned", &HostPool::pinned)
       .def_property_readonly("pin_error", &HostPool::pin_error)
+      .def("pin", &HostPool::pin, py::call_guard<py::gil_scoped_release>(),
+           "page-locks the pool (cudaHostRegister or mlock per its pin mode); returns whether it is pinned")
+      .def("populate", &HostPool::populate, py::arg("offset"), py::arg("nbytes"),
+           py::call_guard<py::gil_scoped_release>())
       .def("view", &HostPool::view, py::arg("offset"), py::arg("nbytes"));
 
   py::class_<Streamer, std::shared_ptr<Streamer>>(m, "Streamer", "Streams units into a ring of device slots")

@@ -33,23 +33,23 @@ import torch
 from .. import _C
 from . import safetensors_io as sio
 
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-    rms_norm_eps=1e-5,
-)
+LLAMA3_8B = {
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-5,
+}
 
 
 def _layers(device: str, quick: bool) -> int:
     if device.startswith("cuda"):
         return 8 if quick else 32
-    return 2 if quick else 4
+    return 4 if quick else 8
 
 
 def _parse_shape(shape, device: str, quick: bool) -> tuple[str, dict]:
@@ -62,7 +62,9 @@ def _parse_shape(shape, device: str, quick: bool) -> tuple[str, dict]:
     elif isinstance(shape, str) and shape:
         base, _, layers = shape.partition(":")
         if base not in ("llama3-8b", "llama3_8b"):
-            raise ValueError(f"stream suite: unknown shape {shape!r} (use 'llama3-8b' or 'llama3-8b:<layers>')")
+            raise ValueError(
+                f"stream suite: unknown shape {shape!r} (use 'llama3-8b' or 'llama3-8b:<layers>')"
+            )
         if layers:
             cfg["num_hidden_layers"] = int(layers)
     return f"{name}/{cfg['num_hidden_layers']}L", cfg
@@ -165,22 +167,26 @@ def _streamer_gbps(model, device: torch.device, rounds: int, before=None) -> flo
     st = model._moestream_offload
     s = st.streamer
     units = st.units
-    # start with nothing loaded
-    nbytes = rounds * sum(u.nbytes for u in units)
     if before is not None:
         before()
     _sync(device)
+    s.synchronize()
+    b0 = s.stats()["bytes_loaded"]
     t0 = time.perf_counter()
     for _ in range(rounds):
         for i, u in enumerate(units):
             s.acquire(i, u.ahead)
             s.release(i)
     _sync(device)
-    s.synchronize()
-    return nbytes / (time.perf_counter() - t0) / 1e9
+    dt = time.perf_counter() - t0
+    s.synchronize()  # prefetches issued for the next round are not counted
+    loaded = s.stats()["bytes_loaded"] - b0 - sum(units[j].nbytes for j in units[-1].ahead)
+    return max(loaded, 0) / dt / 1e9
 
 
-def _decode_step_times(model, device: torch.device, vocab: int, steps: int, prompt: int = 16, before=None) -> list[float]:
+def _decode_step_times(
+    model, device: torch.device, vocab: int, steps: int, prompt: int = 16, before=None
+) -> list[float]:
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
     times = []
     with torch.no_grad():
@@ -200,7 +206,9 @@ def _decode_step_times(model, device: torch.device, vocab: int, steps: int, prom
     return times
 
 
-def run_stream_suite(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shape=None, quick: bool = True) -> list[dict]:
+def run_stream_suite(
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shape=None, quick: bool = True
+) -> list[dict]:
     """Runs the suite; returns one dict per measurement (see the module docstring)."""
     import moestream as ms
 
@@ -212,14 +220,16 @@ def run_stream_suite(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, 
     shape_name, cfg = _parse_shape(shape, dev.type, quick)
     steps = 4 if quick else 16
     readers = 4
-    common = dict(
-        suite="stream",
-        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
-        device_type=dev.type,
-        dtype=str(dtype).replace("torch.", ""),
-        shape=shape_name,
-        quick=quick,
-    )
+    common = {
+        "suite": "stream",
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else (platform.processor() or platform.machine()),
+        "device_type": dev.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "shape": shape_name,
+        "quick": quick,
+    }
     rows: list[dict] = []
     work = tempfile.mkdtemp(prefix="moestream-bench-stream-", dir=os.environ.get("MOESTREAM_BENCH_DIR"))
     try:
@@ -233,13 +243,27 @@ def run_stream_suite(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, 
 
         # ---- link
         disk = _disk_gbps(layer_files, readers, direct=True)
-        rows.append(dict(common, name="link_disk_read", gbps=disk,
-                         note=f"cold O_DIRECT reads of the layer shards, {readers} threads, 4 MiB pieces"))
-        rows.append(dict(common, name="link_disk_read_buffered", gbps=_disk_gbps(layer_files, readers, direct=False),
-                         note="cold reads through the page cache (for comparison)"))
+        rows.append(
+            dict(
+                common,
+                name="link_disk_read",
+                gbps=disk,
+                note=f"cold O_DIRECT reads of the layer shards, {readers} threads, 4 MiB pieces",
+            )
+        )
+        rows.append(
+            dict(
+                common,
+                name="link_disk_read_buffered",
+                gbps=_disk_gbps(layer_files, readers, direct=False),
+                note="cold reads through the page cache (for comparison)",
+            )
+        )
         if dev.type == "cuda":
             link = _pinned_h2d_gbps(dev, 1 << 30)
-            rows.append(dict(common, name="link_h2d_pinned", gbps=link, note="1 GiB pinned host-to-device copy"))
+            rows.append(
+                dict(common, name="link_h2d_pinned", gbps=link, note="1 GiB pinned host-to-device copy")
+            )
             storage = "cpu"
         else:
             link = disk
@@ -255,26 +279,53 @@ def run_stream_suite(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, 
         st = model._moestream_offload
         s0 = st.stats()
         budget = int(s0["device_bytes"])
-        per_token = sum(u.nbytes for u in st.units)
         drop = (lambda: _drop_page_cache(layer_files)) if storage == "disk" else None
         streamer = _streamer_gbps(model, dev, rounds=2 if quick else 4, before=drop)
-        rows.append(dict(common, name=f"streamer_{storage}", gbps=streamer, link_gbps=link,
-                         fraction_of_link=streamer / link, target_fraction=0.85 if dev.type == "cuda" else None,
-                         note="all layers through the slots, no compute"))
+        rows.append(
+            dict(
+                common,
+                name=f"streamer_{storage}",
+                gbps=streamer,
+                link_gbps=link,
+                fraction_of_link=streamer / link,
+                target_fraction=0.85 if dev.type == "cuda" else None,
+                note="all layers through the slots, no compute",
+            )
+        )
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        l0 = st.streamer.stats()["bytes_loaded"]
         times = _decode_step_times(model, dev, cfg["vocab_size"], steps, before=drop)
         step = statistics.median(times)
+        per_token = (st.streamer.stats()["bytes_loaded"] - l0) / (steps + 1)  # prefill + steps
         floor = per_token / (link * 1e9)
-        rows.append(dict(common, name="decode", median_ms=step * 1e3, floor_ms=floor * 1e3, ratio_to_floor=step / floor,
-                         target_ratio=1.15 if dev.type == "cuda" else None, bytes_per_token=per_token,
-                         gbps=per_token / step / 1e9, storage=storage, num_slots=int(s0["num_slots"]),
-                         note="batch 1, KV cache, median over steps"))
+        rows.append(
+            dict(
+                common,
+                name="decode",
+                median_ms=step * 1e3,
+                floor_ms=floor * 1e3,
+                ratio_to_floor=step / floor,
+                target_ratio=1.15 if dev.type == "cuda" else None,
+                bytes_per_token=per_token,
+                gbps=per_token / step / 1e9,
+                storage=storage,
+                num_slots=int(s0["num_slots"]),
+                note="batch 1, KV cache, median over steps",
+            )
+        )
         if dev.type == "cuda":
             peak = torch.cuda.max_memory_allocated(dev)
-            rows.append(dict(common, name="device_memory", peak_bytes=peak, weights_bytes=budget,
-                             within=peak <= budget * 1.05 + (64 << 20),
-                             note="peak allocated during decode vs resident weights + slots"))
+            rows.append(
+                dict(
+                    common,
+                    name="device_memory",
+                    peak_bytes=peak,
+                    weights_bytes=budget,
+                    within=peak <= budget * 1.05 + (64 << 20),
+                    note="peak allocated during decode vs resident weights + slots",
+                )
+            )
         del model, st
         gc.collect()
         if dev.type == "cuda":
@@ -286,8 +337,16 @@ def run_stream_suite(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, 
                 warnings.simplefilter("ignore")
                 model = ms.load_offloaded(ckpt, device=dev, storage="disk", prefetch=2, num_readers=readers)
             sd = _streamer_gbps(model, dev, rounds=2, before=lambda: _drop_page_cache(layer_files))
-            rows.append(dict(common, name="streamer_disk", gbps=sd, link_gbps=min(disk, link),
-                             fraction_of_link=sd / min(disk, link), note="disk -> pinned staging -> device"))
+            rows.append(
+                dict(
+                    common,
+                    name="streamer_disk",
+                    gbps=sd,
+                    link_gbps=min(disk, link),
+                    fraction_of_link=sd / min(disk, link),
+                    note="disk -> pinned staging -> device",
+                )
+            )
             del model
             gc.collect()
             torch.cuda.empty_cache()
@@ -308,13 +367,21 @@ def run_stream_suite(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, 
             disk_offload(base, offload_dir=odir, execution_device=dev)
             gc.collect()
             bfiles = _files_under(odir)
-            bdrop = lambda: _drop_page_cache(bfiles)  # noqa: E731
+            bdrop = lambda: _drop_page_cache(bfiles)
             bname = "accelerate.disk_offload"
         btimes = _decode_step_times(base, dev, cfg["vocab_size"], max(2, steps // 2), before=bdrop)
         bstep = statistics.median(btimes)
-        rows.append(dict(common, name="decode_baseline", baseline=bname, median_ms=bstep * 1e3,
-                         ours_median_ms=step * 1e3, speedup=bstep / step,
-                         target_speedup=1.5 if dev.type == "cuda" else None))
+        rows.append(
+            dict(
+                common,
+                name="decode_baseline",
+                baseline=bname,
+                median_ms=bstep * 1e3,
+                ours_median_ms=step * 1e3,
+                speedup=bstep / step,
+                target_speedup=1.5 if dev.type == "cuda" else None,
+            )
+        )
         del base
         gc.collect()
         for r in rows:
@@ -328,7 +395,9 @@ def run_stream_suite(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, 
 def main() -> None:  # python -m moestream.offload.bench_stream [cuda|cpu] [--full]
     import sys
 
-    device = next((a for a in sys.argv[1:] if not a.startswith("-")), "cuda" if torch.cuda.is_available() else "cpu")
+    device = next(
+        (a for a in sys.argv[1:] if not a.startswith("-")), "cuda" if torch.cuda.is_available() else "cpu"
+    )
     dtype = torch.bfloat16
     for a in sys.argv[1:]:
         if a.startswith("--dtype="):
@@ -336,7 +405,11 @@ def main() -> None:  # python -m moestream.offload.bench_stream [cuda|cpu] [--fu
     shape = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--shape=")), None)
     rows = run_stream_suite(device, dtype, shape, quick="--full" not in sys.argv)
     for r in rows:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()}))
+        print(
+            json.dumps(
+                {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()}
+            )
+        )
 
 
 if __name__ == "__main__":

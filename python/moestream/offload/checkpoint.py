@@ -21,7 +21,7 @@ import json
 import os
 import re
 import warnings
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -42,7 +42,9 @@ LAYERED_FORMAT = "moestream-layered"
 _LAYER_FILE = "model-layer-{:05d}.safetensors"
 _REST_FILE = "model-rest.safetensors"
 _OURS = re.compile(r"^(model-layer-\d{5}|model-rest)\.safetensors$")
-_OUR_TMP = re.compile(r"^\.(model-layer-\d{5}|model-rest)\.safetensors\.tmp-\d+$|^\.(config|generation_config)\.json\.tmp-\d+$")
+_OUR_TMP = re.compile(
+    r"^\.(model-layer-\d{5}|model-rest)\.safetensors\.tmp-\d+$|^\.(config|generation_config)\.json\.tmp-\d+$"
+)
 
 
 def _infer_block_prefix(names: Iterable[str], sizes: Mapping[str, int]) -> str | None:
@@ -104,7 +106,9 @@ def save_layered(
     elif isinstance(model_or_state, Mapping):
         state = dict(model_or_state)
     else:
-        raise TypeError(f"moestream.save_layered: expected an nn.Module or a dict of tensors, got {type(model_or_state)}")
+        raise TypeError(
+            f"moestream.save_layered: expected an nn.Module or a dict of tensors, got {type(model_or_state)}"
+        )
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"moestream.save_layered: '{name}' is not a tensor ({type(t)})")
@@ -119,7 +123,11 @@ def save_layered(
     seen: dict[tuple, str] = {}
     unique: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        key = (id(t),) if t.numel() == 0 else (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        key = (
+            (id(t),)
+            if t.numel() == 0
+            else (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        )
         if key in seen:
             aliases[name] = seen[key]
         else:
@@ -151,7 +159,7 @@ def save_layered(
     if gen_config is not None and hasattr(gen_config, "to_json_file"):
         try:
             _atomic_config(gen_config, os.path.join(out_dir, "generation_config.json"))
-        except Exception as e:  # an invalid generation config is not worth failing the save
+        except Exception as e:  # noqa: BLE001 - an invalid generation config is not worth failing the save
             warnings.warn(f"moestream.save_layered: generation_config.json not written ({e})", stacklevel=2)
 
     total = sum(sizes[n] for n in unique)
@@ -195,7 +203,9 @@ def _resolve(model: nn.Module, ckpt: dict[str, sio.TensorInfo], names: set[str],
         key = name if name in ckpt else aliases.get(name)
         info = ckpt.get(key) if key is not None else None
         if info is not None:
-            placements[name] = Source(info.dtype, info.shape, pieces=[Piece(info.path, info.offset, info.nbytes, 0)])
+            placements[name] = Source(
+                info.dtype, info.shape, pieces=[Piece(info.path, info.offset, info.nbytes, 0)]
+            )
             used.add(info.name)
     rest = {k: v for k, v in ckpt.items() if k not in used}
     if rest and any(n not in placements for n in names):

@@ -21,8 +21,8 @@ import shutil
 import tempfile
 import warnings
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from . import safetensors_io as sio
 ALIGN = 256
 _PAGE = 4096
 
-ByteSize = Union[int, float, str, None]
+ByteSize = int | float | str | None
 
 _UNITS = {
     "": 1,
@@ -101,7 +101,9 @@ def normalize_device(device) -> torch.device:
         from .. import with_cuda
 
         if not with_cuda:
-            raise RuntimeError("moestream.offload: device 'cuda' needs moestream built with CUDA; this build has none")
+            raise RuntimeError(
+                "moestream.offload: device 'cuda' needs moestream built with CUDA; this build has none"
+            )
         if not torch.cuda.is_available():
             raise RuntimeError("moestream.offload: device 'cuda' requested but no CUDA device is available")
         if dev.index is None:
@@ -364,7 +366,9 @@ def install(
     need_staging = storage == "disk" and (device.type == "cuda" or direct_io)
     # CUDA: enough buffers to keep every reader busy while earlier chunks cross the link. CPU: only
     # reads that are not block aligned use them (bounce buffers), and they come out of the RAM budget.
-    num_staging = (max(4, 2 * num_readers) if device.type == "cuda" else num_readers + 1) if need_staging else 0
+    num_staging = (
+        (max(4, 2 * num_readers) if device.type == "cuda" else num_readers + 1) if need_staging else 0
+    )
     # On CPU the "device" is RAM: the bounce buffers count against the budget like the slots.
     ram_extra = _C.stream_staging_bytes(chunk_bytes, num_staging) if device.type == "cpu" else 0
     if entries is None:
@@ -466,8 +470,12 @@ def install(
                 )
                 + ", plus room for activations and the KV cache"
             )
-        before = sorted((m for m, _ in chosen if order_index[id(m)] < first_block), key=lambda m: order_index[id(m)])
-        after = sorted((m for m, _ in chosen if order_index[id(m)] > first_block), key=lambda m: order_index[id(m)])
+        before = sorted(
+            (m for m, _ in chosen if order_index[id(m)] < first_block), key=lambda m: order_index[id(m)]
+        )
+        after = sorted(
+            (m for m, _ in chosen if order_index[id(m)] > first_block), key=lambda m: order_index[id(m)]
+        )
         unit_mods = before + list(block_mods) + after
         prefixes = {names[id(m)]: ui for ui, m in enumerate(unit_mods)}
         for e in params:
@@ -498,7 +506,9 @@ def install(
             units[e.unit].entries.append(e)
     for u in units:
         # file order first (sequential reads, merged ranges), memory order otherwise
-        u.entries.sort(key=lambda e: (e.source.pieces[0].path, e.source.pieces[0].offset) if e.source.pieces else ("", 0))
+        u.entries.sort(
+            key=lambda e: (e.source.pieces[0].path, e.source.pieces[0].offset) if e.source.pieces else ("", 0)
+        )
         off = 0
         for e in u.entries:
             off = _round_up(off, ALIGN)
@@ -535,7 +545,9 @@ def install(
                 infos, _ = sio.read_header(path)
                 for e in u.entries:
                     info = infos[e.names[0]]
-                    e.source = Source(e.source.dtype, e.source.shape, pieces=[Piece(path, info.offset, info.nbytes, 0)])
+                    e.source = Source(
+                        e.source.dtype, e.source.shape, pieces=[Piece(path, info.offset, info.nbytes, 0)]
+                    )
             if bar is not None:
                 bar.close()
             sio.fsync_dir(offload_dir)
@@ -553,14 +565,26 @@ def install(
     else:
         pin_mode = 0
     pool = _C.HostPool(pool_bytes, pin_mode)
-    if pin_mode and pool_bytes and not pool.pinned:
-        warnings.warn(
-            f"moestream.offload: could not page-lock {fmt_bytes(pool_bytes)} of host memory ({pool.pin_error}); "
-            "using pageable memory instead (host-to-device copies will be slower)",
-            stacklevel=3,
-        )
+
+    def pin_pool() -> None:
+        if pin_mode and pool_bytes and not pool.pin():
+            warnings.warn(
+                f"moestream.offload: could not page-lock {fmt_bytes(pool_bytes)} of host memory ({pool.pin_error}); "
+                "using pageable memory instead (host-to-device copies will be slower)",
+                stacklevel=4,
+            )
+
+    if storage == "disk":
+        pin_pool()  # staging buffers only: nothing to fill
     streamer = _C.Streamer(
-        pool, _engine_device(device), slot_bytes, num_slots, num_readers, chunk_bytes, staging_offset, num_staging,
+        pool,
+        _engine_device(device),
+        slot_bytes,
+        num_slots,
+        num_readers,
+        chunk_bytes,
+        staging_offset,
+        num_staging,
         direct_io,
     )
     state.pool = pool
@@ -601,7 +625,9 @@ def install(
                 if src.nbytes:
                     dst = pool.view(base, src.nbytes)
                     if src.pieces is not None:
-                        streamer.read_into(dst, [(p.dst, p.nbytes, fidx(p.path), p.offset, e.names[0]) for p in src.pieces])
+                        streamer.read_into(
+                            dst, [(p.dst, p.nbytes, fidx(p.path), p.offset, e.names[0]) for p in src.pieces]
+                        )
                     else:
                         dst.view(src.dtype).view(src.shape).copy_(src.tensor)
                     del dst
@@ -623,6 +649,8 @@ def install(
         assert uid == ui
     if bar is not None:
         bar.close()
+    if storage == "cpu":
+        pin_pool()  # after filling: the source tensors were freed as their bytes moved in
 
     # ---- prefetch order (cyclic: the last layers prefetch the first ones of the next forward)
     ahead_n = min(prefetch, num_slots - 1)
@@ -673,13 +701,35 @@ def offload(
     """
     dev = normalize_device(device)
     return _offload_impl(
-        model, dev, max_device_memory, storage, offload_dir, prefetch, blocks, num_readers, chunk_bytes, pin,
-        direct_io, progress,
+        model,
+        dev,
+        max_device_memory,
+        storage,
+        offload_dir,
+        prefetch,
+        blocks,
+        num_readers,
+        chunk_bytes,
+        pin,
+        direct_io,
+        progress,
     )
 
 
-def _offload_impl(model, dev, budget, storage, offload_dir, prefetch, blocks, num_readers, chunk_bytes, pin,
-                  direct_io, progress):
+def _offload_impl(
+    model,
+    dev,
+    budget,
+    storage,
+    offload_dir,
+    prefetch,
+    blocks,
+    num_readers,
+    chunk_bytes,
+    pin,
+    direct_io,
+    progress,
+):
     entries, _ = collect_entries(model)
     install(
         model,

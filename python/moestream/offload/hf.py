@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ def empty_model(checkpoint_dir: str, model_cls=None, trust_remote_code: bool = F
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(checkpoint_dir)
-    except Exception:  # no generation_config.json: keep the one derived from the config
+    except (OSError, ValueError):  # no generation_config.json: keep the one derived from the config
         pass
     model.eval()
     return model
@@ -68,8 +68,12 @@ def _place(target: str, conv, by_pattern: dict[str, list[TensorInfo]]) -> Source
     kinds = [type(op).__name__ for op in ops]
     patterns = [p for p in conv.source_patterns if p in by_pattern]
     supported = (
-        kinds and kinds[0] == "MergeModulelist" and getattr(ops[0], "dim", 0) == 0
-        and (kinds == ["MergeModulelist"] and len(patterns) == 1 or kinds == ["MergeModulelist", "Concatenate"])
+        kinds
+        and kinds[0] == "MergeModulelist"
+        and getattr(ops[0], "dim", 0) == 0
+        and (
+            kinds == ["MergeModulelist"] and len(patterns) == 1 or kinds == ["MergeModulelist", "Concatenate"]
+        )
     )
     if not supported:
         keys = [i.name for p in patterns for i in by_pattern[p]][:3]
@@ -90,7 +94,9 @@ def _place(target: str, conv, by_pattern: dict[str, list[TensorInfo]]) -> Source
         stacks.append(infos)
     dtype = stacks[0][0].dtype
     if any(s[0].dtype != dtype for s in stacks):
-        raise ValueError(f"moestream.load_offloaded: the tensors merged into '{target}' have different dtypes")
+        raise ValueError(
+            f"moestream.load_offloaded: the tensors merged into '{target}' have different dtypes"
+        )
     es = torch.empty((), dtype=dtype).element_size()
     shapes = [(len(s),) + s[0].shape for s in stacks]
     if len(kinds) == 1:
@@ -119,7 +125,14 @@ def _place(target: str, conv, by_pattern: dict[str, list[TensorInfo]]) -> Source
             while left > 0:
                 e, w = divmod(pos, n_each)
                 take = min(left, n_each - w)
-                pieces.append(Piece(infos[e].path, infos[e].offset + w * es, take * es, (o * row + col + pos - o * inn) * es))
+                pieces.append(
+                    Piece(
+                        infos[e].path,
+                        infos[e].offset + w * es,
+                        take * es,
+                        (o * row + col + pos - o * inn) * es,
+                    )
+                )
                 pos += take
                 left -= take
             col += inn
@@ -139,7 +152,7 @@ def resolve_conversions(
     targets = set(target_names)
     try:
         transforms = get_model_conversion_mapping(model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a model transformers cannot map: names are matched directly
         transforms = []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -68,7 +68,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     with open(path, "rb", buffering=0) as f:
         head = os.pread(f.fileno(), 8, 0)
         if len(head) < 8:
-            raise ValueError(f"moestream: '{path}' is not a safetensors file ({size} bytes, no header length)")
+            raise ValueError(
+                f"moestream: '{path}' is not a safetensors file ({size} bytes, no header length)"
+            )
         n = int.from_bytes(head, "little")
         if n > _MAX_HEADER or 8 + n > size:
             raise ValueError(
@@ -82,7 +84,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"moestream: '{path}': the safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"moestream: '{path}': the safetensors header is not a JSON object")
+        raise ValueError(f"moestream: '{path}': the safetensors header is not a JSON object")  # noqa: TRY004
     meta = header.pop("__metadata__", None) or {}
     base = 8 + n
     out: dict[str, TensorInfo] = {}
@@ -92,7 +94,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"moestream: '{path}': bad or unsupported header entry for tensor '{name}': {entry}") from None
+            raise ValueError(
+                f"moestream: '{path}': bad or unsupported header entry for tensor '{name}': {entry}"
+            ) from None
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if any(s < 0 for s in shape) or begin < 0 or end - begin != nbytes or base + end > size:
             raise ValueError(
@@ -143,7 +147,11 @@ def write_safetensors(
         if t.device.type == "meta":
             raise ValueError(f"moestream: tensor '{name}' has no data (it is on the meta device)")
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": st_dtype(t.dtype), "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
+        header[name] = {
+            "dtype": st_dtype(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + nbytes],
+        }
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     pad = (-(8 + len(raw))) % DATA_ALIGN
@@ -211,7 +219,9 @@ def checkpoint_tensors(checkpoint_dir: str) -> tuple[dict[str, TensorInfo], dict
         weight_map = {}
         files = [SINGLE_NAME]
     else:
-        files = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith(".safetensors") and not f.startswith("."))
+        files = sorted(
+            f for f in os.listdir(checkpoint_dir) if f.endswith(".safetensors") and not f.startswith(".")
+        )
         weight_map = {}
         if not files:
             raise FileNotFoundError(f"moestream: no safetensors files in '{checkpoint_dir}'")
@@ -219,7 +229,9 @@ def checkpoint_tensors(checkpoint_dir: str) -> tuple[dict[str, TensorInfo], dict
     for fname in files:
         path = os.path.join(checkpoint_dir, fname)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"moestream: '{path}' is listed in the index of '{checkpoint_dir}' but missing")
+            raise FileNotFoundError(
+                f"moestream: '{path}' is listed in the index of '{checkpoint_dir}' but missing"
+            )
         infos, _ = read_header(path)
         for name, info in infos.items():
             if weight_map and weight_map.get(name) not in (None, fname):
