@@ -291,3 +291,28 @@ def test_parse_bytes():
         parse_bytes("-3GB")
     with pytest.raises(ValueError):
         parse_bytes(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and ms.with_cuda), reason="needs a CUDA device and build")
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_cuda_device_memory_stays_within_budget(storage):
+    torch.cuda.synchronize()
+    model = build("llama")  # on the CPU: only resident weights and slots may reach the device
+    ids = torch.randint(3, 96, (1, 6), device="cuda")
+    ref = generate(copy.deepcopy(model).cuda(), ids)  # same numerics: the whole model on the GPU
+    slot = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    rest = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." not in n)
+    rest += sum(b.numel() * b.element_size() for b in model.buffers())
+    budget = rest + 3 * (slot + 4096)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    ms.offload(model, device="cuda", storage=storage, max_device_memory=budget, prefetch=2)
+    st = model._moestream_offload.stats()
+    assert st["pool_pinned"] == 1.0
+    weights = torch.cuda.memory_allocated() - before
+    assert weights <= budget + 4096 * 16, (weights, budget)  # allocator rounding of small tensors
+    torch.cuda.reset_peak_memory_stats()
+    out = generate(model, ids)
+    assert torch.equal(out, ref)
+    assert torch.cuda.max_memory_allocated() - before <= budget + (8 << 20)  # + activations and KV cache
