@@ -316,3 +316,16 @@ def test_cuda_device_memory_stays_within_budget(storage):
     out = generate(model, ids)
     assert torch.equal(out, ref)
     assert torch.cuda.max_memory_allocated() - before <= budget + (8 << 20)  # + activations and KV cache
+
+
+def test_inference_mode_then_grad_mode_forward():
+    base, ids, ref = reference("llama", "cpu")
+    model = copy.deepcopy(base)
+    with torch.inference_mode():
+        ms.offload(model, device="cpu", storage="cpu", prefetch=1)
+        assert torch.equal(generate(model, ids), ref)
+    # the slot views cached under inference_mode are ordinary tensors: usable with autograd on
+    logits = model(ids).logits
+    with torch.no_grad():
+        assert torch.equal(logits.detach(), base(ids).logits)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".layers." in n)

@@ -253,10 +253,12 @@ class OffloadState:
         u.acquired = True
         views = u.views.get(s)
         if views is None:
-            views = [
-                slot[e.offset : e.offset + e.source.nbytes].view(e.source.dtype).view(e.source.shape)
-                for e in u.entries
-            ]
+            # ordinary tensors even under inference_mode: the cached views serve every later call
+            with torch.inference_mode(False):
+                views = [
+                    slot[e.offset : e.offset + e.source.nbytes].view(e.source.dtype).view(e.source.shape)
+                    for e in u.entries
+                ]
             u.views[s] = views
         for p, v in zip(u.params, views):
             p.data = v
@@ -329,7 +331,14 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
 
 
-def install(
+def install(*args, **kwargs) -> OffloadState:
+    # Slots, placeholders and parameters must be ordinary tensors even when called under
+    # inference_mode, or a later forward outside it could not use them.
+    with torch.inference_mode(False), torch.no_grad():
+        return _install(*args, **kwargs)
+
+
+def _install(
     model: nn.Module,
     sources: dict[int, Source],
     *,
@@ -638,6 +647,10 @@ def install(
                 for p in src.pieces:
                     segs.append((e.offset + p.dst, p.nbytes, fidx(p.path), p.offset, e.names[0]))
             e.placeholder = _placeholder(src.dtype, src.shape, device, cache)
+            if e.is_param:
+                # inference only: a streamed parameter is a view of a reused slot during its block's
+                # forward, so it must not collect gradients
+                e.obj.requires_grad_(False)
             e.source = Source(src.dtype, src.shape, pieces=src.pieces)  # drop the in-memory tensor
             _set_tensor(e, e.placeholder)
             u.params.append(e.obj)
@@ -697,7 +710,8 @@ def offload(
     files in offload_dir, a temporary directory if None, read with pread by reader threads).
     prefetch: layers loaded ahead of the one computing (slots = prefetch + 1).
     blocks: the nn.ModuleList (or its name, or a list of modules) to stream; found automatically.
-    Inference only: streamed parameters are views into reused slots during their block's forward.
+    Inference only: streamed parameters are views into reused slots during their block's forward;
+    they are set to requires_grad=False. Do not call ``model.to()`` after offloading.
     """
     dev = normalize_device(device)
     return _offload_impl(
