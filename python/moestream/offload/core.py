@@ -438,7 +438,7 @@ def _install(
 
     sizes = unit_sizes(params, len(unit_mods))
     resident = sum(e.source.nbytes for e in entries if not (e.is_param and e.unit >= 0))
-    slot_need = max(sizes)
+    slot_need = _round_up(max(sizes), _PAGE)
     if slot_need == 0:
         raise ValueError("moestream.offload: the blocks have no parameters to stream")
 
@@ -464,7 +464,7 @@ def _install(
                 break
             chosen.append((m, own))
             res -= nbytes
-            slot = max(slot, _round_up(nbytes, ALIGN))
+            slot = max(slot, _round_up(nbytes, _PAGE))
             best_need = min(best_need, res + slot)
         if res + slot > budget:
             raise ValueError(
@@ -491,7 +491,7 @@ def _install(
             e.unit = owner_unit(e, prefixes)
         sizes = unit_sizes(params, len(unit_mods))
         resident = sum(e.source.nbytes for e in entries if not (e.is_param and e.unit >= 0))
-        slot_need = max(sizes)
+        slot_need = _round_up(max(sizes), _PAGE)
 
     num_units = len(unit_mods)
     want_slots = min(prefetch + 1, num_units)
@@ -506,7 +506,7 @@ def _install(
                 f"from {prefetch} to {num_slots - 1}",
                 stacklevel=3,
             )
-    slot_bytes = _round_up(slot_need, _PAGE)
+    slot_bytes = slot_need
 
     # ---- layout: every streamed tensor's offset in its unit's slot image
     units = [_Unit(names[id(m)], []) for m in unit_mods]
