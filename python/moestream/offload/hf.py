@@ -161,7 +161,10 @@ def resolve_conversions(
     out: dict[str, Source] = {}
     groups: dict[str, tuple[object, dict[str, list[TensorInfo]]]] = {}
     for key, info in ckpt.items():
-        new, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
+        try:
+            new, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
+        except (TypeError, AttributeError):  # another transformers 5.x signature: direct names only
+            return out
         if pattern is None:
             if new in targets and new not in out:
                 out[new] = _direct(info)
