@@ -16,6 +16,7 @@ from .ops import (
     router_z_loss,
     unpermute,
 )
+from .offload import load_layered, load_offloaded, offload, save_layered
 
 __version__ = "0.1.0"
 
@@ -24,13 +25,17 @@ with_cuda: bool = bool(_C.with_cuda)
 __all__ = [
     "gated_activation",
     "grouped_mm",
+    "load_layered",
+    "load_offloaded",
     "moe_experts",
+    "offload",
     "ops",
     "permute",
     "reference",
     "router_aux_loss",
     "router_topk",
     "router_z_loss",
+    "save_layered",
     "unpermute",
     "with_cuda",
 ]

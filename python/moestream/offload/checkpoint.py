@@ -1,0 +1,334 @@
+"""Streaming from checkpoints on disk: ``load_offloaded`` (any safetensors checkpoint, read in place),
+and the layered format: ``save_layered`` / ``load_layered``.
+
+Layered format (a directory)::
+
+    model-rest.safetensors           everything outside the repeated blocks (embeddings, norms, head)
+    model-layer-00000.safetensors    block 0's tensors, contiguous, data 4 KiB aligned
+    ...
+    model.safetensors.index.json     written last: {"metadata": {"format": "moestream-layered", ...},
+                                     "weight_map": {name: file}} (the transformers sharded index)
+    config.json                      when the model has a transformers config
+
+so it also loads with ``transformers.AutoModel*.from_pretrained``. Every file is written to a
+temporary name, fsynced and renamed; an existing index is removed before anything is written, so an
+interrupted save leaves no index, and load_layered refuses a directory without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from . import safetensors_io as sio
+from .core import (
+    ByteSize,
+    Piece,
+    Source,
+    _progress,
+    collect_entries,
+    find_blocks,
+    install,
+    normalize_device,
+)
+
+LAYERED_FORMAT = "moestream-layered"
+_LAYER_FILE = "model-layer-{:05d}.safetensors"
+_REST_FILE = "model-rest.safetensors"
+_OURS = re.compile(r"^(model-layer-\d{5}|model-rest)\.safetensors$")
+_OUR_TMP = re.compile(
+    r"^\.(model-layer-\d{5}|model-rest)\.safetensors\.tmp-\d+$|^\.(config|generation_config)\.json\.tmp-\d+$"
+)
+
+
+def _infer_block_prefix(names: Iterable[str], sizes: Mapping[str, int]) -> str | None:
+    """The name prefix P of the repeated blocks ("P.<i>.<rest>") holding the most bytes."""
+    total: dict[str, int] = {}
+    for n in names:
+        m = re.search(r"\.(\d+)\.", "." + n)
+        if m is None or m.start() == 0:
+            continue
+        p = n[: m.start() - 1]
+        total[p] = total.get(p, 0) + sizes.get(n, 0)
+    return max(total, key=total.get) if total else None
+
+
+def _atomic_config(obj, path: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        obj.to_json_file(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_layered(
+    model_or_state: nn.Module | Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    blocks: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Writes a model (or a state dict) as per-block safetensors shards plus an index, tensor by
+    tensor (only one tensor is ever copied, and only when it is not on the CPU). Tensors shared by
+    several names (tied weights) are written once; the other names are recorded as aliases.
+    blocks: name prefix of the repeated blocks (e.g. "model.layers"); found automatically.
+    Returns out_dir."""
+    out_dir = os.fspath(out_dir)
+    config = gen_config = None
+    if isinstance(model_or_state, nn.Module):
+        model = model_or_state
+        if getattr(model, "_moestream_offload", None) is not None:
+            raise ValueError(
+                "moestream.save_layered: this model is offloaded (its streamed weights are not in memory); "
+                "save the model before offloading it, or stream its checkpoint with ms.load_offloaded"
+            )
+        state = model.state_dict(keep_vars=True)  # references, no copies
+        if blocks is None:
+            try:
+                blocks = find_blocks(model)[0]
+            except ValueError:
+                blocks = None
+        config = getattr(model, "config", None)
+        gen_config = getattr(model, "generation_config", None)
+    elif isinstance(model_or_state, Mapping):
+        state = dict(model_or_state)
+    else:
+        raise TypeError(
+            f"moestream.save_layered: expected an nn.Module or a dict of tensors, got {type(model_or_state)}"
+        )
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"moestream.save_layered: '{name}' is not a tensor ({type(t)})")
+        if t.device.type == "meta":
+            raise ValueError(f"moestream.save_layered: '{name}' has no data (meta tensor)")
+    sizes = {n: t.numel() * t.element_size() for n, t in state.items()}
+    if blocks is None:
+        blocks = _infer_block_prefix(state.keys(), sizes)
+
+    # tied tensors: the first name is stored, the others point to it
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        key = (
+            (id(t),)
+            if t.numel() == 0
+            else (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        )
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = t
+
+    files: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    num_blocks = 0
+    pre = f"{blocks}." if blocks else None
+    for name, t in unique.items():
+        fname = _REST_FILE
+        if pre and name.startswith(pre):
+            idx = name[len(pre) :].split(".", 1)[0]
+            if idx.isdigit():
+                fname = _LAYER_FILE.format(int(idx))
+                num_blocks = max(num_blocks, int(idx) + 1)
+        files.setdefault(fname, []).append((name, t))
+
+    os.makedirs(out_dir, exist_ok=True)
+    index_path = os.path.join(out_dir, sio.INDEX_NAME)
+    if os.path.exists(index_path):
+        os.unlink(index_path)  # from here until the new index lands, the directory is incomplete
+        sio.fsync_dir(out_dir)
+    for f in os.listdir(out_dir):
+        if _OUR_TMP.match(f):
+            os.unlink(os.path.join(out_dir, f))
+    if config is not None and hasattr(config, "to_json_file"):
+        _atomic_config(config, os.path.join(out_dir, "config.json"))
+    if gen_config is not None and hasattr(gen_config, "to_json_file"):
+        try:
+            _atomic_config(gen_config, os.path.join(out_dir, "generation_config.json"))
+        except Exception as e:  # noqa: BLE001 - an invalid generation config is not worth failing the save
+            warnings.warn(f"moestream.save_layered: generation_config.json not written ({e})", stacklevel=2)
+
+    total = sum(sizes[n] for n in unique)
+    bar = _progress(total, "moestream: save_layered", progress)
+    order = sorted(files, key=lambda f: (f != _REST_FILE, f))
+    try:
+        for fname in order:
+            sio.write_safetensors(
+                os.path.join(out_dir, fname),
+                files[fname],
+                metadata={"format": "pt", "layout": LAYERED_FORMAT},
+                on_tensor=bar.update if bar is not None else None,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    sio.fsync_dir(out_dir)
+    weight_map = {name: fname for fname in order for name, _ in files[fname]}
+    index = {
+        "metadata": {
+            "total_size": total,
+            "format": LAYERED_FORMAT,
+            "version": 1,
+            "blocks": blocks,
+            "num_blocks": num_blocks,
+            "aliases": aliases,
+        },
+        "weight_map": weight_map,
+    }
+    sio.write_json_atomic(index_path, index)
+    for f in os.listdir(out_dir):  # shards of an earlier, larger save in the same directory
+        if _OURS.match(f) and f not in files:
+            os.unlink(os.path.join(out_dir, f))
+    return out_dir
+
+
+def _resolve(model: nn.Module, ckpt: dict[str, sio.TensorInfo], names: set[str], aliases: dict[str, str]):
+    placements: dict[str, Source] = {}
+    used: set[str] = set()
+    for name in names:
+        key = name if name in ckpt else aliases.get(name)
+        info = ckpt.get(key) if key is not None else None
+        if info is not None:
+            placements[name] = Source(
+                info.dtype, info.shape, pieces=[Piece(info.path, info.offset, info.nbytes, 0)]
+            )
+            used.add(info.name)
+    rest = {k: v for k, v in ckpt.items() if k not in used}
+    if rest and any(n not in placements for n in names):
+        try:
+            from .hf import resolve_conversions
+        except ImportError:  # pragma: no cover
+            resolve_conversions = None
+        if resolve_conversions is not None:
+            for n, src in resolve_conversions(model, rest, [n for n in names if n not in placements]).items():
+                placements.setdefault(n, src)
+    return placements
+
+
+def load_offloaded(
+    checkpoint_dir: str | os.PathLike,
+    device: str | torch.device | None = None,
+    max_device_memory: ByteSize = None,
+    storage: str = "disk",
+    prefetch: int = 2,
+    *,
+    model: nn.Module | None = None,
+    model_cls=None,
+    trust_remote_code: bool = False,
+    blocks: str | Iterable[nn.Module] | None = None,
+    num_readers: int = 4,
+    chunk_bytes: int | None = None,
+    pin: bool | None = None,
+    direct_io: bool | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Builds the model with its parameters on the meta device (from config.json with transformers,
+    or `model`, any module skeleton) and streams its blocks from the safetensors checkpoint in place
+    (model.safetensors, or shards with model.safetensors.index.json): the full model is never in RAM.
+    storage="disk" reads the files at every forward; storage="cpu" reads them once into host memory.
+    Other arguments as in ``ms.offload``. Parameters take the checkpoint's dtypes."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    dev = normalize_device(device)
+    ckpt, meta = sio.checkpoint_tensors(checkpoint_dir)
+    if model is None:
+        from .hf import empty_model
+
+        model = empty_model(checkpoint_dir, model_cls, trust_remote_code)
+    aliases = meta.get("aliases", {}) if meta.get("format") == LAYERED_FORMAT else {}
+    if isinstance(aliases, str):
+        aliases = json.loads(aliases)
+    if blocks is None and meta.get("format") == LAYERED_FORMAT and meta.get("blocks"):
+        try:
+            model.get_submodule(meta["blocks"])
+            blocks = meta["blocks"]
+        except AttributeError:
+            blocks = None
+    entries, by_name = collect_entries(model)
+    placements = _resolve(model, ckpt, set(by_name), aliases)
+    sources: dict[int, Source] = {}
+    missing: list[str] = []
+    used: set[str] = set()
+    for e in entries:
+        src = next((placements[n] for n in e.names if n in placements), None)
+        if src is None:
+            if e.obj.device.type == "meta":
+                missing.append(e.names[0])
+            continue
+        if tuple(src.shape) != tuple(e.obj.shape):
+            raise ValueError(
+                f"moestream.load_offloaded: '{e.names[0]}' is {list(e.obj.shape)} in the model but "
+                f"{list(src.shape)} in the checkpoint '{checkpoint_dir}'"
+            )
+        sources[id(e.obj)] = src
+        used.update(p.path + f"@{p.offset}" for p in src.pieces)
+    if missing:
+        raise ValueError(
+            f"moestream.load_offloaded: {len(missing)} tensors of the model are not in the checkpoint "
+            f"'{checkpoint_dir}', e.g. {missing[:5]}"
+        )
+    unused = [k for k, i in ckpt.items() if f"{i.path}@{i.offset}" not in used and i.nbytes > 0]
+    if unused:
+        warnings.warn(
+            f"moestream.load_offloaded: {len(unused)} checkpoint tensors are not used by the model, "
+            f"e.g. {unused[:5]}",
+            stacklevel=2,
+        )
+    install(
+        model,
+        sources,
+        device=dev,
+        max_device_memory=max_device_memory,
+        storage=storage,
+        offload_dir=None,
+        prefetch=prefetch,
+        blocks=blocks,
+        num_readers=num_readers,
+        chunk_bytes=chunk_bytes,
+        pin=pin,
+        direct_io=direct_io,
+        progress=progress,
+        entries=entries,
+    )
+    model.eval()
+    return model
+
+
+def load_layered(
+    out_dir: str | os.PathLike,
+    device: str | torch.device | None = None,
+    max_device_memory: ByteSize = None,
+    storage: str = "disk",
+    prefetch: int = 2,
+    **kwargs,
+) -> nn.Module:
+    """Streams a directory written by ``save_layered`` (see ``load_offloaded`` for the arguments;
+    pass model=<skeleton> for models without a transformers config)."""
+    out_dir = os.fspath(out_dir)
+    index_path = os.path.join(out_dir, sio.INDEX_NAME)
+    if not os.path.exists(index_path):
+        raise FileNotFoundError(
+            f"moestream.load_layered: '{out_dir}' holds no complete layered checkpoint (no {sio.INDEX_NAME}: "
+            "never written, or the save was interrupted)"
+        )
+    with open(index_path) as f:
+        meta = json.load(f).get("metadata", {}) or {}
+    if meta.get("format") != LAYERED_FORMAT:
+        raise ValueError(
+            f"moestream.load_layered: '{out_dir}' is not a layered checkpoint (index format {meta.get('format')!r}); "
+            "use ms.load_offloaded for ordinary safetensors checkpoints"
+        )
+    return load_offloaded(out_dir, device, max_device_memory, storage, prefetch, **kwargs)

@@ -1,0 +1,417 @@
+"""The streaming engine below the model hooks: exact bytes through every path (host pool, buffered
+reads, O_DIRECT into slots, O_DIRECT through bounce buffers), any acquire order, argument checks,
+the safetensors reader/writer, save_layered's atomicity and generic (non-transformers) models."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import moestream as ms
+import pytest
+import torch
+from moestream import _C
+from moestream.offload import safetensors_io as sio
+from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one intra-op thread is faster, and spinning OpenMP workers do not starve the
+    # engine's reader threads on a 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+KiB = 1024
+
+
+def _random_file(path, nbytes, seed=0):
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    data.numpy().tofile(path)
+    return data
+
+
+def _plan(num_units, seed):
+    """Units of 1-3 segments with odd sizes/offsets, each a (dst, nbytes, src) list, and the slot size."""
+    rng = random.Random(seed)
+    units, src, slot = [], 5, 0
+    for _ in range(num_units):
+        segs, dst = [], 0
+        for _ in range(rng.randint(1, 3)):
+            n = rng.randint(1, 300 * KiB)
+            dst += rng.choice([0, 256, 4096, 17])
+            segs.append((dst, n, src))
+            dst += n
+            src += n + rng.choice([0, 0, 3, 4096])
+        units.append(segs)
+        slot = max(slot, dst)
+    return units, slot, src
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+@pytest.mark.parametrize("source", ["file", "pool"])
+@pytest.mark.parametrize("slots", [1, 3])
+def test_streamer_delivers_exact_bytes_in_any_order(tmp_path, direct_io, source, slots, device):
+    units, slot_bytes, total = _plan(7, seed=slots)
+    path = tmp_path / "data.bin"
+    data = _random_file(path, total + 4096)
+    chunk = 64 * KiB  # many chunks per segment
+    nst = 3
+    pool_bytes = total + 4096 if source == "pool" else 0
+    staging_off = (pool_bytes + 4095) // 4096 * 4096
+    pool = _C.HostPool(staging_off + _C.stream_staging_bytes(chunk, nst), 2 if device == "cuda" else 0)
+    if source == "pool":
+        pool.view(0, data.numel()).copy_(data)
+    pool.pin()
+    dev = "cpu" if device == "cpu" else f"cuda:{torch.cuda.current_device()}"
+    s = _C.Streamer(pool, dev, slot_bytes, slots, 3, chunk, staging_off, nst, direct_io)
+    f = s.add_file(str(path))
+    for ui, segs in enumerate(units):
+        fidx = f if source == "file" else -1
+        assert s.add_unit([(d, n, fidx, o, f"u{ui}.t{k}") for k, (d, n, o) in enumerate(segs)]) == ui
+    rng = random.Random(0)
+    order = list(range(7)) * 3 + [rng.randrange(7) for _ in range(20)]
+    for step, u in enumerate(order):
+        ahead = [rng.randrange(7) for _ in range(rng.randint(0, 3))]
+        mem, idx = s.acquire(u, ahead)
+        assert 0 <= idx < slots and mem.numel() == slot_bytes
+        mem = mem.cpu()  # on CUDA: ordered after the copies by the slot's ready event
+        for d, n, o in units[u]:
+            assert torch.equal(mem[d : d + n], data[o : o + n]), f"step {step} unit {u}"
+        s.release(u)
+    s.synchronize()
+    st = s.stats()
+    assert st["acquires"] == len(order)
+    if source == "file":
+        assert st["bytes_read"] > 0 and st["bytes_copied"] == (0 if device == "cpu" else st["bytes_read"])
+    else:
+        assert st["bytes_read"] == 0 and st["bytes_copied"] > 0
+
+
+def test_streamer_o_direct_into_aligned_slots(tmp_path):
+    # block-aligned ranges go straight into the page-aligned slot; the others through bounce buffers
+    path = tmp_path / "aligned.bin"
+    data = _random_file(path, 1 << 20, seed=3)
+    pool = _C.HostPool(_C.stream_staging_bytes(4096 * 8, 2), 0)
+    s = _C.Streamer(pool, "cpu", 256 * KiB, 2, 2, 4096 * 8, 0, 2, True)
+    f = s.add_file(str(path))
+    s.add_unit([(0, 128 * KiB, f, 64 * KiB, "aligned"), (128 * KiB, 1000, f, 12345, "odd")])
+    s.add_unit([(4096, 200 * KiB, f, 512 * KiB, "aligned2")])
+    for u in (0, 1, 0, 1):
+        mem, _ = s.acquire(u, [])
+        if u == 0:
+            assert torch.equal(mem[: 128 * KiB], data[64 * KiB : 192 * KiB])
+            assert torch.equal(mem[128 * KiB : 128 * KiB + 1000], data[12345 : 12345 + 1000])
+        else:
+            assert torch.equal(mem[4096 : 4096 + 200 * KiB], data[512 * KiB : 712 * KiB])
+        s.release(u)
+
+
+def test_streamer_errors_name_the_argument(tmp_path):
+    path = tmp_path / "d.bin"
+    data = _random_file(path, 10_000)
+    pool = _C.HostPool(4096, 0)
+    s = _C.Streamer(pool, "cpu", 4096, 1, 1, 4096, 0, 0, False)
+    f = s.add_file(str(path))
+    with pytest.raises(
+        RuntimeError, match=r"tensor 'w' needs bytes \[9000, 11000\) of .*d\.bin' but the file has 10000"
+    ):
+        s.add_unit([(0, 2000, f, 9000, "w")])
+    with pytest.raises(
+        RuntimeError, match=r"tensor 'big' at slot bytes \[0, 5000\) does not fit a slot of 4096"
+    ):
+        s.add_unit([(0, 5000, f, 0, "big")])
+    with pytest.raises(RuntimeError, match=r"tensor 'p' needs pool bytes \[1, 4097\)"):
+        s.add_unit([(0, 4096, -1, 1, "p")])
+    with pytest.raises(RuntimeError, match="names file 7"):
+        s.add_unit([(0, 10, 7, 0, "q")])
+    with pytest.raises(RuntimeError, match="cannot open"):
+        s.add_file(str(tmp_path / "missing.bin"))
+    a = s.add_unit([(0, 100, f, 0, "a")])
+    b = s.add_unit([(0, 100, f, 100, "b")])
+    with pytest.raises(RuntimeError, match=r"unit must be in \[0, 2\), got 5"):
+        s.acquire(5, [])
+    with pytest.raises(RuntimeError, match="unit 0 is not acquired"):
+        s.release(a)
+    mem, _ = s.acquire(a, [b])  # b cannot be prefetched: the only slot is in use (a hint, no error)
+    assert torch.equal(mem[:100], data[:100])
+    with pytest.raises(RuntimeError, match="all 1 slots are in use"):
+        s.acquire(b, [])
+    s.release(a)
+    mem, _ = s.acquire(b, [])
+    assert torch.equal(mem[:100], data[100:200])
+    s.release(b)
+    with pytest.raises(RuntimeError, match="slot_bytes must be > 0"):
+        _C.Streamer(pool, "cpu", 0, 1, 1, 4096, 0, 0, False)
+    with pytest.raises(RuntimeError, match="need a pool of"):
+        _C.Streamer(pool, "cpu", 4096, 1, 1, 4096, 0, 2, False)
+    with pytest.raises(RuntimeError, match=r"range \[0, 8192\) is outside the pool of 4096"):
+        pool.view(0, 8192)
+    if not ms.with_cuda:
+        with pytest.raises(RuntimeError, match="needs moestream built with CUDA"):
+            _C.Streamer(pool, "cuda:0", 4096, 1, 1, 4096, 0, 0, False)
+    # read_into: synchronous reads for resident tensors
+    dst = torch.empty(300, dtype=torch.uint8)
+    s.read_into(dst, [(0, 100, f, 50, "x"), (100, 200, f, 7000, "y")])
+    assert torch.equal(dst[:100], data[50:150]) and torch.equal(dst[100:], data[7000:7200])
+    with pytest.raises(RuntimeError, match="does not fit dst of 300 bytes"):
+        s.read_into(dst, [(250, 100, f, 0, "z")])
+
+
+def test_host_pool_pins_and_reports():
+    pool = _C.HostPool(1 << 20, 1)  # mlock; refused under a small memlock limit (see test_offload_rss)
+    assert pool.capacity == 1 << 20 and not pool.pinned
+    assert pool.pin() == pool.pinned
+    assert pool.pinned or "mlock" in pool.pin_error
+    assert pool.pin() == pool.pinned  # idempotent
+    pool.populate(0, 1 << 20)
+    host, _ = _C.stream_live_bytes()
+    assert host >= 1 << 20
+    v = pool.view(4096, 100)
+    v.fill_(7)
+    del pool
+    assert int(v.sum()) == 700  # the view keeps the pool alive
+    del v
+    assert _C.stream_live_bytes()[0] == host - (1 << 20)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+ALL_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+]
+
+
+def test_safetensors_writer_matches_the_reference_reader(tmp_path):
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    tensors = []
+    for i, dt in enumerate(ALL_DTYPES):
+        t = torch.randn(3, 5, generator=g) * 4
+        tensors.append((f"t{i}", t.to(dt)))
+    tensors.append(("scalar", torch.tensor(3.5)))
+    tensors.append(("empty", torch.empty(0, 4)))
+    tensors.append(("noncontig", torch.randn(6, 4, generator=g).t()))
+    path = str(tmp_path / "x.safetensors")
+    sio.write_safetensors(path, tensors, metadata={"a": "b"})
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"a": "b"}
+        for name, t in tensors:
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and got.shape == t.shape
+            assert torch.equal(
+                got.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else got,
+                t.contiguous().view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
+            ), name
+    infos, meta = sio.read_header(path)
+    assert meta == {"a": "b"}
+    first = min(i.offset for i in infos.values())
+    assert first % sio.DATA_ALIGN == 0  # data section is block aligned
+    assert infos["t0"].nbytes == 15 * 4 and infos["t0"].shape == (3, 5)
+
+
+def test_safetensors_reader_rejects_corrupt_headers(tmp_path):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(b"\x05")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        sio.read_header(str(p))
+    p.write_bytes((1000).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="header length 1000"):
+        sio.read_header(str(p))
+    hdr = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    p.write_bytes(len(hdr).to_bytes(8, "little") + hdr + b"\0" * 8)  # 8 of 16 data bytes
+    with pytest.raises(ValueError, match="tensor 'w' .* do not fit the file"):
+        sio.read_header(str(p))
+    hdr = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}).encode()
+    p.write_bytes(len(hdr).to_bytes(8, "little") + hdr + b"\0" * 16)
+    with pytest.raises(ValueError, match="tensor 'w'"):
+        sio.read_header(str(p))
+    hdr = json.dumps({"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 2]}}).encode()
+    p.write_bytes(len(hdr).to_bytes(8, "little") + hdr + b"\0" * 16)
+    with pytest.raises(ValueError, match="unsupported header entry for tensor 'w'"):
+        sio.read_header(str(p))
+    p.write_bytes((4).to_bytes(8, "little") + b"{{{{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        sio.read_header(str(p))
+
+
+# ---------------------------------------------------------------------------------------------- generic models
+
+
+class Block(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.norm = nn.LayerNorm(h)
+        self.fc1 = nn.Linear(h, 3 * h)
+        self.fc2 = nn.Linear(3 * h, h, bias=False)
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x):
+        return x + self.scale * self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, h=24, n=5, vocab=50):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, h)
+        self.small = nn.ModuleList([nn.Linear(h, h) for _ in range(2)])  # not the blocks: fewer parameters
+        self.blocks = nn.ModuleList([Block(h) for _ in range(n)])
+        self.head = nn.Linear(h, vocab)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        for s in self.small:
+            x = s(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_offload_generic_module_list_model(storage, tmp_path):
+    torch.manual_seed(0)
+    net = Net().eval()
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        ref = net(ids)
+    assert ms.offload.__module__  # the public function
+    from moestream.offload import find_blocks
+
+    assert find_blocks(net)[0] == "blocks"
+    ms.offload(
+        net,
+        device="cpu",
+        storage=storage,
+        prefetch=1,
+        offload_dir=str(tmp_path / "o") if storage == "disk" else None,
+    )
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(net(ids), ref)
+    assert net._moestream_offload.stats()["units"] == 5
+
+
+def test_save_layered_state_dict_and_skeleton_load(tmp_path):
+    torch.manual_seed(1)
+    net = Net().eval()
+    net.head.weight = net.emb.weight  # tied: stored once, recorded as an alias
+    ids = torch.randint(0, 50, (2, 4))
+    with torch.no_grad():
+        ref = net(ids)
+    ms.save_layered(net.state_dict(), tmp_path, progress=False)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["blocks"] == "blocks" and index["metadata"]["num_blocks"] == 5
+    assert index["metadata"]["aliases"] == {"head.weight": "emb.weight"}
+    assert "head.weight" not in index["weight_map"]
+    with torch.device("meta"):
+        skeleton = Net()
+    skeleton.head.weight = skeleton.emb.weight
+    loaded = ms.load_layered(tmp_path, device="cpu", prefetch=2, model=skeleton).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), ref)
+    # an untied skeleton takes the alias too
+    with torch.device("meta"):
+        untied = Net()
+    loaded2 = ms.load_layered(tmp_path, device="cpu", prefetch=2, model=untied, storage="cpu").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded2(ids), ref)
+
+
+def test_save_layered_is_atomic(tmp_path, monkeypatch):
+    torch.manual_seed(2)
+    net = Net().eval()
+    ids = torch.randint(0, 50, (2, 4))
+    with torch.no_grad():
+        ref = net(ids)
+    ms.save_layered(net, tmp_path, progress=False)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+
+    calls = {"n": 0}
+    real = sio.write_safetensors
+
+    def failing(path, tensors, metadata=None, on_tensor=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+
+            def boom(n):
+                raise KeyboardInterrupt("interrupted")
+
+            return real(path, tensors, metadata, on_tensor=boom)
+        return real(path, tensors, metadata, on_tensor)
+
+    torch.manual_seed(3)
+    other = Net().eval()
+    monkeypatch.setattr(sio, "write_safetensors", failing)
+    with pytest.raises(KeyboardInterrupt):
+        ms.save_layered(other, tmp_path, progress=False)
+    monkeypatch.undo()
+    files = os.listdir(tmp_path)
+    assert "model.safetensors.index.json" not in files  # nothing looks complete
+    assert not [f for f in files if ".tmp-" in f]  # no temporary files left behind
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        ms.load_layered(tmp_path, model=Net())
+    ms.save_layered(net, tmp_path, progress=False)
+    with torch.device("meta"):
+        skeleton = Net()
+    loaded = ms.load_layered(tmp_path, device="cpu", model=skeleton).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), ref)
+    # a smaller model saved into the same directory drops the extra shards
+    small = Net(n=2).eval()
+    ms.save_layered(small, tmp_path, progress=False)
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("model-layer")) == [
+        "model-layer-00000.safetensors",
+        "model-layer-00001.safetensors",
+    ]
+
+
+def test_load_offloaded_reports_missing_and_mismatched(tmp_path):
+    net = Net()
+    ms.save_layered(net, tmp_path, progress=False)
+    with torch.device("meta"):
+        bigger = Net(h=32)
+    with pytest.raises(ValueError, match=r"'emb.weight' is \[50, 32\] in the model but \[50, 24\]"):
+        ms.load_offloaded(tmp_path, device="cpu", model=bigger)
+    os.unlink(tmp_path / "model.safetensors.index.json")
+    os.unlink(tmp_path / "model-rest.safetensors")
+    with torch.device("meta"):
+        skeleton = Net()
+    with pytest.raises(ValueError, match="not in the checkpoint"):
+        ms.load_offloaded(tmp_path, device="cpu", model=skeleton)
+
+
+class Reversed(Net):
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in list(self.blocks)[::-1]:  # not the order the prefetch assumes: loads on demand
+            x = b(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_blocks_run_out_of_order_still_correct(prefetch):
+    torch.manual_seed(4)
+    net = Reversed().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        ref = net(ids)
+    ms.offload(net, device="cpu", storage="cpu", prefetch=prefetch)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(net(ids), ref)
+    assert net._moestream_offload.stats()["num_slots"] == prefetch + 1
