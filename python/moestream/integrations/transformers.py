@@ -339,9 +339,20 @@ def _build(fam: _Family, block: nn.Module) -> MoE:
         router.__class__ = _compat_class(Router, type(hf_router))
         moe.__class__ = _compat_class(MoE, type(block))
     experts.__class__ = _compat_class(GroupedExperts, type(hf_experts))
+    # registration order of the original, so state_dict() lists the keys in the same order
+    _match_order(moe, block)
+    _match_order(router, hf_router)
+    _match_order(experts, hf_experts)
     moe.train(block.training)
     _check_same_tensors(block, moe)
     return moe
+
+
+def _match_order(dst: nn.Module, src: nn.Module) -> None:
+    for attr in ("_parameters", "_buffers", "_modules"):
+        mine, theirs = dst.__dict__[attr], src.__dict__[attr]
+        order = [k for k in theirs if k in mine] + [k for k in mine if k not in theirs]
+        dst.__dict__[attr] = {k: mine[k] for k in order}
 
 
 def _check_same_tensors(orig: nn.Module, new: nn.Module) -> None:
@@ -353,10 +364,10 @@ def _check_same_tensors(orig: nn.Module, new: nn.Module) -> None:
                 f"moestream.patch_moe: internal error, the replacement of {type(orig).__name__} does not hold the "
                 f"same {kind}s (original {sorted(a)}, replacement {sorted(b)})"
             )
-    a = {k for k, _ in orig.state_dict(keep_vars=True).items()}
-    b = {k for k, _ in new.state_dict(keep_vars=True).items()}
+    a = list(orig.state_dict(keep_vars=True))
+    b = list(new.state_dict(keep_vars=True))
     if a != b:
-        raise RuntimeError(f"moestream.patch_moe: internal error, state_dict keys differ: {sorted(a ^ b)}")
+        raise RuntimeError(f"moestream.patch_moe: internal error, state_dict keys differ: {a} != {b}")
 
 
 # MoE routing uses a fused op, but the blocks stay routable by transformers' own hooks
