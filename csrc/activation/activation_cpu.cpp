@@ -1,0 +1,174 @@
+// CPU kernels of gated_activation and gated_activation_backward: one pass over the rows, float32
+// math (float64 for float64), parallel over rows, AVX2 inner loops where the CPU has them.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "activation/gated_activation_cpu.h"
+#include "common/checks.h"
+
+namespace moestream {
+namespace {
+
+using cpu::acc_t;
+using cpu::ActKind;
+using cpu::ActLayout;
+
+// Rows per parallel chunk: about 16K elements of work each, so small inputs stay on one thread.
+int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_len)); }
+
+// Points g / u at the gate and up values of one row of x (2n values) in the accumulation type,
+// converting / de-interleaving into the scratch buffers only when needed.
+template <typename scalar_t>
+void load_gate_up(const scalar_t* xr, int64_t n, ActLayout layout, acc_t<scalar_t>* gbuf, acc_t<scalar_t>* ubuf,
+                  acc_t<scalar_t>* tmp, const acc_t<scalar_t>** g, const acc_t<scalar_t>** u) {
+  using acc = acc_t<scalar_t>;
+  constexpr bool same = std::is_same_v<scalar_t, acc>;
+  if (layout == ActLayout::Concat) {
+    if constexpr (same) {
+      *g = reinterpret_cast<const acc*>(xr);
+      *u = reinterpret_cast<const acc*>(xr) + n;
+      return;
+    } else {
+      cpu::to_acc_fast(xr, gbuf, n);
+      cpu::to_acc_fast(xr + n, ubuf, n);
+    }
+  } else {
+    const acc* src;
+    if constexpr (same) {
+      src = reinterpret_cast<const acc*>(xr);
+    } else {
+      cpu::to_acc_fast(xr, tmp, 2 * n);
+      src = tmp;
+    }
+    cpu::deinterleave(src, gbuf, ubuf, n);
+  }
+  *g = gbuf;
+  *u = ubuf;
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* x, scalar_t* out, int64_t rows, int64_t n, ActKind kind, ActLayout layout,
+                    double alpha, double limit) {
+  using acc = acc_t<scalar_t>;
+  at::parallel_for(0, rows, row_grain(2 * n), [&](int64_t r0, int64_t r1) {
+    std::vector<acc> buf(5 * n);
+    acc *gbuf = buf.data(), *ubuf = gbuf + n, *obuf = ubuf + n, *tmp = obuf + n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const acc *g, *u;
+      load_gate_up(x + r * 2 * n, n, layout, gbuf, ubuf, tmp, &g, &u);
+      if constexpr (std::is_same_v<scalar_t, acc>) {
+        cpu::act_fwd(kind, n, g, u, out + r * n, acc(alpha), acc(limit));
+      } else {
+        cpu::act_fwd(kind, n, g, u, obuf, acc(alpha), acc(limit));
+        cpu::from_acc_fast(obuf, out + r * n, n);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* gx, int64_t rows, int64_t n, ActKind kind,
+                     ActLayout layout, double alpha, double limit) {
+  using acc = acc_t<scalar_t>;
+  constexpr bool same = std::is_same_v<scalar_t, acc>;
+  at::parallel_for(0, rows, row_grain(3 * n), [&](int64_t r0, int64_t r1) {
+    std::vector<acc> buf(8 * n);
+    acc *gbuf = buf.data(), *ubuf = gbuf + n, *dybuf = ubuf + n, *dg = dybuf + n, *du = dg + n, *tmp = du + n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const acc *g, *u, *dy;
+      load_gate_up(x + r * 2 * n, n, layout, gbuf, ubuf, tmp, &g, &u);
+      if constexpr (same) {
+        dy = grad + r * n;
+      } else {
+        cpu::to_acc_fast(grad + r * n, dybuf, n);
+        dy = dybuf;
+      }
+      scalar_t* gxr = gx + r * 2 * n;
+      if (layout == ActLayout::Concat) {
+        if constexpr (same) {
+          cpu::act_bwd(kind, n, g, u, dy, gxr, gxr + n, acc(alpha), acc(limit));
+        } else {
+          cpu::act_bwd(kind, n, g, u, dy, dg, du, acc(alpha), acc(limit));
+          cpu::from_acc_fast(dg, gxr, n);
+          cpu::from_acc_fast(du, gxr + n, n);
+        }
+      } else {
+        cpu::act_bwd(kind, n, g, u, dy, dg, du, acc(alpha), acc(limit));
+        if constexpr (same) {
+          cpu::interleave(dg, du, gxr, n);
+        } else {
+          cpu::interleave(dg, du, tmp, n);
+          cpu::from_acc_fast(tmp, gxr, 2 * n);
+        }
+      }
+    }
+  });
+}
+
+void check_x(const at::Tensor& x, const char* op) {
+  check_float(x, op, "x");
+  MS_CHECK(x.dim() >= 1, op, "x must have at least 1 dimension [..., 2I], got a scalar");
+  MS_CHECK(x.size(-1) % 2 == 0, op, "x's last dimension must be even ([gate, up] of size 2I), got shape ",
+           shape_str(x));
+}
+
+// x [..., 2I] (any float dtype) -> out [..., I] in x's dtype.
+at::Tensor gated_activation_cpu(const at::Tensor& x, c10::string_view kind, c10::string_view layout, double alpha,
+                                double limit) {
+  constexpr const char* op = "gated_activation";
+  check_x(x, op);
+  const ActKind k = cpu::parse_kind(std::string(kind), op);
+  const ActLayout l = cpu::parse_layout(std::string(layout), op);
+
+  const int64_t n = x.size(-1) / 2;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  at::Tensor out = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.numel() / (2 * n);
+  MS_DISPATCH_FLOATS(x.scalar_type(), "gated_activation_cpu", [&] {
+    forward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, n, k, l, alpha,
+                             limit);
+  });
+  return out;
+}
+
+// grad [..., I], x [..., 2I] -> grad_x [..., 2I] in x's dtype (grad is converted to x's dtype).
+at::Tensor gated_activation_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::string_view kind,
+                                         c10::string_view layout, double alpha, double limit) {
+  constexpr const char* op = "gated_activation_backward";
+  check_x(x, op);
+  check_float(grad, op, "grad");
+  check_same_device(grad, x, op, "grad", "x");
+  const ActKind k = cpu::parse_kind(std::string(kind), op);
+  const ActLayout l = cpu::parse_layout(std::string(layout), op);
+  const int64_t n = x.size(-1) / 2;
+  auto expect = x.sizes().vec();
+  expect.back() = n;
+  MS_CHECK(grad.sizes().vec() == expect, op, "grad must have x's shape with the last dimension halved ",
+           c10::IntArrayRef(expect), ", got shape ", shape_str(grad), " (x has shape ", shape_str(x), ")");
+
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (gx.numel() == 0) return gx;
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor gc = grad.to(x.scalar_type()).contiguous();
+  const int64_t rows = xc.numel() / (2 * n);
+  MS_DISPATCH_FLOATS(x.scalar_type(), "gated_activation_backward_cpu", [&] {
+    backward_kernel<scalar_t>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                              gx.mutable_data_ptr<scalar_t>(), rows, n, k, l, alpha, limit);
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moestream, CPU, m) {
+  m.impl("gated_activation", &gated_activation_cpu);
+  m.impl("gated_activation_backward", &gated_activation_backward_cpu);
+}
+
+}  // namespace moestream

@@ -1,0 +1,540 @@
+// Fused CPU inference kernel of the whole expert path (moestream::moe_experts):
+//
+//   1. counting sort of the (token, slot) pairs by expert -> rows in (expert, token, slot) order;
+//   2. per (expert, block of I): gather the expert's token rows, h = x_e @ W1_e[:, block] (+ bias),
+//      gated activation -> a (float32 buffer [T*k, I]);
+//   3. per (expert, block of H): y = a_e @ W2_e[:, block] (+ bias) -> sorted buffer [T*k, H];
+//   4. per token: out[t] = sum_s weights[t, s] * y[row of (t, s)], slots in order, float32.
+//
+// Everything is float32 (float64 for float64) from the gather to the final cast, so bfloat16 /
+// float16 inputs lose less than the reference, which rounds h, a and y to the input dtype.
+// Work items of steps 2 and 3 are handed to the threads dynamically (largest first); each item's
+// result depends only on the shapes, never on which thread ran it, and the combine has a fixed
+// order, so results are deterministic.
+//
+// Matmul kernels, chosen per expert by its row count m (measured on the 2-core AMD EPYC / AVX2
+// development machine, Qwen3-MoE block: H=1024, I=512, E=32, k=4):
+//  - m <= kSmallRows: our own AVX2 kernel streams each weight once, converting bfloat16 / float16
+//    on the fly, and keeps the few rows of x in L1. Decode is bound by reading the weights.
+//  - larger m: float32 BLAS (MKL sgemm through at::mm) called single-threaded from
+//    each worker, on float32 weights; bfloat16 / float16 weight blocks are first converted to a
+//    float32 panel (at::mm on the buffers). ATen's bfloat16 mm on this CPU (no AVX512-BF16) runs at ~17 GFLOP/s per core
+//    with [N, K] weights and ~0.7 GFLOP/s with [K, N] weights, while sgemm reaches ~75 GFLOP/s
+//    per core at m = 128, so the conversion (a few % of the time) pays for itself many times.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+#include "activation/gated_activation_cpu.h"
+#include "common/checks.h"
+
+namespace moestream {
+namespace {
+
+using cpu::acc_t;
+using cpu::ActKind;
+using cpu::ActLayout;
+
+constexpr const char* kOp = "moe_experts";
+
+// ---------------------------------------------------------------------------------------------
+// small-m matmul: C[m, 0:nc] = X[m, 0:K] @ B[:, 0:nc] for a handful of rows, reading B once.
+// B is given either as "KN" (row-major [K, *], ld ldw: column c of B is W[k * ldw + c]) or as
+// "NK" (row-major [*, K], ld ldw: column c of B is the contiguous row W[c * ldw + k]).
+
+template <typename scalar_t, typename acc>
+void small_mm_scalar(int64_t M, int64_t nc, int64_t K, const acc* X, int64_t ldx, const scalar_t* W, int64_t ldw,
+                     bool nk, acc* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    acc* c = C + m * ldc;
+    const acc* x = X + m * ldx;
+    if (nk) {
+      for (int64_t n = 0; n < nc; ++n) {
+        const scalar_t* w = W + n * ldw;
+        acc s = 0;
+        for (int64_t k = 0; k < K; ++k) s += x[k] * static_cast<acc>(w[k]);
+        c[n] = s;
+      }
+    } else {
+      std::fill(c, c + nc, acc(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t* w = W + k * ldw;
+        const acc xv = x[k];
+        for (int64_t n = 0; n < nc; ++n) c[n] += xv * static_cast<acc>(w[n]);
+      }
+    }
+  }
+}
+
+#if MS_HAVE_X86_SIMD
+// NK: dot products. Four weight rows at a time against row pairs of X (8 accumulators); the
+// four rows (4 x K values) stay in L1 while the row pairs of X are walked.
+template <typename scalar_t>
+MS_TARGET_AVX2 void small_mm_nk_avx2(int64_t M, int64_t nc, int64_t K, const float* X, int64_t ldx,
+                                     const scalar_t* W, int64_t ldw, float* C, int64_t ldc) {
+  const int64_t K8 = K & ~int64_t(7);
+  int64_t n = 0;
+  for (; n + 4 <= nc; n += 4) {
+    const scalar_t* w0 = W + n * ldw;
+    const scalar_t* w1 = w0 + ldw;
+    const scalar_t* w2 = w1 + ldw;
+    const scalar_t* w3 = w2 + ldw;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) {
+      const float* x0 = X + m * ldx;
+      const float* x1 = x0 + ldx;
+      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+      __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+      for (int64_t k = 0; k < K8; k += 8) {
+        __m256 v0 = cpu::load8(w0 + k), v1 = cpu::load8(w1 + k), v2 = cpu::load8(w2 + k), v3 = cpu::load8(w3 + k);
+        __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k);
+        a00 = _mm256_fmadd_ps(xa, v0, a00);
+        a01 = _mm256_fmadd_ps(xa, v1, a01);
+        a02 = _mm256_fmadd_ps(xa, v2, a02);
+        a03 = _mm256_fmadd_ps(xa, v3, a03);
+        a10 = _mm256_fmadd_ps(xb, v0, a10);
+        a11 = _mm256_fmadd_ps(xb, v1, a11);
+        a12 = _mm256_fmadd_ps(xb, v2, a12);
+        a13 = _mm256_fmadd_ps(xb, v3, a13);
+      }
+      float s[8] = {cpu::hsum8(a00), cpu::hsum8(a01), cpu::hsum8(a02), cpu::hsum8(a03),
+                    cpu::hsum8(a10), cpu::hsum8(a11), cpu::hsum8(a12), cpu::hsum8(a13)};
+      for (int64_t k = K8; k < K; ++k) {
+        const float f0 = static_cast<float>(w0[k]), f1 = static_cast<float>(w1[k]);
+        const float f2 = static_cast<float>(w2[k]), f3 = static_cast<float>(w3[k]);
+        s[0] += x0[k] * f0, s[1] += x0[k] * f1, s[2] += x0[k] * f2, s[3] += x0[k] * f3;
+        s[4] += x1[k] * f0, s[5] += x1[k] * f1, s[6] += x1[k] * f2, s[7] += x1[k] * f3;
+      }
+      float* c0 = C + m * ldc + n;
+      float* c1 = c0 + ldc;
+      c0[0] = s[0], c0[1] = s[1], c0[2] = s[2], c0[3] = s[3];
+      c1[0] = s[4], c1[1] = s[5], c1[2] = s[6], c1[3] = s[7];
+    }
+    for (; m < M; ++m) {
+      const float* x0 = X + m * ldx;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K8; k += 8) {
+        __m256 xa = _mm256_loadu_ps(x0 + k);
+        a0 = _mm256_fmadd_ps(xa, cpu::load8(w0 + k), a0);
+        a1 = _mm256_fmadd_ps(xa, cpu::load8(w1 + k), a1);
+        a2 = _mm256_fmadd_ps(xa, cpu::load8(w2 + k), a2);
+        a3 = _mm256_fmadd_ps(xa, cpu::load8(w3 + k), a3);
+      }
+      float s[4] = {cpu::hsum8(a0), cpu::hsum8(a1), cpu::hsum8(a2), cpu::hsum8(a3)};
+      for (int64_t k = K8; k < K; ++k) {
+        s[0] += x0[k] * static_cast<float>(w0[k]), s[1] += x0[k] * static_cast<float>(w1[k]);
+        s[2] += x0[k] * static_cast<float>(w2[k]), s[3] += x0[k] * static_cast<float>(w3[k]);
+      }
+      float* c0 = C + m * ldc + n;
+      c0[0] = s[0], c0[1] = s[1], c0[2] = s[2], c0[3] = s[3];
+    }
+  }
+  for (; n < nc; ++n) {
+    const scalar_t* w0 = W + n * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x0 = X + m * ldx;
+      __m256 a0 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), cpu::load8(w0 + k), a0);
+      float s = cpu::hsum8(a0);
+      for (int64_t k = K8; k < K; ++k) s += x0[k] * static_cast<float>(w0[k]);
+      C[m * ldc + n] = s;
+    }
+  }
+}
+
+// KN: rank-1 updates. A 32-column strip of B against row pairs of X (8 accumulators), k walking
+// down the strip; a strip of K rows is 32 * K values, which stays in L2 for the next row pair.
+template <typename scalar_t>
+MS_TARGET_AVX2 void small_mm_kn_avx2(int64_t M, int64_t nc, int64_t K, const float* X, int64_t ldx,
+                                     const scalar_t* W, int64_t ldw, float* C, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 32 <= nc; n += 32) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) {
+      const float* x0 = X + m * ldx;
+      const float* x1 = x0 + ldx;
+      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+      __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+      const scalar_t* w = W + n;
+      for (int64_t k = 0; k < K; ++k, w += ldw) {
+        __m256 v0 = cpu::load8(w), v1 = cpu::load8(w + 8), v2 = cpu::load8(w + 16), v3 = cpu::load8(w + 24);
+        __m256 xa = _mm256_set1_ps(x0[k]), xb = _mm256_set1_ps(x1[k]);
+        a00 = _mm256_fmadd_ps(xa, v0, a00);
+        a01 = _mm256_fmadd_ps(xa, v1, a01);
+        a02 = _mm256_fmadd_ps(xa, v2, a02);
+        a03 = _mm256_fmadd_ps(xa, v3, a03);
+        a10 = _mm256_fmadd_ps(xb, v0, a10);
+        a11 = _mm256_fmadd_ps(xb, v1, a11);
+        a12 = _mm256_fmadd_ps(xb, v2, a12);
+        a13 = _mm256_fmadd_ps(xb, v3, a13);
+      }
+      float* c0 = C + m * ldc + n;
+      float* c1 = c0 + ldc;
+      _mm256_storeu_ps(c0, a00), _mm256_storeu_ps(c0 + 8, a01), _mm256_storeu_ps(c0 + 16, a02);
+      _mm256_storeu_ps(c0 + 24, a03);
+      _mm256_storeu_ps(c1, a10), _mm256_storeu_ps(c1 + 8, a11), _mm256_storeu_ps(c1 + 16, a12);
+      _mm256_storeu_ps(c1 + 24, a13);
+    }
+    for (; m < M; ++m) {
+      const float* x0 = X + m * ldx;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const scalar_t* w = W + n;
+      for (int64_t k = 0; k < K; ++k, w += ldw) {
+        __m256 xa = _mm256_set1_ps(x0[k]);
+        a0 = _mm256_fmadd_ps(xa, cpu::load8(w), a0);
+        a1 = _mm256_fmadd_ps(xa, cpu::load8(w + 8), a1);
+        a2 = _mm256_fmadd_ps(xa, cpu::load8(w + 16), a2);
+        a3 = _mm256_fmadd_ps(xa, cpu::load8(w + 24), a3);
+      }
+      float* c0 = C + m * ldc + n;
+      _mm256_storeu_ps(c0, a0), _mm256_storeu_ps(c0 + 8, a1), _mm256_storeu_ps(c0 + 16, a2);
+      _mm256_storeu_ps(c0 + 24, a3);
+    }
+  }
+  for (; n + 8 <= nc; n += 8) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x0 = X + m * ldx;
+      __m256 a0 = _mm256_setzero_ps();
+      const scalar_t* w = W + n;
+      for (int64_t k = 0; k < K; ++k, w += ldw) a0 = _mm256_fmadd_ps(_mm256_set1_ps(x0[k]), cpu::load8(w), a0);
+      _mm256_storeu_ps(C + m * ldc + n, a0);
+    }
+  }
+  if (n < nc) small_mm_scalar<scalar_t, float>(M, nc - n, K, X, ldx, W + n, ldw, false, C + n, ldc);
+}
+#endif
+
+// Row count up to which the streaming kernel beats BLAS (see the measurements at the top).
+template <typename scalar_t>
+constexpr int64_t kSmallRows = std::is_same_v<scalar_t, float> ? 4 : 8;
+
+// C[M, nc] (ld ldc) = X[M, K] (ld ldx) @ B[:, c0 : c0 + nc] with B stored as described above.
+// panel: scratch for converting a block of non-float weights to the accumulation type.
+template <typename scalar_t>
+void block_mm(int64_t M, int64_t nc, int64_t K, const acc_t<scalar_t>* X, int64_t ldx, const scalar_t* W,
+              int64_t ldw, bool nk, int64_t c0, acc_t<scalar_t>* C, int64_t ldc, std::vector<acc_t<scalar_t>>& panel,
+              std::vector<acc_t<scalar_t>>& ctmp) {
+  using acc = acc_t<scalar_t>;
+  if (M == 0 || nc == 0) return;
+  const scalar_t* Wb = nk ? W + c0 * ldw : W + c0;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + nc, acc(0));
+    return;
+  }
+  if constexpr (std::is_same_v<acc, float>) {
+    if (M <= kSmallRows<scalar_t>) {
+#if MS_HAVE_X86_SIMD
+      if (cpu::has_avx2()) {
+        if (nk) {
+          small_mm_nk_avx2<scalar_t>(M, nc, K, X, ldx, Wb, ldw, C, ldc);
+        } else {
+          small_mm_kn_avx2<scalar_t>(M, nc, K, X, ldx, Wb, ldw, C, ldc);
+        }
+        return;
+      }
+#endif
+    }
+  }
+  if (M <= 2 && !std::is_same_v<scalar_t, acc>) {
+    small_mm_scalar<scalar_t, acc>(M, nc, K, X, ldx, Wb, ldw, nk, C, ldc);
+    return;
+  }
+  const acc* B;
+  int64_t ldb;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    B = Wb;
+    ldb = ldw;
+  } else {
+    // float32 copy of the block, in the same orientation: NK -> [nc, K], KN -> [K, nc]
+    panel.resize(static_cast<size_t>(nc * K));
+    if (nk) {
+      for (int64_t r = 0; r < nc; ++r) cpu::to_acc_fast(Wb + r * ldw, panel.data() + r * K, K);
+    } else {
+      for (int64_t r = 0; r < K; ++r) cpu::to_acc_fast(Wb + r * ldw, panel.data() + r * nc, nc);
+    }
+    B = panel.data();
+    ldb = nk ? K : nc;
+  }
+  // at::mm on views of the buffers reaches BLAS (MKL sgemm / dgemm) with the leading dimensions
+  // as they are; inside our parallel region BLAS runs single-threaded.
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value);
+  at::Tensor xt = at::from_blob(const_cast<acc*>(X), {M, K}, {ldx, 1}, opts);
+  at::Tensor bt = nk ? at::from_blob(const_cast<acc*>(B), {nc, K}, {ldb, 1}, opts).t()
+                     : at::from_blob(const_cast<acc*>(B), {K, nc}, {ldb, 1}, opts);
+  if (ldc == nc) {
+    at::Tensor ct = at::from_blob(C, {M, nc}, opts);
+    at::mm_out(ct, xt, bt);
+  } else {
+    ctmp.resize(static_cast<size_t>(M * nc));
+    at::Tensor ct = at::from_blob(ctmp.data(), {M, nc}, opts);
+    at::mm_out(ct, xt, bt);
+    for (int64_t m = 0; m < M; ++m) std::copy(ctmp.data() + m * nc, ctmp.data() + (m + 1) * nc, C + m * ldc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Task {
+  int64_t e, c0, c1;
+  double cost;
+};
+
+// Splits each active expert's columns [0, cols) into equal blocks (multiples of 8 columns) so
+// that there are enough work items to balance the threads, largest first.
+std::vector<Task> make_tasks(const std::vector<int64_t>& counts, int64_t cols, int64_t weight_rows_cost,
+                             int nthreads) {
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e)
+    if (counts[e] > 0) active.push_back(e);
+  std::vector<Task> tasks;
+  if (active.empty() || cols == 0) return tasks;
+  int64_t nb = 1;
+  if (nthreads > 1) {
+    const int64_t target = 4 * nthreads;
+    nb = (target + static_cast<int64_t>(active.size()) - 1) / static_cast<int64_t>(active.size());
+    nb = std::max<int64_t>(1, std::min<int64_t>(nb, cols / 32));
+  }
+  int64_t width = (cols + nb - 1) / nb;
+  width = std::min(cols, (width + 7) / 8 * 8);
+  for (int64_t e : active) {
+    for (int64_t c = 0; c < cols; c += width) {
+      const int64_t c1 = std::min(cols, c + width);
+      // rows of compute plus the weight read, which dominates for a few rows
+      tasks.push_back({e, c, c1, double(counts[e] + weight_rows_cost) * double(c1 - c)});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  return tasks;
+}
+
+// Runs fn(task, thread_index) for every task, handing tasks to the threads dynamically.
+template <typename F>
+void run_tasks(const std::vector<Task>& tasks, int nthreads, const F& fn) {
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(nthreads, n));
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (;;) {
+        const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+        if (i >= n) break;
+        fn(tasks[i], w);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, const std::vector<int64_t>& pos,
+                        const std::vector<int64_t>& offsets, const std::vector<int64_t>& counts, int64_t k,
+                        const at::Tensor& weights, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b1,
+                        const at::Tensor& b2, ActKind kind, ActLayout layout, bool tb, double alpha, double limit,
+                        at::Tensor& out) {
+  using acc = acc_t<scalar_t>;
+  const int64_t T = x.size(0), H = x.size(1);
+  const int64_t I = tb ? w1.size(1) / 2 : w1.size(2) / 2;
+  const int64_t N = T * k;
+  const int nthreads = at::get_num_threads();
+
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* w1p = w1.const_data_ptr<scalar_t>();
+  const scalar_t* w2p = w2.const_data_ptr<scalar_t>();
+  const acc* b1p = b1.defined() ? b1.const_data_ptr<acc>() : nullptr;
+  const acc* b2p = b2.defined() ? b2.const_data_ptr<acc>() : nullptr;
+  const acc* wp = weights.const_data_ptr<acc>();
+  const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc>::value);
+  at::Tensor a_buf = at::empty({N, I}, acc_opts);
+  at::Tensor y_buf = at::empty({N, H}, acc_opts);
+  acc* A = a_buf.mutable_data_ptr<acc>();
+  acc* Y = y_buf.mutable_data_ptr<acc>();
+  int64_t max_rows = 0;
+  for (int64_t c : counts) max_rows = std::max(max_rows, c);
+
+  struct Scratch {
+    std::vector<acc> xs, h, panel, ctmp, bias, g, u;
+  };
+  std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, nthreads)));
+
+  // step 2: gather + x_e @ W1_e[:, block] (+ bias) + activation -> A
+  const int64_t ld1 = tb ? H : 2 * I;  // W1_e is [2I, H] (tb) or [H, 2I]
+  const auto tasks1 = make_tasks(counts, I, 4, nthreads);
+  run_tasks(tasks1, nthreads, [&](const Task& t, int64_t w) {
+    Scratch& s = scratch[w];
+    const int64_t e = t.e, j0 = t.c0, cb = t.c1 - t.c0, m = counts[e], r0 = offsets[e];
+    s.xs.resize(static_cast<size_t>(m * H));
+    for (int64_t r = 0; r < m; ++r) cpu::to_acc_fast(xp + (order[r0 + r] / k) * H, s.xs.data() + r * H, H);
+    s.h.resize(static_cast<size_t>(m * 2 * cb));
+    const scalar_t* W = w1p + e * H * 2 * I;
+    // local h keeps the global layout: [gate block | up block] (concat) or pairs (interleaved)
+    if (layout == ActLayout::Interleaved || cb == I) {
+      block_mm<scalar_t>(m, 2 * cb, H, s.xs.data(), H, W, ld1, tb, 2 * j0, s.h.data(), 2 * cb, s.panel, s.ctmp);
+    } else {
+      block_mm<scalar_t>(m, cb, H, s.xs.data(), H, W, ld1, tb, j0, s.h.data(), 2 * cb, s.panel, s.ctmp);
+      block_mm<scalar_t>(m, cb, H, s.xs.data(), H, W, ld1, tb, I + j0, s.h.data() + cb, 2 * cb, s.panel, s.ctmp);
+    }
+    if (b1p) {
+      s.bias.resize(static_cast<size_t>(2 * cb));
+      const acc* b = b1p + e * 2 * I;
+      if (layout == ActLayout::Interleaved) {
+        std::copy(b + 2 * j0, b + 2 * j0 + 2 * cb, s.bias.begin());
+      } else {
+        std::copy(b + j0, b + j0 + cb, s.bias.begin());
+        std::copy(b + I + j0, b + I + j0 + cb, s.bias.begin() + cb);
+      }
+    }
+    s.g.resize(static_cast<size_t>(cb));
+    s.u.resize(static_cast<size_t>(cb));
+    for (int64_t r = 0; r < m; ++r) {
+      acc* hr = s.h.data() + r * 2 * cb;
+      if (b1p)
+        for (int64_t c = 0; c < 2 * cb; ++c) hr[c] += s.bias[c];
+      const acc *g = hr, *u = hr + cb;
+      if (layout == ActLayout::Interleaved) {
+        cpu::deinterleave(hr, s.g.data(), s.u.data(), cb);
+        g = s.g.data();
+        u = s.u.data();
+      }
+      cpu::act_fwd(kind, cb, g, u, A + (r0 + r) * I + j0, acc(alpha), acc(limit));
+    }
+  });
+
+  // step 3: a_e @ W2_e[:, block] (+ bias) -> Y rows of expert e
+  const int64_t ld2 = tb ? I : H;  // W2_e is [H, I] (tb) or [I, H]
+  const auto tasks2 = make_tasks(counts, H, 4, nthreads);
+  run_tasks(tasks2, nthreads, [&](const Task& t, int64_t w) {
+    Scratch& s = scratch[w];
+    const int64_t e = t.e, n0 = t.c0, nb = t.c1 - t.c0, m = counts[e], r0 = offsets[e];
+    acc* C = Y + r0 * H + n0;
+    block_mm<scalar_t>(m, nb, I, A + r0 * I, I, w2p + e * I * H, ld2, tb, n0, C, H, s.panel, s.ctmp);
+    if (b2p) {
+      const acc* b = b2p + e * H + n0;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < nb; ++c) C[r * H + c] += b[c];
+    }
+  });
+
+  // step 4: weighted combine per token, slots in order
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, H * std::max<int64_t>(k, 1))),
+                   [&](int64_t t0, int64_t t1) {
+                     std::vector<acc> row(static_cast<size_t>(H));
+                     for (int64_t t = t0; t < t1; ++t) {
+                       acc* __restrict r = row.data();
+                       std::fill(r, r + H, acc(0));
+                       for (int64_t sl = 0; sl < k; ++sl) {
+                         const acc wv = wp[t * k + sl];
+                         const acc* __restrict yr = Y + pos[t * k + sl] * H;
+                         for (int64_t c = 0; c < H; ++c) r[c] += wv * yr[c];
+                       }
+                       cpu::from_acc_fast(r, op + t * H, H);
+                     }
+                   });
+}
+
+// x [T, H]; ids [T, k] int32 | int64 in [0, E); weights [T, k] any float dtype;
+// w_gate_up [E, H, 2I] and w_down [E, I, H] (transpose_b: [E, 2I, H] and [E, H, I]) in x's dtype;
+// b_gate_up [E, 2I], b_down [E, H] optional, any float dtype -> out [T, H] in x's dtype.
+at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                           const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                           const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
+                           c10::string_view kind, c10::string_view layout, bool transpose_b, double alpha,
+                           double limit) {
+  check_float(x, kOp, "x");
+  check_dim(x, 2, kOp, "x");
+  check_index(ids, kOp, "ids");
+  check_dim(ids, 2, kOp, "ids");
+  check_float(weights, kOp, "weights");
+  check_dim(weights, 2, kOp, "weights");
+  check_dim(w_gate_up, 3, kOp, "w_gate_up");
+  check_dim(w_down, 3, kOp, "w_down");
+  const ActKind act_kind = cpu::parse_kind(std::string(kind), kOp);
+  const ActLayout act_layout = cpu::parse_layout(std::string(layout), kOp);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&ids, "ids"}, {&weights, "weights"},
+                                {&w_gate_up, "w_gate_up"}, {&w_down, "w_down"}})
+    check_same_device(x, *t, kOp, "x", name);
+  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1);
+  MS_CHECK(ids.size(0) == T, kOp, "ids must have shape [T, k] with T = ", T, " (x's rows), got shape ",
+           shape_str(ids));
+  MS_CHECK(weights.sizes() == ids.sizes(), kOp, "weights must have ids' shape ", shape_str(ids), ", got shape ",
+           shape_str(weights));
+  MS_CHECK(w_gate_up.scalar_type() == x.scalar_type(), kOp, "w_gate_up must have x's dtype ", x.scalar_type(),
+           ", got ", w_gate_up.scalar_type());
+  MS_CHECK(w_down.scalar_type() == x.scalar_type(), kOp, "w_down must have x's dtype ", x.scalar_type(), ", got ",
+           w_down.scalar_type());
+  const int64_t E = w_gate_up.size(0);
+  const int64_t two_i = transpose_b ? w_gate_up.size(1) : w_gate_up.size(2);
+  const int64_t h_in = transpose_b ? w_gate_up.size(2) : w_gate_up.size(1);
+  MS_CHECK(h_in == H && two_i % 2 == 0, kOp, "w_gate_up must have shape ",
+           transpose_b ? "[E, 2I, H]" : "[E, H, 2I]", " with H = ", H, " (x's columns) and an even 2I, got shape ",
+           shape_str(w_gate_up));
+  const int64_t I = two_i / 2;
+  const std::vector<int64_t> down_shape = transpose_b ? std::vector<int64_t>{E, H, I} : std::vector<int64_t>{E, I, H};
+  MS_CHECK(w_down.sizes().vec() == down_shape, kOp, "w_down must have shape ", c10::IntArrayRef(down_shape),
+           transpose_b ? " ([E, H, I])" : " ([E, I, H])", ", got shape ", shape_str(w_down));
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor b1, b2;
+  if (b_gate_up.has_value()) {
+    const at::Tensor& b = *b_gate_up;
+    check_float(b, kOp, "b_gate_up");
+    check_same_device(x, b, kOp, "x", "b_gate_up");
+    MS_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == 2 * I, kOp, "b_gate_up must have shape [E, 2I] = [",
+             E, ", ", 2 * I, "], got shape ", shape_str(b));
+    b1 = b.to(acc_type).contiguous();
+  }
+  if (b_down.has_value()) {
+    const at::Tensor& b = *b_down;
+    check_float(b, kOp, "b_down");
+    check_same_device(x, b, kOp, "x", "b_down");
+    MS_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == H, kOp, "b_down must have shape [E, H] = [", E, ", ", H,
+             "], got shape ", shape_str(b));
+    b2 = b.to(acc_type).contiguous();
+  }
+
+  // counting sort of the flat (token, slot) index t * k + s by expert: stable, so each expert's
+  // rows come in (token, slot) order. order[row] = flat index; pos[flat index] = row.
+  const int64_t N = T * k;
+  const at::Tensor ids64 = ids.to(at::kLong).contiguous();
+  const int64_t* idp = ids64.const_data_ptr<int64_t>();
+  std::vector<int64_t> counts(static_cast<size_t>(E), 0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t e = idp[i];
+    MS_CHECK(e >= 0 && e < E, kOp, "ids must be in [0, ", E, ") (E = w_gate_up.size(0)), got ", e,
+             " at [", i / k, ", ", i % k, "]");
+    counts[e]++;
+  }
+  std::vector<int64_t> offsets(static_cast<size_t>(E) + 1, 0);
+  std::partial_sum(counts.begin(), counts.end(), offsets.begin() + 1);
+  std::vector<int64_t> order(static_cast<size_t>(N)), pos(static_cast<size_t>(N));
+  {
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t row = fill[idp[i]]++;
+      order[row] = i;
+      pos[i] = row;
+    }
+  }
+
+  at::Tensor out = at::empty({T, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = weights.to(acc_type).contiguous();
+  const at::Tensor w1c = w_gate_up.contiguous();
+  const at::Tensor w2c = w_down.contiguous();
+  MS_DISPATCH_FLOATS(x.scalar_type(), "moe_experts_cpu", [&] {
+    moe_experts_kernel<scalar_t>(xc, order, pos, offsets, counts, k, wc, w1c, w2c, b1, b2, act_kind, act_layout,
+                                 transpose_b, alpha, limit, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moestream, CPU, m) { m.impl("moe_experts", &moe_experts_cpu); }
+
+}  // namespace moestream
