@@ -188,7 +188,8 @@ def test_unpatch_keeps_changes_made_while_patched():
     assert not any(type(m).__module__.startswith("moestream") for m in model.modules())
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float64
     with torch.no_grad():
-        assert rel_err(model(ids).logits, want) <= 1e-10
+        # (in float64 transformers still computes DeepSeek's router logits in float32; moestream in float64)
+        assert rel_err(model(ids).logits, want) <= 1e-6
 
 
 def test_patch_is_idempotent_and_counts():

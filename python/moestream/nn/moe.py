@@ -39,7 +39,8 @@ class Routing:
     - ``router_bias``: the router's linear layer has a bias (GPT-OSS).
     - ``correction_bias``: an ``e_score_correction_bias`` buffer [E] added to the scores for
       selection only (DeepSeek-V3; trained outside autograd).
-    - ``logits_fp32``: compute the logits in float32 whatever the model dtype (DeepSeek-V3).
+    - ``logits_fp32``: compute the logits in float32 (float64 for float64 inputs) whatever the model
+      dtype (DeepSeek-V3).
     - ``weights_dtype``: ``"float32"`` keeps the routing weights in float32 (Mixtral, DeepSeek-V3);
       ``"logits"`` casts them to the logits' dtype (Qwen2/3-MoE, OLMoE, GPT-OSS, Llama 4).
     - ``weight_on_input``: the routing weight multiplies the expert's input instead of its output
@@ -151,7 +152,7 @@ class Router(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         x = x.reshape(-1, self.hidden_size)
-        if self.routing.logits_fp32:
+        if self.routing.logits_fp32 and x.dtype != torch.float64:  # (float64 stays float64: gradcheck)
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias)
         return F.linear(x, self.weight, self.bias)
