@@ -18,6 +18,16 @@ from conftest import rel_err  # noqa: E402
 
 import moestream as ms  # noqa: E402
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the tensors here are tiny: with several threads the kernels' and ATen's thread pools spin
+    # longer than the work takes (x20 CPU time measured on a busy 2-core machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 FAMILIES = list(tiny.FAMILIES)
 SIZES = list(tiny.SIZES)
 # families whose ForCausalLM adds transformers' load-balancing loss when output_router_logits=True
