@@ -170,7 +170,9 @@ def build(family: str, size: str = "small", dtype: torch.dtype = torch.float32, 
     that every path is exercised."""
     model_cls, cfg = FAMILIES[family](SIZES[size])
     torch.manual_seed(seed)
-    model = model_cls._from_config(cfg, attn_implementation="eager", experts_implementation="eager", dtype=dtype)
+    model = model_cls._from_config(
+        cfg, attn_implementation="eager", experts_implementation="eager", dtype=dtype
+    )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import moestream as ms
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DTYPES, assert_accurate, rel_err
-
-import moestream as ms
 from moestream import reference as R
 from moestream.nn import ROUTING_PRESETS, GroupedExperts, MoE, Router, Routing, SharedExpert
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -26,7 +26,9 @@ PRESETS = list(ROUTING_PRESETS)
 
 def _routing(name: str, E: int) -> Routing:
     if name == "deepseek_v3":
-        return Routing.preset(name, num_groups=4 if E % 4 == 0 else 1, topk_groups=2 if E % 4 == 0 else 1, scale=2.5)
+        return Routing.preset(
+            name, num_groups=4 if E % 4 == 0 else 1, topk_groups=2 if E % 4 == 0 else 1, scale=2.5
+        )
     return Routing.preset(name)
 
 
@@ -47,12 +49,21 @@ def _ref_router(router: Router, x: torch.Tensor):
     r = router.routing
     x = x.reshape(-1, router.hidden_size)
     if r.logits_fp32 or x.dtype == torch.float64:
-        logits = F.linear(x.double(), router.weight.double(), None if router.bias is None else router.bias.double())
+        logits = F.linear(
+            x.double(), router.weight.double(), None if router.bias is None else router.bias.double()
+        )
     else:
         logits = F.linear(x, router.weight, router.bias)
     w, ids = R.router_topk(
-        logits.double(), router.top_k, r.score, r.topk_first, router.e_score_correction_bias,
-        r.num_groups, r.topk_groups, r.normalize, r.scale,
+        logits.double(),
+        router.top_k,
+        r.score,
+        r.topk_first,
+        router.e_score_correction_bias,
+        r.num_groups,
+        r.topk_groups,
+        r.normalize,
+        r.scale,
     )
     return logits, w, ids
 
@@ -65,25 +76,43 @@ def _ref_moe(moe: MoE, x: torch.Tensor, ids=None) -> torch.Tensor:
     _, w, ref_ids = _ref_router(router, x.reshape(-1, moe.hidden_size))
     if ids is not None:
         # recompute the weights for the given ids in float64
-        logits64 = F.linear(x64, router.weight.double(), None if router.bias is None else router.bias.double())
+        logits64 = F.linear(
+            x64, router.weight.double(), None if router.bias is None else router.bias.double()
+        )
         w = _weights_for_ids(router.routing, logits64, ids)
     ids = ref_ids if ids is None else ids
     w = w.double()
     ex = {k: (None if v is None else v.double()) for k, v in _expert_tensors(experts).items()}
-    args = dict(kind=experts.activation, layout=experts.layout, transpose_b=experts.transpose_b,
-                alpha=experts.alpha, limit=experts.limit)
+    args = dict(
+        kind=experts.activation,
+        layout=experts.layout,
+        transpose_b=experts.transpose_b,
+        alpha=experts.alpha,
+        limit=experts.limit,
+    )
     if router.routing.weight_on_input:
         T, k = ids.shape
         xs = (x64.unsqueeze(1) * w.unsqueeze(-1)).reshape(T * k, -1)
-        y = R.moe_experts_loop(xs, ids.reshape(-1, 1), torch.ones(T * k, 1, dtype=torch.float64),
-                               ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
+        y = R.moe_experts_loop(
+            xs,
+            ids.reshape(-1, 1),
+            torch.ones(T * k, 1, dtype=torch.float64),
+            ex["w1"],
+            ex["w2"],
+            ex["b1"],
+            ex["b2"],
+            **args,
+        )
         y = y.view(T, k, -1).sum(1)
     else:
         y = R.moe_experts_loop(x64, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
     if moe.has_shared_expert:
         shared = moe.submodule("shared_expert")
-        s = F.linear(F.silu(F.linear(x64, shared.gate_proj.weight.double())) * F.linear(x64, shared.up_proj.weight.double()),
-                     shared.down_proj.weight.double())
+        s = F.linear(
+            F.silu(F.linear(x64, shared.gate_proj.weight.double()))
+            * F.linear(x64, shared.up_proj.weight.double()),
+            shared.down_proj.weight.double(),
+        )
         if moe.has_shared_expert_gate:
             s = torch.sigmoid(F.linear(x64, moe.submodule("shared_expert_gate").weight.double())) * s
         y = y + s
@@ -103,7 +132,9 @@ def _weights_for_ids(r: Routing, logits64: torch.Tensor, ids: torch.Tensor) -> t
 
 
 def _expert_tensors(experts: GroupedExperts) -> dict:
-    return dict(w1=experts.gate_up_proj, w2=experts.down_proj, b1=experts.gate_up_proj_bias, b2=experts.down_proj_bias)
+    return dict(
+        w1=experts.gate_up_proj, w2=experts.down_proj, b1=experts.gate_up_proj_bias, b2=experts.down_proj_bias
+    )
 
 
 def _family_moe(preset: str, H=24, I=20, E=8, k=2, device="cpu", dtype=torch.float32) -> MoE:
@@ -113,8 +144,13 @@ def _family_moe(preset: str, H=24, I=20, E=8, k=2, device="cpu", dtype=torch.flo
     elif preset == "deepseek_v3":
         kw = dict(shared_expert=2 * I)
     elif preset == "gpt_oss":
-        kw = dict(activation="gptoss", layout="interleaved", weight_layout="in_out", expert_bias=True,
-                  return_router="weights")
+        kw = dict(
+            activation="gptoss",
+            layout="interleaved",
+            weight_layout="in_out",
+            expert_bias=True,
+            return_router="weights",
+        )
     elif preset == "llama4":
         k = 1
         kw = dict(shared_expert=I, weight_layout="in_out", return_router="logits")
@@ -150,8 +186,15 @@ def test_router_matches_reference(device, preset, dtype):
 
 def _topk_kwargs(router: Router) -> dict:
     r = router.routing
-    return dict(score=r.score, topk_first=r.topk_first, bias=router.e_score_correction_bias,
-                num_groups=r.num_groups, topk_groups=r.topk_groups, normalize=r.normalize, scale=r.scale)
+    return dict(
+        score=r.score,
+        topk_first=r.topk_first,
+        bias=router.e_score_correction_bias,
+        num_groups=r.num_groups,
+        topk_groups=r.topk_groups,
+        normalize=r.normalize,
+        scale=r.scale,
+    )
 
 
 def test_router_parameters_and_buffers():
@@ -189,8 +232,13 @@ def test_grouped_experts_match_reference_loop(device, variant, dtype):
     out = experts(x, ids, w)
     assert out.dtype == dtype and out.shape == (T, H)
     ex = _expert_tensors(experts)
-    args = dict(kind=experts.activation, layout=experts.layout, transpose_b=experts.transpose_b,
-                alpha=experts.alpha, limit=experts.limit)
+    args = dict(
+        kind=experts.activation,
+        layout=experts.layout,
+        transpose_b=experts.transpose_b,
+        alpha=experts.alpha,
+        limit=experts.limit,
+    )
     d = {kk: (None if v is None else v.double()) for kk, v in ex.items()}
     ref64 = R.moe_experts_loop(x.double(), ids, w.double(), d["w1"], d["w2"], d["b1"], d["b2"], **args)
     ref_lowp = R.moe_experts_loop(x, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
@@ -209,8 +257,13 @@ def test_grouped_experts_gradients(device, variant):
     out = experts(x, ids, w)
     grads = torch.autograd.grad(out, [x, w, *experts.parameters()], gy)
     ex = _expert_tensors(experts)
-    args = dict(kind=experts.activation, layout=experts.layout, transpose_b=experts.transpose_b,
-                alpha=experts.alpha, limit=experts.limit)
+    args = dict(
+        kind=experts.activation,
+        layout=experts.layout,
+        transpose_b=experts.transpose_b,
+        alpha=experts.alpha,
+        limit=experts.limit,
+    )
     ref = R.moe_experts_loop(x, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
     ref_grads = torch.autograd.grad(ref, [x, w, *experts.parameters()], gy)
     for g, rg in zip(grads, ref_grads):
@@ -249,13 +302,30 @@ def _lowp_reference(moe: MoE, x: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
     x2 = x.reshape(-1, moe.hidden_size)
     logits, w, _ = router(x2)
     ex = _expert_tensors(experts)
-    args = dict(kind=experts.activation, layout=experts.layout, transpose_b=experts.transpose_b,
-                alpha=experts.alpha, limit=experts.limit)
+    args = dict(
+        kind=experts.activation,
+        layout=experts.layout,
+        transpose_b=experts.transpose_b,
+        alpha=experts.alpha,
+        limit=experts.limit,
+    )
     if router.routing.weight_on_input:
         T, k = ids.shape
         xs = (x2.unsqueeze(1) * w.to(x.dtype).unsqueeze(-1)).reshape(T * k, -1)
-        y = R.moe_experts_loop(xs, ids.reshape(-1, 1), torch.ones(T * k, 1, dtype=x.dtype, device=x.device),
-                               ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args).view(T, k, -1).sum(1)
+        y = (
+            R.moe_experts_loop(
+                xs,
+                ids.reshape(-1, 1),
+                torch.ones(T * k, 1, dtype=x.dtype, device=x.device),
+                ex["w1"],
+                ex["w2"],
+                ex["b1"],
+                ex["b2"],
+                **args,
+            )
+            .view(T, k, -1)
+            .sum(1)
+        )
     else:
         y = R.moe_experts_loop(x2, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
     if moe.has_shared_expert:
@@ -326,7 +396,9 @@ def test_moe_module_names_and_state_dict():
         "shared_experts.down_proj.weight",
     }
     assert isinstance(moe.submodule("shared_expert"), SharedExpert)
-    moe = MoE(8, 6, 4, 2, "gpt_oss", expert_bias=True, weight_layout="in_out", module_names={"router": "router"})
+    moe = MoE(
+        8, 6, 4, 2, "gpt_oss", expert_bias=True, weight_layout="in_out", module_names={"router": "router"}
+    )
     assert moe.router.weight.shape == (4, 8)
     assert moe.experts.gate_up_proj.shape == (4, 8, 12) and moe.experts.down_proj.shape == (4, 6, 8)
     assert moe.experts.gate_up_proj_bias.shape == (4, 12) and moe.experts.down_proj_bias.shape == (4, 8)

@@ -37,7 +37,9 @@ def _register_with_transformers() -> None:
     try:
         from . import transformers as _hf  # noqa: F401  (registers the "moestream" experts function)
     except Exception as e:  # never break the user's transformers import because of us
-        warnings.warn(f"moestream: could not register the 'moestream' experts implementation: {e!r}", stacklevel=2)
+        warnings.warn(
+            f"moestream: could not register the 'moestream' experts implementation: {e!r}", stacklevel=2
+        )
 
 
 class _LoaderThenRegister(importlib.abc.Loader):

@@ -116,7 +116,9 @@ def moestream_experts_forward(
     x = hidden_states.to(w1.dtype)
     gate = _experts_gate(self) if has_gate else ()
     if gate and not post_norm:
-        out = ops.moe_experts(x, top_k_index, top_k_weights, w1, w2, b1, b2, gate[0], gate[1], transpose_b, alpha, limit)
+        out = ops.moe_experts(
+            x, top_k_index, top_k_weights, w1, w2, b1, b2, gate[0], gate[1], transpose_b, alpha, limit
+        )
     else:
         xs, perm, offsets = ops.permute(x, top_k_index, w1.shape[0])
         h = ops.grouped_mm(xs, w1, offsets, transpose_b, b1)
@@ -216,12 +218,24 @@ SUPPORTED_FAMILIES: tuple[_Family, ...] = (
         shared="shared_expert",
         shared_gate="shared_expert_gate",
     ),
-    _Family("qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", "gate"),
+    _Family(
+        "qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", "gate"
+    ),
     _Family("olmoe", "transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", "gate"),
     _Family(
-        "deepseek_v3", "transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE", "gate", shared="shared_experts"
+        "deepseek_v3",
+        "transformers.models.deepseek_v3.modeling_deepseek_v3",
+        "DeepseekV3MoE",
+        "gate",
+        shared="shared_experts",
     ),
-    _Family("gpt_oss", "transformers.models.gpt_oss.modeling_gpt_oss", "GptOssMLP", "router", return_router="weights"),
+    _Family(
+        "gpt_oss",
+        "transformers.models.gpt_oss.modeling_gpt_oss",
+        "GptOssMLP",
+        "router",
+        return_router="weights",
+    ),
     _Family(
         "llama4",
         "transformers.models.llama4.modeling_llama4",
@@ -407,7 +421,9 @@ def _loaded_families(only: Iterable[str] | None) -> list[tuple[_Family, type]]:
     if wanted is not None:
         unknown = wanted - {f.name for f in SUPPORTED_FAMILIES}
         if unknown:
-            raise ValueError(f"moestream.patch_moe: unknown families {sorted(unknown)}; supported: {_supported_names()}")
+            raise ValueError(
+                f"moestream.patch_moe: unknown families {sorted(unknown)}; supported: {_supported_names()}"
+            )
     found = []
     for fam in SUPPORTED_FAMILIES:
         if wanted is not None and fam.name not in wanted:

@@ -63,7 +63,9 @@ class Routing:
         if self.score not in ops.SCORES:
             raise ValueError(f"Routing.score must be one of {ops.SCORES}, got {self.score!r}")
         if self.weights_dtype not in ("float32", "logits"):
-            raise ValueError(f"Routing.weights_dtype must be 'float32' or 'logits', got {self.weights_dtype!r}")
+            raise ValueError(
+                f"Routing.weights_dtype must be 'float32' or 'logits', got {self.weights_dtype!r}"
+            )
         if self.num_groups < 1 or not (1 <= self.topk_groups <= self.num_groups):
             raise ValueError(
                 f"Routing needs num_groups >= 1 and 1 <= topk_groups <= num_groups, got "
@@ -124,9 +126,7 @@ class Router(nn.Module):
         if not 1 <= k <= num_experts:
             raise ValueError(f"Router: k must be in [1, num_experts={num_experts}], got k={k}")
         if num_experts % routing.num_groups != 0:
-            raise ValueError(
-                f"Router: num_groups={routing.num_groups} must divide num_experts={num_experts}"
-            )
+            raise ValueError(f"Router: num_groups={routing.num_groups} must divide num_experts={num_experts}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = k
@@ -176,7 +176,9 @@ class Router(nn.Module):
         return logits, weights, ids
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, k={self.top_k}, {self.routing}"
+        return (
+            f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, k={self.top_k}, {self.routing}"
+        )
 
 
 class GroupedExperts(nn.Module):
@@ -216,7 +218,9 @@ class GroupedExperts(nn.Module):
         if layout not in _LAYOUTS:
             raise ValueError(f"GroupedExperts: layout must be one of {_LAYOUTS}, got {layout!r}")
         if weight_layout not in _WEIGHT_LAYOUTS:
-            raise ValueError(f"GroupedExperts: weight_layout must be one of {_WEIGHT_LAYOUTS}, got {weight_layout!r}")
+            raise ValueError(
+                f"GroupedExperts: weight_layout must be one of {_WEIGHT_LAYOUTS}, got {weight_layout!r}"
+            )
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
