@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -343,6 +345,24 @@ def test_experts_implementation_moestream(family):
     assert rel_err(out.logits, ref.logits) <= 1e-5
     for name, g in grads.items():
         assert rel_err(g, ref_grads[name]) <= 1e-5, name
+
+
+def test_import_registers_lazily():
+    # importing moestream does not import transformers; transformers' experts registry gets
+    # "moestream" as soon as it is loaded, whatever the import order
+    code = (
+        "import sys, moestream\n"
+        "assert 'transformers.integrations.moe' not in sys.modules\n"
+        "from transformers import MixtralConfig, MixtralForCausalLM\n"
+        "cfg = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=1,\n"
+        "                    num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)\n"
+        "m = MixtralForCausalLM._from_config(cfg, experts_implementation='moestream')\n"
+        "assert m.config._experts_implementation == 'moestream'\n"
+        "import torch; m(torch.tensor([[1, 2, 3]]))\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
 def test_experts_implementation_via_from_config_and_fallback_gate():

@@ -82,21 +82,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: str, warmup: int, reps: int, budget_s: float) -> float:
-    """Median wall time of ``fn`` in ms (synchronised on CUDA)."""
-    for _ in range(warmup):
-        fn()
+def _time_interleaved(fns: dict, device: str, warmup: int, reps: int, budget_s: float) -> dict[str, float]:
+    """Median wall time in ms of each closure in ``fns``, timed round-robin (one call of each per
+    round) so that load changes on the machine hit every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in fns}
     start = time.perf_counter()
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and len(times) >= 3:
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and len(times[k]) >= 3:
             break
-    return statistics.median(times) * 1e3
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def _phase_fn(model, ids, phase: str):
@@ -142,36 +145,45 @@ def run_model_suite(
 def _bench_model(
     name: str, layers: int, batch: int, seq: int, device: str, dtype: torch.dtype, timing
 ) -> list[dict]:
+    import copy
+
     import moestream as ms
 
     model = _build(name, layers, device, dtype)
+    patched = copy.deepcopy(model)
+    ms.patch_moe(patched)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g).to(device)
     tokens = batch * seq
     rows: list[dict] = []
+
+    def with_impl(impl: str, fn):
+        def run():
+            model.set_experts_implementation(impl)
+            return fn()
+
+        return run
+
     for phase in ("forward", "train"):
         model.train(phase == "train")
+        patched.train(phase == "train")
         model.set_experts_implementation("eager")
         with torch.no_grad():
             ref = model(ids).logits.float()
-        results: dict[str, float] = {}
-        errs: dict[str, float] = {}
+        fns, errs = {}, {}
         for impl in (*BASELINES, "moestream", "patch_moe"):
+            fn = (
+                _phase_fn(patched, ids, phase)
+                if impl == "patch_moe"
+                else with_impl(impl, _phase_fn(model, ids, phase))
+            )
             try:
-                if impl == "patch_moe":
-                    model.set_experts_implementation("eager")
-                    ms.patch_moe(model)
-                else:
-                    model.set_experts_implementation(impl)
-                with torch.no_grad():
-                    out = model(ids).logits.float()
+                out = fn().detach().float()  # also the first warm-up call
                 errs[impl] = ((out - ref).norm() / ref.norm()).item()
-                results[impl] = _time(_phase_fn(model, ids, phase), device, *timing)
+                fns[impl] = fn
             except Exception as e:  # e.g. grouped_mm unsupported for this dtype / device
                 rows.append(_row(name, phase, impl, tokens, None, None, reason=f"{type(e).__name__}: {e}"))
-            finally:
-                if impl == "patch_moe":
-                    ms.unpatch_moe(model)
+        results = _time_interleaved(fns, device, *timing)
         best = min((results[b] for b in BASELINES if b in results), default=None)
         for impl, t in results.items():
             rows.append(_row(name, phase, impl, tokens, t, best, rel_err=errs[impl]))
@@ -209,7 +221,10 @@ def _main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     rows = run_model_suite(a.device, getattr(torch, a.dtype), a.quick)
     for r in rows:
         if r["median_ms"] is None:

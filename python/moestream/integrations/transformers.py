@@ -353,6 +353,8 @@ def _build(fam: _Family, block: nn.Module) -> MoE:
         router.__class__ = _compat_class(Router, type(hf_router))
         moe.__class__ = _compat_class(MoE, type(block))
     experts.__class__ = _compat_class(GroupedExperts, type(hf_experts))
+    if isinstance(router, nn.Linear):  # Llama4Router is an nn.Linear: keep what tools read from one
+        router.in_features, router.out_features = hf_router.in_features, hf_router.out_features
     # registration order of the original, so state_dict() lists the keys in the same order
     _match_order(moe, block)
     _match_order(router, hf_router)
