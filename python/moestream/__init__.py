@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers torch.ops.moestream.*
-from . import ops, reference
+from . import nn, ops, reference
+from .integrations import install_transformers_hook as _install_transformers_hook
+from .integrations import patch_moe, unpatch_moe
 from .ops import (
     gated_activation,
     grouped_mm,
@@ -22,20 +24,26 @@ __version__ = "0.1.0"
 
 with_cuda: bool = bool(_C.with_cuda)
 
+# registers the "moestream" experts implementation with transformers once (and if) it is imported
+_install_transformers_hook()
+
 __all__ = [
     "gated_activation",
     "grouped_mm",
     "load_layered",
     "load_offloaded",
     "moe_experts",
+    "nn",
     "offload",
     "ops",
+    "patch_moe",
     "permute",
     "reference",
     "router_aux_loss",
     "router_topk",
     "router_z_loss",
     "save_layered",
+    "unpatch_moe",
     "unpermute",
     "with_cuda",
 ]

@@ -1,0 +1,92 @@
+"""Adapters between other libraries and :mod:`moestream.nn`.
+
+Nothing here imports transformers at import time: :mod:`moestream.integrations.transformers` does,
+and it is imported only when :func:`patch_moe` / :func:`unpatch_moe` are called or when transformers'
+experts registry (``transformers.integrations.moe``) is loaded, at which point the ``"moestream"``
+experts implementation is registered there (see :func:`install_transformers_hook`).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+import warnings
+
+__all__ = ["patch_moe", "unpatch_moe", "install_transformers_hook"]
+
+_HF_MOE_MODULE = "transformers.integrations.moe"
+
+
+def patch_moe(model, *, families=None) -> int:
+    """Replace every supported transformers MoE block of ``model`` in place with a
+    :class:`moestream.nn.MoE` that shares its parameters; see
+    :func:`moestream.integrations.transformers.patch_moe`."""
+    from .transformers import patch_moe as _patch
+
+    return _patch(model, families=families)
+
+
+def unpatch_moe(model) -> int:
+    """Put back the original transformers blocks replaced by :func:`patch_moe`; returns how many."""
+    from .transformers import unpatch_moe as _unpatch
+
+    return _unpatch(model)
+
+
+def _register_with_transformers() -> None:
+    try:
+        from . import transformers as _hf  # noqa: F401  (registers the "moestream" experts function)
+    except Exception as e:  # never break the user's transformers import because of us
+        warnings.warn(
+            f"moestream: could not register the 'moestream' experts implementation: {e!r}", stacklevel=2
+        )
+
+
+class _LoaderThenRegister(importlib.abc.Loader):
+    """Runs the real loader of ``transformers.integrations.moe``, then registers moestream there."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _register_with_transformers()
+
+    def __getattr__(self, name):  # get_source, get_filename, ... of the real loader
+        return getattr(self._loader, name)
+
+
+class _TransformersMoeFinder(importlib.abc.MetaPathFinder):
+    """A post-import hook: when transformers' experts registry is first imported, register moestream
+    in it. Costs nothing until then (importing transformers eagerly would cost seconds)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _HF_MOE_MODULE:
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _LoaderThenRegister(spec.loader)
+        return spec
+
+
+def install_transformers_hook() -> None:
+    """Make sure the ``"moestream"`` experts implementation is registered with transformers as soon as
+    transformers' experts registry exists: now if it is already imported, else when it gets imported.
+    Called by ``import moestream``."""
+    if _HF_MOE_MODULE in sys.modules:
+        _register_with_transformers()
+        return
+    if any(isinstance(f, _TransformersMoeFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _TransformersMoeFinder())

@@ -1,0 +1,526 @@
+"""Hugging Face transformers integration.
+
+- :func:`patch_moe` swaps, in place, every supported sparse MoE block of a transformers model for a
+  :class:`moestream.nn.MoE` built around the *same* Parameter objects (no copy, no extra memory,
+  identical ``state_dict()`` keys, so ``save_pretrained`` / ``from_pretrained`` round-trip);
+  :func:`unpatch_moe` puts the original blocks back.
+- Importing this module registers ``"moestream"`` in transformers' experts registry, so
+  ``model.set_experts_implementation("moestream")`` (or ``from_pretrained(...,
+  experts_implementation="moestream")``) runs transformers' own experts modules on moestream's ops
+  while keeping transformers' router.
+
+Supported families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS and Llama 4 (text).
+
+How transformers keeps working on a patched model: its output recorders (``output_router_logits``)
+attach hooks to modules by ``isinstance`` against the original router / block classes, and its
+weight initialisation dispatches the same way. Each replacement module is therefore given a class
+that derives from both the moestream module (first, so its ``forward`` runs) and the transformers
+class it replaces; its router returns the logits at the position the recorder reads.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import transformers.integrations.moe as _hf_moe
+from torch import Tensor, nn
+
+from .. import ops
+from ..nn.moe import GroupedExperts, MoE, Router, Routing
+
+__all__ = ["SUPPORTED_FAMILIES", "patch_moe", "unpatch_moe", "moestream_experts_forward", "register"]
+
+
+# ----------------------------------------------------------------------------------------------
+# gate (activation) detection: which fused kind reproduces a module's gate exactly
+
+
+def _probe_input() -> Tensor:
+    # values on both sides of GPT-OSS's clamp limit, gate and up columns different in both layouts
+    x = torch.linspace(-12.0, 12.0, 3 * 32, dtype=torch.float32).reshape(3, 32)
+    return x[:, torch.randperm(32, generator=torch.Generator().manual_seed(0))].contiguous()
+
+
+def _match_gate(gate_fn: Callable[[Tensor], Tensor], alpha: float, limit: float) -> tuple[str, str] | None:
+    """The (kind, layout) of :func:`moestream.gated_activation` that equals ``gate_fn`` on a probe,
+    or None when none does (the caller then runs ``gate_fn`` itself)."""
+    x = _probe_input()
+    try:
+        with torch.no_grad():
+            want = gate_fn(x)
+    except Exception:
+        return None
+    if not isinstance(want, Tensor) or want.shape != (3, 16):
+        return None
+    from ..reference import gated_activation as ref
+
+    for kind in ("swiglu", "geglu", "gptoss"):
+        for layout in ("concat", "interleaved"):
+            got = ref(x, kind, layout, alpha, limit)
+            if torch.allclose(got, want.to(got.dtype), rtol=1e-5, atol=1e-6):
+                return kind, layout
+    return None
+
+
+def _act_gate(act_fn: Callable, up_first: bool = False) -> Callable[[Tensor], Tensor]:
+    def gate(x: Tensor) -> Tensor:
+        g, u = x.chunk(2, dim=-1)
+        return u * act_fn(g) if up_first else act_fn(g) * u
+
+    return gate
+
+
+@torch.compiler.disable
+def _detect_experts_gate(module: nn.Module) -> tuple[str, str] | tuple[()]:
+    alpha = float(getattr(module, "alpha", 1.702))
+    limit = float(getattr(module, "limit", 7.0))
+    match = _match_gate(module._apply_gate, alpha, limit)
+    result = match if match is not None else ()
+    module.__dict__["_moestream_gate"] = result
+    return result
+
+
+def _experts_gate(module: nn.Module) -> tuple[str, str] | tuple[()]:
+    cached = module.__dict__.get("_moestream_gate")
+    return cached if cached is not None else _detect_experts_gate(module)
+
+
+# ----------------------------------------------------------------------------------------------
+# the "moestream" experts implementation (transformers' router, moestream's expert path)
+
+
+def moestream_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """transformers experts forward ``(self, hidden_states [T, H], top_k_index [T, k], top_k_weights
+    [T, k]) -> [T, H]`` on moestream's ops. Honours the module's ``is_transposed``, ``has_bias``,
+    ``has_gate``, ``is_concatenated`` (interleaved gate/up), its ``act_fn`` / ``_apply_gate`` (run
+    fused when a moestream activation reproduces it exactly, else called as is) and
+    ``has_post_expert_norm``."""
+    if getattr(self, "_is_expert_parallel", False):
+        # expert-parallel sentinels (ids >= num_experts) are transformers' business
+        return _hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    has_gate = getattr(self, "has_gate", True)
+    has_bias = getattr(self, "has_bias", False)
+    transpose_b = not getattr(self, "is_transposed", False)
+    post_norm = getattr(self, "has_post_expert_norm", False)
+    w1 = self.gate_up_proj if has_gate else self.up_proj
+    b1 = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
+    w2 = self.down_proj
+    b2 = self.down_proj_bias if has_bias else None
+    alpha = float(getattr(self, "alpha", 1.702))
+    limit = float(getattr(self, "limit", 7.0))
+    x = hidden_states.to(w1.dtype)
+    gate = _experts_gate(self) if has_gate else ()
+    if gate and not post_norm:
+        out = ops.moe_experts(
+            x, top_k_index, top_k_weights, w1, w2, b1, b2, gate[0], gate[1], transpose_b, alpha, limit
+        )
+    else:
+        xs, perm, offsets = ops.permute(x, top_k_index, w1.shape[0])
+        h = ops.grouped_mm(xs, w1, offsets, transpose_b, b1)
+        if gate:
+            h = ops.gated_activation(h, gate[0], gate[1], alpha, limit)
+        elif has_gate:
+            h = self._apply_gate(h)
+        else:
+            h = self.act_fn(h)
+        y = ops.grouped_mm(h.to(w2.dtype), w2, offsets, transpose_b, b2)
+        if post_norm:
+            y = self.post_expert_norm(y)
+        out = ops.unpermute(y, perm, top_k_weights)
+    return out.to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Register ``"moestream"`` in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``."""
+    _hf_moe.ExpertsInterface.register("moestream", moestream_experts_forward)
+
+
+register()
+
+
+# ----------------------------------------------------------------------------------------------
+# classes that are both the moestream module and the transformers class they replace
+
+_COMPAT: dict[tuple[type, type], type] = {}
+
+
+def _new_compat(ours: type, theirs: type) -> nn.Module:
+    return object.__new__(_compat_class(ours, theirs))
+
+
+def _compat_reduce_ex(self, protocol):
+    cls = type(self)
+    return (_new_compat, (cls._moestream_class, cls._transformers_class), self.__dict__.copy())
+
+
+def _compat_class(ours: type, theirs: type) -> type:
+    cls = _COMPAT.get((ours, theirs))
+    if cls is None:
+        name = f"Moestream{theirs.__name__}"
+        ns = {
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"moestream's {ours.__name__} standing in for transformers' {theirs.__name__}.",
+            "_moestream_class": ours,
+            "_transformers_class": theirs,
+            # picklable (torch.save(model)) and deep-copyable without the class being importable by name
+            "__reduce_ex__": _compat_reduce_ex,
+        }
+        cls = type(name, (ours, theirs), ns)
+        _COMPAT[(ours, theirs)] = cls
+    return cls
+
+
+class _Llama4RouterOutput(Router):
+    """Router whose outputs are ordered like transformers' ``Llama4Router``: (weights, logits, ids);
+    its output recorder reads index 1."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits, weights, ids = Router.forward(self, x)
+        return weights, logits, ids
+
+
+class _Llama4MoE(MoE):
+    """MoE reading the router outputs in :class:`_Llama4RouterOutput`'s order."""
+
+    def _route(self, router: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        weights, logits, ids = router(x)
+        return logits, weights, ids
+
+
+# ----------------------------------------------------------------------------------------------
+# families
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    module: str  # transformers module defining the block
+    block: str  # sparse MoE block class name
+    router: str  # attribute names inside the block
+    shared: str | None = None
+    shared_gate: str | None = None
+    return_router: str | None = None  # what the block returns next to the hidden states
+
+
+SUPPORTED_FAMILIES: tuple[_Family, ...] = (
+    _Family("mixtral", "transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", "gate"),
+    _Family(
+        "qwen2_moe",
+        "transformers.models.qwen2_moe.modeling_qwen2_moe",
+        "Qwen2MoeSparseMoeBlock",
+        "gate",
+        shared="shared_expert",
+        shared_gate="shared_expert_gate",
+    ),
+    _Family(
+        "qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", "gate"
+    ),
+    _Family("olmoe", "transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", "gate"),
+    _Family(
+        "deepseek_v3",
+        "transformers.models.deepseek_v3.modeling_deepseek_v3",
+        "DeepseekV3MoE",
+        "gate",
+        shared="shared_experts",
+    ),
+    _Family(
+        "gpt_oss",
+        "transformers.models.gpt_oss.modeling_gpt_oss",
+        "GptOssMLP",
+        "router",
+        return_router="weights",
+    ),
+    _Family(
+        "llama4",
+        "transformers.models.llama4.modeling_llama4",
+        "Llama4TextMoe",
+        "router",
+        shared="shared_expert",
+        return_router="logits",
+    ),
+)
+
+_FAMILY_TITLES = {
+    "mixtral": "Mixtral",
+    "qwen2_moe": "Qwen2-MoE",
+    "qwen3_moe": "Qwen3-MoE",
+    "olmoe": "OLMoE",
+    "deepseek_v3": "DeepSeek-V3",
+    "gpt_oss": "GPT-OSS",
+    "llama4": "Llama 4",
+}
+
+
+def _routing(fam: _Family, router: nn.Module) -> Routing:
+    if fam.name == "mixtral":
+        return Routing.preset("mixtral")
+    if fam.name in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        return Routing.preset(fam.name, normalize=bool(router.norm_topk_prob))
+    if fam.name == "deepseek_v3":
+        return Routing.preset(
+            "deepseek_v3",
+            normalize=bool(router.norm_topk_prob),
+            scale=float(router.routed_scaling_factor),
+            num_groups=int(router.num_group),
+            topk_groups=int(router.topk_group),
+        )
+    return Routing.preset(fam.name)
+
+
+def _experts_spec(fam: _Family, experts: nn.Module) -> dict:
+    """GroupedExperts arguments reproducing transformers' experts module ``experts``."""
+    if fam.name == "gpt_oss":
+        alpha, limit = float(experts.alpha), float(experts.limit)
+        gate = _match_gate(experts._apply_gate, alpha, limit)
+        spec = {"weight_layout": "in_out", "bias": True, "alpha": alpha, "limit": limit}
+    elif fam.name == "llama4":
+        gate = _match_gate(_act_gate(experts.act_fn, up_first=True), 1.702, 7.0)
+        spec = {"weight_layout": "in_out", "bias": False}
+    else:
+        gate = _match_gate(_act_gate(experts.act_fn), 1.702, 7.0)
+        spec = {"weight_layout": "out_in", "bias": False}
+    if gate is None:
+        act = getattr(experts, "act_fn", None)
+        raise ValueError(
+            f"moestream.patch_moe: the experts of this {_FAMILY_TITLES[fam.name]} block use an activation that "
+            f"moestream does not implement ({act!r}); supported: silu (SwiGLU), exact gelu (GeGLU), GPT-OSS's gate"
+        )
+    E, a, b = experts.gate_up_proj.shape
+    two_i = a if spec["weight_layout"] == "out_in" else b
+    spec.update(activation=gate[0], layout=gate[1], num_experts=E, intermediate_size=two_i // 2)
+    return spec
+
+
+def _set_tensor(module: nn.Module, name: str, value: Tensor | None) -> None:
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, value)
+
+
+def _build(fam: _Family, block: nn.Module) -> MoE:
+    """A MoE equivalent to ``block`` that owns ``block``'s own Parameter / buffer / shared modules."""
+    hf_router = getattr(block, fam.router)
+    hf_experts = block.experts
+    spec = _experts_spec(fam, hf_experts)
+    H = hf_router.weight.shape[1]
+    routing = _routing(fam, hf_router)
+    names = {"router": fam.router}
+    if fam.shared:
+        names["shared_expert"] = fam.shared
+    if fam.shared_gate:
+        names["shared_expert_gate"] = fam.shared_gate
+    moe = MoE(
+        H,
+        spec["intermediate_size"],
+        spec["num_experts"],
+        int(hf_router.top_k),
+        routing,
+        shared_expert=getattr(block, fam.shared) if fam.shared else None,
+        shared_expert_gate=fam.shared_gate is not None,
+        activation=spec["activation"],
+        layout=spec["layout"],
+        weight_layout=spec["weight_layout"],
+        expert_bias=spec["bias"],
+        alpha=spec.get("alpha", 1.702),
+        limit=spec.get("limit", 7.0),
+        jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0),
+        return_router=fam.return_router,
+        module_names=names,
+        device="meta",  # placeholders only: every tensor is replaced by the block's own below
+    )
+    router = moe.submodule("router")
+    for name in ("weight", "bias", "e_score_correction_bias"):
+        if getattr(router, name, None) is not None:
+            _set_tensor(router, name, getattr(hf_router, name))
+    experts = moe.submodule("experts")
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        if getattr(experts, name, None) is not None:
+            _set_tensor(experts, name, getattr(hf_experts, name))
+    if fam.shared_gate:
+        setattr(moe, fam.shared_gate, getattr(block, fam.shared_gate))
+    # classes that transformers' isinstance checks (output recorders, weight init) recognise
+    if fam.name == "llama4":
+        router.__class__ = _compat_class(_Llama4RouterOutput, type(hf_router))
+        moe.__class__ = _compat_class(_Llama4MoE, type(block))
+    else:
+        router.__class__ = _compat_class(Router, type(hf_router))
+        moe.__class__ = _compat_class(MoE, type(block))
+    experts.__class__ = _compat_class(GroupedExperts, type(hf_experts))
+    if isinstance(router, nn.Linear):  # Llama4Router is an nn.Linear: keep what tools read from one
+        router.in_features, router.out_features = hf_router.in_features, hf_router.out_features
+    # registration order of the original, so state_dict() lists the keys in the same order
+    _match_order(moe, block)
+    _match_order(router, hf_router)
+    _match_order(experts, hf_experts)
+    moe.train(block.training)
+    _check_same_tensors(block, moe)
+    return moe
+
+
+def _match_order(dst: nn.Module, src: nn.Module) -> None:
+    for attr in ("_parameters", "_buffers", "_modules"):
+        mine, theirs = dst.__dict__[attr], src.__dict__[attr]
+        order = [k for k in theirs if k in mine] + [k for k in mine if k not in theirs]
+        dst.__dict__[attr] = {k: mine[k] for k in order}
+
+
+def _check_same_tensors(orig: nn.Module, new: nn.Module) -> None:
+    """The replacement must hold exactly the original's tensors under the original's names."""
+    for kind, get in (("parameter", nn.Module.named_parameters), ("buffer", nn.Module.named_buffers)):
+        a, b = dict(get(orig)), dict(get(new))
+        if a.keys() != b.keys() or any(a[k] is not b[k] for k in a):
+            raise RuntimeError(
+                f"moestream.patch_moe: internal error, the replacement of {type(orig).__name__} does not hold the "
+                f"same {kind}s (original {sorted(a)}, replacement {sorted(b)})"
+            )
+    a = list(orig.state_dict(keep_vars=True))
+    b = list(new.state_dict(keep_vars=True))
+    if a != b:
+        raise RuntimeError(f"moestream.patch_moe: internal error, state_dict keys differ: {a} != {b}")
+
+
+# MoE routing uses a fused op, but the blocks stay routable by transformers' own hooks
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Forward (pre-)hooks registered on ``src`` (e.g. transformers' output recorders installed before
+    patching) also fire on ``dst``."""
+    for attr in _HOOK_DICTS:
+        s, d = getattr(src, attr, None), getattr(dst, attr, None)
+        if s is None or d is None:
+            continue
+        for key, value in s.items():
+            if key not in d:
+                d[key] = value
+
+
+def _pairs(fam_router: str, orig: nn.Module, new: nn.Module) -> Iterable[tuple[nn.Module, nn.Module]]:
+    yield orig, new
+    yield getattr(orig, fam_router), getattr(new, fam_router)
+    yield orig.experts, new.experts
+
+
+def _has_accelerate_hook(module: nn.Module) -> bool:
+    return any(hasattr(m, "_hf_hook") for m in module.modules())
+
+
+def _loaded_families(only: Iterable[str] | None) -> list[tuple[_Family, type]]:
+    wanted = None if only is None else set(only)
+    if wanted is not None:
+        unknown = wanted - {f.name for f in SUPPORTED_FAMILIES}
+        if unknown:
+            raise ValueError(
+                f"moestream.patch_moe: unknown families {sorted(unknown)}; supported: {_supported_names()}"
+            )
+    found = []
+    for fam in SUPPORTED_FAMILIES:
+        if wanted is not None and fam.name not in wanted:
+            continue
+        # a model of this family can only exist if its modeling module was imported
+        mod = sys.modules.get(fam.module)
+        cls = getattr(mod, fam.block, None) if mod is not None else None
+        if cls is not None:
+            found.append((fam, cls))
+    return found
+
+
+def _supported_names() -> str:
+    return ", ".join(f"{_FAMILY_TITLES[f.name]} ({f.name}: {f.block})" for f in SUPPORTED_FAMILIES)
+
+
+def _is_patched(module: nn.Module) -> bool:
+    return "_moestream_original" in module.__dict__
+
+
+def patch_moe(model: nn.Module, *, families: Iterable[str] | None = None) -> int:
+    """Replace, in place, every supported sparse MoE block in ``model`` by a :class:`moestream.nn.MoE`
+    that shares the block's Parameter objects (no copy, no extra memory; ``state_dict()`` keys and
+    ``save_pretrained`` output unchanged). Returns the number of blocks replaced.
+
+    Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Llama 4 (``families``
+    restricts to some of ``"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
+    "llama4"``). Blocks already patched are left alone. Raises ``ValueError`` when the model has no
+    block to patch. Undo with :func:`unpatch_moe`.
+    """
+    fams = _loaded_families(families)
+    targets: list[tuple[nn.Module, str, nn.Module, _Family]] = []
+    already = 0
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if _is_patched(child):
+                already += 1
+                continue
+            for fam, cls in fams:
+                if type(child) is cls:
+                    targets.append((parent, name, child, fam))
+                    break
+    if not targets:
+        if already:
+            return 0
+        raise ValueError(
+            f"moestream.patch_moe: found no MoE block to patch in {type(model).__name__}. Supported transformers "
+            f"families: {_supported_names()}."
+        )
+    for parent, name, block, fam in targets:
+        if _has_accelerate_hook(block):
+            raise NotImplementedError(
+                f"moestream.patch_moe: {type(block).__name__} carries accelerate hooks (device_map / offloading); "
+                "patch the model before dispatching it"
+            )
+    built = [(parent, name, block, fam, _build(fam, block)) for parent, name, block, fam in targets]
+    for parent, name, block, fam, moe in built:
+        for src, dst in _pairs(fam.router, block, moe):
+            _copy_hooks(src, dst)
+        moe.__dict__["_moestream_original"] = (block, fam)
+        setattr(parent, name, moe)
+    return len(built)
+
+
+def unpatch_moe(model: nn.Module) -> int:
+    """Put back the transformers blocks that :func:`patch_moe` replaced, holding the patched modules'
+    current tensors (so training, ``.to()`` or dtype changes made meanwhile are kept). Returns how many
+    blocks were restored."""
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if _is_patched(child)
+    ]
+    for parent, name, moe in targets:
+        block, fam = moe.__dict__["_moestream_original"]
+        for pname, p in moe.named_parameters():
+            _set_path(block, pname, p)
+        for bname, b in moe.named_buffers():
+            _set_path(block, bname, b)
+        for src, dst in _pairs(fam.router, block, moe):
+            _copy_hooks(dst, src)
+        block.train(moe.training)
+        setattr(parent, name, block)
+    return len(targets)
+
+
+def _set_path(root: nn.Module, path: str, value: Tensor) -> None:
+    *parents, leaf = path.split(".")
+    mod = root
+    for p in parents:
+        mod = getattr(mod, p)
+    if leaf in mod._buffers:
+        mod._buffers[leaf] = value
+    elif leaf in mod._parameters:
+        mod._parameters[leaf] = value
+    else:
+        setattr(mod, leaf, value)
