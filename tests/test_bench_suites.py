@@ -5,6 +5,7 @@ measurements; lazy imports."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -206,11 +207,10 @@ def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):
     assert main(["--compare", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "stream/link" in out and "4 GB/s" in out
-    # plot: rows without a time (link, streamer) are left out, the others drawn
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "p.png"
-    report.plot(data, png)
-    assert png.stat().st_size > 0
+    if importlib.util.find_spec("matplotlib"):  # plot: rows without a time (link) are left out
+        png = tmp_path / "p.png"
+        report.plot(data, png)
+        assert png.stat().st_size > 0
 
 
 def test_missing_dependency_skips_and_a_crash_is_an_error(monkeypatch):
