@@ -144,6 +144,7 @@ class Row:
     matmul_fraction: float | None = None
     bandwidth_fraction: float | None = None
     speedup: dict[str, float] = field(default_factory=dict)  # baseline -> baseline_ms / median_ms
+    tokens_per_s: float | None = None  # tokens / median time (model and decode rows)
     params: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -152,6 +153,25 @@ class Row:
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = None if math.isnan(v) else ("inf" if v > 0 else "-inf")
         return d
+
+
+@dataclass
+class Measured:
+    """A suite item that measures itself with its own harness (a link's bandwidth, a decode loop,
+    a whole model's training step) and returns finished rows: ``run() -> list[Row]`` with status,
+    times, rates, errors and fractions of its own ceilings filled in where they apply. The runner
+    runs it in its turn, applies ``--op``/``--impl`` to the rows, turns a missing optional
+    dependency (ImportError, :class:`Unavailable`) into a skipped suite and any other exception
+    into an error row, and adds what it adds to every row: tokens/s and the speedup against every
+    baseline of the same op, dtype and token count."""
+
+    suite: str
+    label: str  # for the progress bar and error rows, e.g. "stream float32"
+    dtype: torch.dtype
+    device: torch.device
+    run: Callable[[], list[Row]]
+    expected_rows: int = 1  # for the progress bar
+    params: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -188,7 +208,7 @@ class BenchResult:
 # ---------------------------------------------------------------------------------------------
 # registries
 
-SuiteFn = Callable[[BenchConfig], list[Case]]
+SuiteFn = Callable[[BenchConfig], list[Case | Measured]]
 
 # Suites the CLI knows by name even before their module exists (listed as unavailable until then).
 KNOWN_SUITES: dict[str, str] = {
@@ -379,9 +399,9 @@ class Runner:
         return {"memory_bandwidth": self.bandwidth, "matmul": self.matmul_ceiling}
 
     # cases ------------------------------------------------------------------------------------
-    def collect_cases(self, suite_names: list[str]) -> tuple[list[Case], list[dict]]:
+    def collect_cases(self, suite_names: list[str]) -> tuple[list[Case | Measured], list[dict]]:
         load_suites()
-        cases: list[Case] = []
+        cases: list[Case | Measured] = []
         skipped: list[dict] = []
         for name in suite_names:
             info = SUITES.get(name)
@@ -393,9 +413,11 @@ class Runner:
             except Unavailable as e:
                 skipped.append({"suite": name, "reason": str(e)})
                 continue
-            if self.cfg.ops:
-                got = [c for c in got if c.op in self.cfg.ops]
+            if self.cfg.ops:  # (Measured items are filtered by their rows' ops after running)
+                got = [c for c in got if isinstance(c, Measured) or c.op in self.cfg.ops]
             for c in got:
+                if isinstance(c, Measured):
+                    continue
                 extras = extra_impls(c.suite, c.op)
                 names = {i.name for i in extras}
                 impls = [i for i in c.impls if i.name not in names] + extras
@@ -547,6 +569,57 @@ class Runner:
         self._speedups(out_rows)
         return out_rows
 
+    def run_measured(self, m: Measured, skipped: list[dict]) -> list[Row]:
+        """Run a self-measuring suite item (see :class:`Measured`)."""
+        prog = self.progress
+        if prog:
+            prog.show(f"{m.label}: measuring")
+        try:
+            rows = list(m.run())
+        except (ImportError, Unavailable) as e:
+            reason = str(e) if isinstance(e, Unavailable) else f"needs {e.name or 'a module'}: {e}"
+            skipped.append({"suite": m.suite, "reason": f"{m.label}: {reason}"})
+            if prog:
+                prog.advance(m.expected_rows, m.label, f"skipped: {reason}")
+            _free(m.device, True)
+            return []
+        except Exception as e:  # noqa: BLE001
+            status, reason = _describe_exception(e)
+            if status == "error":
+                traceback.print_exc()
+            row = Row(
+                suite=m.suite,
+                op="*",
+                impl="moestream",
+                role="ours",
+                shape=self.cfg.shape.name,
+                tokens=0,
+                dtype=dtype_name(m.dtype),
+                device=str(m.device),
+                status=status,
+                reason=reason,
+                params=dict(m.params),
+            )
+            if prog:
+                prog.advance(m.expected_rows, m.label, f"{status}: {reason}")
+            _free(m.device, True)
+            return [row]
+        if self.cfg.ops:
+            rows = [r for r in rows if r.op in self.cfg.ops]
+        if self.cfg.impls:
+            rows = [r for r in rows if r.impl in self.cfg.impls]
+        groups: dict[tuple, list[Row]] = {}
+        for r in rows:
+            if r.status == "ok" and r.median_ms and r.tokens > 0 and r.tokens_per_s is None:
+                r.tokens_per_s = r.tokens / (r.median_ms * 1e-3)
+            groups.setdefault((r.op, r.dtype, r.tokens, r.shape), []).append(r)
+        for grp in groups.values():
+            self._speedups(grp)
+        if prog:
+            prog.advance(m.expected_rows, m.label, f"{len(rows)} rows")
+        _free(m.device, True)
+        return rows
+
     def _rates(self, row: Row, work: Work, dtype: torch.dtype) -> None:
         t = row.median_ms * 1e-3
         if t <= 0:
@@ -592,7 +665,7 @@ class Runner:
             torch.set_num_threads(cfg.threads)
         try:
             cases, skipped = self.collect_cases(suite_names)
-            total = sum(len(c.impls) for c in cases)
+            total = sum(c.expected_rows if isinstance(c, Measured) else len(c.impls) for c in cases)
             self.progress = Progress(total + 1, enabled=cfg.progress)
             ceilings: dict = {}
             if cases:  # nothing to judge: do not spend time measuring the machine
@@ -601,7 +674,10 @@ class Runner:
             self.progress.advance(1, "ceilings", None)
             rows: list[Row] = []
             for case in cases:
-                rows.extend(self.run_case(case))
+                if isinstance(case, Measured):
+                    rows.extend(self.run_measured(case, skipped))
+                else:
+                    rows.extend(self.run_case(case))
             self.progress.close()
             meta = collect_meta(cfg, suite_names, ceilings, argv)
         finally:

@@ -140,10 +140,18 @@ def _params_desc(params: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in keep)
 
 
+def fmt_tokens(tps: float | None) -> str:
+    if tps is None:
+        return "-"
+    return f"{tps:.4g} tok/s" if tps < 1e6 else f"{tps / 1e6:.3g} Mtok/s"
+
+
 def _rate(r: dict) -> str:
     if r.get("gflops") is not None:
         return fmt_flops(r["gflops"])
-    return fmt_gbps(r.get("gbps"))
+    if r.get("gbps") is not None:
+        return fmt_gbps(r["gbps"])
+    return fmt_tokens(r.get("tokens_per_s"))
 
 
 def _ceiling(r: dict) -> str:
@@ -152,7 +160,10 @@ def _ceiling(r: dict) -> str:
         return "-"
     if r.get("bound") == "weights":
         return f"{fmt_pct(frac)} bw (weights {fmt_gbps(r.get('weight_gbps'))})"
-    return f"{fmt_pct(frac)} {'mm' if r.get('ceiling') == 'matmul' else 'bw'}"
+    ceiling = r.get("ceiling")
+    if ceiling in ("link", "budget"):  # the stream suite: the link it streams over, the memory budget
+        return f"{fmt_pct(frac)} {ceiling}"
+    return f"{fmt_pct(frac)} {'mm' if ceiling == 'matmul' else 'bw'}"
 
 
 def _table(headers: list[str], body: list[list[str]], indent: str = "  ") -> list[str]:
@@ -194,7 +205,7 @@ def format_table(result) -> str:
                 [
                     r["impl"],
                     fmt_time(r.get("median_ms")),
-                    f"+-{100 * (r.get('spread') or 0):.1f}%",
+                    "-" if r.get("spread") is None else f"+-{100 * r['spread']:.1f}%",
                     _rate(r),
                     _ceiling(r),
                 ]
@@ -265,9 +276,17 @@ def compare_rows(a: dict, b: dict) -> list[dict]:
             "ratio": None,
             "noise": None,
         }
+        ratio = None
         if o["status"] == "ok" and r["status"] == "ok" and o.get("median_ms") and r.get("median_ms"):
             ratio = r["median_ms"] / o["median_ms"]
             noise = max(MIN_NOISE, _iqr_rel(o) + _iqr_rel(r))
+        elif o["status"] == "ok" and r["status"] == "ok" and o.get("gbps") and r.get("gbps"):
+            # rows with a bandwidth and no time (the stream suite's link and streamer): the
+            # change in the time to move the same bytes
+            ratio = o["gbps"] / r["gbps"]
+            noise = MIN_NOISE
+            item["old_gbps"], item["new_gbps"] = o["gbps"], r["gbps"]
+        if ratio is not None:
             item["ratio"], item["noise"] = ratio, noise
             if ratio > 1 + noise:
                 item["verdict"] = "slower"
@@ -307,8 +326,8 @@ def format_compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> st
                 shape,
                 str(tokens),
                 dtype,
-                fmt_time(it["old_ms"]),
-                fmt_time(it["new_ms"]),
+                fmt_gbps(it["old_gbps"]) if it["old_ms"] is None and "old_gbps" in it else fmt_time(it["old_ms"]),
+                fmt_gbps(it["new_gbps"]) if it["new_ms"] is None and "new_gbps" in it else fmt_time(it["new_ms"]),
                 change,
                 verdict,
             ]
@@ -362,7 +381,8 @@ def plot(result, path: str | Path) -> None:
     data = _as_dict(result)
     panels: OrderedDict[tuple, dict[str, list[dict]]] = OrderedDict()
     for r in data["rows"]:
-        if r["status"] != "ok":
+        # rows with a time per call (bandwidth-only rows, e.g. the stream suite's link, have none)
+        if r["status"] != "ok" or r.get("median_ms") is None or not r.get("tokens"):
             continue
         panels.setdefault((r["suite"], r["op"], r["dtype"]), {}).setdefault(r["impl"], []).append(r)
     n = max(1, len(panels))

@@ -106,7 +106,8 @@ def repetitions(per_call_s: float, policy: TimingPolicy) -> int:
 
 def measure(calls: Sequence[Callable[[], object]], device: torch.device, policy: TimingPolicy) -> Measurement:
     """Time ``calls`` (one closure per input set, used round-robin): warm-up (every set at least
-    once, then until ``warmup_s`` has passed), then :func:`repetitions` timed calls, the count
+    once unless one call already takes longer than the budget, then until ``warmup_s`` has
+    passed), then :func:`repetitions` timed calls, the count
     estimated from the warm-up calls."""
     if not calls:
         raise ValueError("measure() needs at least one call")
@@ -117,6 +118,11 @@ def measure(calls: Sequence[Callable[[], object]], device: torch.device, policy:
     while done < n or time.perf_counter() - t0 < policy.warmup_s:
         calls[done % n]()
         done += 1
+        if done < n and time.perf_counter() - t0 > policy.budget_s:
+            # a slow call (a loop-over-experts backward on CPU takes seconds): one warm-up call,
+            # not one per input set; the timed calls still rotate through every set
+            synchronize(device)
+            break
         if device.type == "cuda" and done % n == 0:
             synchronize(device)  # keep the estimate honest: the host may run ahead of the device
     synchronize(device)

@@ -63,12 +63,14 @@ MODELS = {
 BASELINES = ("eager", "grouped_mm")
 
 
-def _build(name: str, layers: int, device: str, dtype: torch.dtype):
+def _build(name: str, layers: int, device: str, dtype: torch.dtype, overrides: dict | None = None):
     import transformers
 
     spec = MODELS[name]
+    kwargs = dict(spec["kwargs"])
+    kwargs.update({k: v for k, v in (overrides or {}).items() if k in kwargs})
     cfg = getattr(transformers, spec["config"])(
-        num_hidden_layers=layers, max_position_embeddings=4096, initializer_range=0.05, **spec["kwargs"]
+        num_hidden_layers=layers, max_position_embeddings=4096, initializer_range=0.05, **kwargs
     )
     torch.manual_seed(0)
     model = getattr(transformers, spec["model"])._from_config(
@@ -85,6 +87,13 @@ def _sync(device: str) -> None:
 def _time_interleaved(fns: dict, device: str, warmup: int, reps: int, budget_s: float) -> dict[str, float]:
     """Median wall time in ms of each closure in ``fns``, timed round-robin (one call of each per
     round) so that load changes on the machine hit every implementation alike."""
+    return {k: statistics.median(v) for k, v in _times_interleaved(fns, device, warmup, reps, budget_s).items()}
+
+
+def _times_interleaved(
+    fns: dict, device: str, warmup: int, reps: int, budget_s: float
+) -> dict[str, list[float]]:
+    """The wall times in ms of every timed call of each closure (see :func:`_time_interleaved`)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -99,7 +108,19 @@ def _time_interleaved(fns: dict, device: str, warmup: int, reps: int, budget_s: 
             times[k].append(time.perf_counter() - t0)
         if time.perf_counter() - start > budget_s and len(times[k]) >= 3:
             break
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {k: [t * 1e3 for t in v] for k, v in times.items()}
+
+
+def _quantiles(ms: list[float]) -> dict:
+    xs = sorted(ms)
+
+    def q(f: float) -> float:
+        pos = (len(xs) - 1) * f
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return {"p10_ms": q(0.1), "p25_ms": q(0.25), "p75_ms": q(0.75), "p90_ms": q(0.9), "reps": len(xs)}
 
 
 def _phase_fn(model, ids, phase: str):
@@ -121,18 +142,32 @@ def _phase_fn(model, ids, phase: str):
 
 
 def run_model_suite(
-    device: str = "cpu", dtype: torch.dtype = torch.bfloat16, quick: bool = False
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    quick: bool = False,
+    *,
+    layers: int | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    overrides: dict | None = None,
+    models: tuple[str, ...] | None = None,
 ) -> list[dict]:
-    """Time the ``model`` suite; returns one row per (model, phase, implementation)."""
+    """Time the ``model`` suite; returns one row per (model, phase, implementation).
+
+    ``layers``, ``batch``, ``seq`` replace the defaults of the run kind; ``overrides`` replaces
+    config sizes of every model that has them (e.g. ``hidden_size``, ``moe_intermediate_size``,
+    ``vocab_size``: smoke tests use toy sizes); ``models`` picks some of :data:`MODELS`."""
     import transformers  # noqa: F401  (the suite needs transformers; the caller turns ImportError into a skip)
 
+    device = str(device)
     gpu = device.startswith("cuda")
-    layers = 2 if quick else 4
-    batch, seq = (1, 128) if quick and not gpu else (2, 256) if not gpu else (4, 512) if quick else (8, 1024)
+    d_batch, d_seq = (1, 128) if quick and not gpu else (2, 256) if not gpu else (4, 512) if quick else (8, 1024)
+    layers = layers or (2 if quick else 4)
+    batch, seq = batch or d_batch, seq or d_seq
     reps, warmup, budget = (3, 1, 5.0) if quick else (20, 3, 30.0)
     rows: list[dict] = []
-    for name in MODELS:
-        rows += _bench_model(name, layers, batch, seq, device, dtype, (warmup, reps, budget))
+    for name in models or tuple(MODELS):
+        rows += _bench_model(name, layers, batch, seq, device, dtype, (warmup, reps, budget), overrides)
         if gpu:
             torch.cuda.empty_cache()
     for r in rows:
@@ -143,13 +178,13 @@ def run_model_suite(
 
 
 def _bench_model(
-    name: str, layers: int, batch: int, seq: int, device: str, dtype: torch.dtype, timing
+    name: str, layers: int, batch: int, seq: int, device: str, dtype: torch.dtype, timing, overrides=None
 ) -> list[dict]:
     import copy
 
     import moestream as ms
 
-    model = _build(name, layers, device, dtype)
+    model = _build(name, layers, device, dtype, overrides)
     patched = copy.deepcopy(model)
     ms.patch_moe(patched)
     g = torch.Generator().manual_seed(0)
@@ -182,11 +217,22 @@ def _bench_model(
                 errs[impl] = ((out - ref).norm() / ref.norm()).item()
                 fns[impl] = fn
             except Exception as e:  # e.g. grouped_mm unsupported for this dtype / device
-                rows.append(_row(name, phase, impl, tokens, None, None, reason=f"{type(e).__name__}: {e}"))
-        results = _time_interleaved(fns, device, *timing)
+                rows.append(
+                    _row(
+                        name, phase, impl, tokens, None, None, reason=f"{type(e).__name__}: {e}",
+                        layers=layers, batch=batch, seq=seq,
+                    )
+                )
+        times = _times_interleaved(fns, device, *timing)
+        results = {k: statistics.median(v) for k, v in times.items()}
         best = min((results[b] for b in BASELINES if b in results), default=None)
         for impl, t in results.items():
-            rows.append(_row(name, phase, impl, tokens, t, best, rel_err=errs[impl]))
+            rows.append(
+                _row(
+                    name, phase, impl, tokens, t, best, rel_err=errs[impl], **_quantiles(times[impl]),
+                    layers=layers, batch=batch, seq=seq,
+                )
+            )
     return rows
 
 

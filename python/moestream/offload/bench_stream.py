@@ -206,6 +206,19 @@ def _decode_step_times(
     return times
 
 
+def _quantiles(times: list[float]) -> dict:
+    """p10/p25/p75/p90 (ms, linear interpolation) and the count of a list of step times in seconds."""
+    xs = sorted(t * 1e3 for t in times)
+
+    def q(f: float) -> float:
+        pos = (len(xs) - 1) * f
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return {"p10_ms": q(0.1), "p25_ms": q(0.25), "p75_ms": q(0.75), "p90_ms": q(0.9), "reps": len(xs)}
+
+
 def run_stream_suite(
     device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shape=None, quick: bool = True
 ) -> list[dict]:
@@ -319,8 +332,9 @@ def run_stream_suite(
                 common,
                 name="decode",
                 median_ms=step * 1e3,
+                **_quantiles(times),
                 floor_ms=floor * 1e3,
-                ratio_to_floor=step / floor,
+                ratio_to_floor=step / floor if floor > 0 else None,  # 0: every layer resident
                 target_ratio=1.15 if dev.type == "cuda" else None,
                 bytes_per_token=per_token,
                 loaded_bytes_per_forward=loaded_per_forward,
@@ -394,6 +408,7 @@ def run_stream_suite(
                 name="decode_baseline",
                 baseline=bname,
                 median_ms=bstep * 1e3,
+                **_quantiles(btimes),
                 ours_median_ms=step * 1e3,
                 speedup=bstep / step,
                 target_speedup=1.5 if dev.type == "cuda" else None,

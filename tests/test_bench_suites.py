@@ -1,0 +1,262 @@
+"""The runner's ``model`` and ``stream`` suites (self-measuring suites, ``bench.Measured``): their
+rows in the table, JSON, --compare and --plot; tiny real runs on CPU; the plumbing with synthetic
+measurements; lazy imports."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from io import StringIO
+
+import pytest
+import torch
+from moestream import bench
+from moestream.bench import report
+from moestream.bench.__main__ import main
+from moestream.bench.timing import TimingPolicy, measure
+
+CLI = ["--quick", "--threads", "1", "--no-progress", "--device", "cpu", "--shape", "tiny"]
+
+
+def run_cli(args):
+    out, old = StringIO(), sys.stdout
+    sys.stdout = out
+    try:
+        rc = main(args)
+    finally:
+        sys.stdout = old
+    return rc, out.getvalue()
+
+
+def rows_of(path, suite):
+    data = json.loads(path.read_text())
+    return data, [r for r in data["rows"] if r["suite"] == suite]
+
+
+# ---------------------------------------------------------------------------------------------
+# real tiny runs
+
+
+def test_model_suite_tiny_real_run(tmp_path):
+    pytest.importorskip("transformers")
+    path = tmp_path / "model.json"
+    rc, text = run_cli(CLI + ["--suite", "model", "--json", str(path)])
+    assert rc == 0, text
+    data, rows = rows_of(path, "model")
+    assert data["meta"]["suites"] == ["model"]
+    ops = {r["op"] for r in rows}
+    assert ops == {f"{m}_{p}" for m in ("qwen3_moe", "mixtral") for p in ("forward", "train")}
+    for op in ops:
+        grp = {r["impl"]: r for r in rows if r["op"] == op}
+        assert {"hf-eager", "hf-grouped_mm", "moestream", "hf-router+moestream"} <= set(grp)
+        assert grp["hf-eager"]["role"] == "baseline" and grp["moestream"]["role"] == "ours"
+        ours = grp["moestream"]
+        assert ours["status"] == "ok", ours
+        assert ours["tokens"] == 32 and ours["dtype"] == "float32" and ours["shape"] == "tiny"
+        assert ours["p10_ms"] <= ours["median_ms"] <= ours["p90_ms"] and ours["reps"] >= 3
+        assert ours["tokens_per_s"] == pytest.approx(32 / (ours["median_ms"] * 1e-3))
+        assert ours["error"] < 1e-3  # logits against transformers eager
+        eager = grp["hf-eager"]
+        assert ours["speedup"]["hf-eager"] == pytest.approx(eager["median_ms"] / ours["median_ms"])
+    assert "model / qwen3_moe_train / float32 / T=32" in text
+    assert "moestream vs hf-eager: geometric-mean speedup" in text
+
+
+def test_stream_suite_tiny_real_run(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    path = tmp_path / "stream.json"
+    rc, text = run_cli(CLI + ["--suite", "stream", "--json", str(path)])
+    assert rc == 0, text
+    _, rows = rows_of(path, "stream")
+    by = {(r["op"], r["impl"]): r for r in rows}
+    assert by[("link", "disk O_DIRECT")]["role"] == "ceiling"
+    assert by[("link", "disk O_DIRECT")]["gbps"] > 0
+    st = by[("streamer", "moestream (disk)")]
+    assert st["gbps"] > 0 and st["ceiling"] == "link" and st["ceiling_fraction"] > 0
+    dec = by[("decode", "moestream")]
+    base = by[("decode", "accelerate.disk_offload")]
+    assert dec["status"] == base["status"] == "ok" and dec["tokens"] == 1
+    assert base["role"] == "baseline"
+    assert dec["speedup"]["accelerate.disk_offload"] == pytest.approx(base["median_ms"] / dec["median_ms"])
+    assert dec["ceiling_fraction"] == pytest.approx(dec["params"]["floor_ms"] / dec["median_ms"])
+    assert "stream / decode / float32 / T=1" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# plumbing with synthetic measurements
+
+
+def _fake_stream(device, dtype, shape, quick):
+    common = {"suite": "stream", "dtype": "float32", "shape": "x/6L", "device_type": "cpu"}
+    return [
+        dict(common, name="link_disk_read", gbps=2.0),
+        dict(common, name="streamer_disk", gbps=1.5, link_gbps=2.0, fraction_of_link=0.75),
+        dict(
+            common,
+            name="decode",
+            median_ms=10.0,
+            p10_ms=9.0,
+            p25_ms=9.5,
+            p75_ms=10.5,
+            p90_ms=11.0,
+            reps=4,
+            floor_ms=8.0,
+            ratio_to_floor=1.25,
+            bytes_per_token=16e6,
+            gbps=1.6,
+        ),
+        dict(
+            common,
+            name="decode_baseline",
+            baseline="accelerate.disk_offload",
+            median_ms=30.0,
+            p10_ms=29.0,
+            p25_ms=29.5,
+            p75_ms=30.5,
+            p90_ms=31.0,
+            reps=2,
+            speedup=3.0,
+        ),
+    ]
+
+
+def _fake_model(device, dtype, quick, **kw):
+    rows = []
+    for impl, ms_, base in (
+        ("transformers eager", 40.0, True),
+        ("transformers grouped_mm", 20.0, True),
+        ("moestream patch_moe", 10.0, False),
+    ):
+        rows.append(
+            {
+                "op": "qwen3_moe forward",
+                "impl": impl,
+                "tokens": 128,
+                "median_ms": ms_,
+                "tokens_per_s": 128 / (ms_ / 1e3),
+                "speedup": 20.0 / ms_,
+                "baseline": base,
+                "rel_err": 1e-6,
+                "p10_ms": ms_ * 0.9,
+                "p25_ms": ms_ * 0.95,
+                "p75_ms": ms_ * 1.05,
+                "p90_ms": ms_ * 1.1,
+                "reps": 3,
+                "layers": 1,
+                "batch": 1,
+                "seq": 128,
+            }
+        )
+    rows.append(
+        {"op": "qwen3_moe train", "impl": "transformers grouped_mm", "tokens": 128, "median_ms": None,
+         "tokens_per_s": None, "speedup": None, "baseline": True, "reason": "RuntimeError: no kernel"}
+    )
+    return rows
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    bm = importlib.import_module("moestream.integrations.bench_model")
+    bs = importlib.import_module("moestream.offload.bench_stream")
+
+    monkeypatch.setattr(bs, "run_stream_suite", _fake_stream)
+    monkeypatch.setattr(bm, "run_model_suite", _fake_model)
+
+
+def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    rc, text = run_cli(CLI + ["--suite", "all", "--op", "decode,link,streamer,qwen3_moe_forward,"
+                              "qwen3_moe_train", "--json", str(a)])
+    assert rc == 0, text
+    data, stream = rows_of(a, "stream")
+    _, model = rows_of(a, "model")
+    assert set(data["meta"]["suites"]) >= {"ops", "moe", "model", "stream"}
+    by = {(r["op"], r["impl"]): r for r in stream}
+    assert set(by) == {("link", "disk O_DIRECT"), ("streamer", "moestream (disk)"),
+                       ("decode", "moestream"), ("decode", "accelerate.disk_offload")}
+    dec = by[("decode", "moestream")]
+    assert dec["speedup"] == {"accelerate.disk_offload": pytest.approx(3.0)}
+    assert dec["ceiling_fraction"] == pytest.approx(0.8) and dec["spread"] == pytest.approx(0.1)
+    assert dec["tokens_per_s"] == pytest.approx(100.0)
+    assert by[("streamer", "moestream (disk)")]["ceiling_fraction"] == pytest.approx(0.75)
+    mb = {(r["op"], r["impl"]): r for r in model}
+    ours = mb[("qwen3_moe_forward", "moestream")]
+    assert ours["speedup"] == {"hf-eager": pytest.approx(4.0), "hf-grouped_mm": pytest.approx(2.0)}
+    assert ours["error"] == pytest.approx(1e-6) and ours["params"]["seq"] == 128
+    skipped = mb[("qwen3_moe_train", "hf-grouped_mm")]
+    assert skipped["status"] == "skipped" and "no kernel" in skipped["reason"]
+    # the table
+    assert "stream / decode / float32 / T=1" in text and "80% link" in text and "75% link" in text
+    assert "3.00x" in text and "2 GB/s" in text and "1.28e+04 tok/s" in text
+    # compare: a slower decode and a faster link
+    data2 = json.loads(a.read_text())
+    for r in data2["rows"]:
+        if r["op"] == "decode" and r["impl"] == "moestream":
+            r["median_ms"] *= 2
+        if r["op"] == "link":
+            r["gbps"] *= 2
+    b.write_text(json.dumps(data2))
+    items = {it["key"][1:3]: it for it in report.compare_rows(data, data2)}
+    assert items[("decode", "moestream")]["verdict"] == "slower"
+    assert items[("link", "disk O_DIRECT")]["verdict"] == "faster"
+    assert items[("qwen3_moe_forward", "moestream")]["verdict"] == "~"
+    assert main(["--compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "stream/link" in out and "4 GB/s" in out
+    if importlib.util.find_spec("matplotlib"):  # plot: rows without a time (link) are left out
+        png = tmp_path / "p.png"
+        report.plot(data, png)
+        assert png.stat().st_size > 0
+
+
+def test_missing_dependency_skips_and_a_crash_is_an_error(monkeypatch):
+    bm = importlib.import_module("moestream.integrations.bench_model")
+    bs = importlib.import_module("moestream.offload.bench_stream")
+
+    def no_accelerate(*a, **k):
+        raise ModuleNotFoundError("No module named 'accelerate'", name="accelerate")
+
+    def crash(*a, **k):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(bs, "run_stream_suite", no_accelerate)
+    monkeypatch.setattr(bm, "run_model_suite", crash)
+    cfg = bench.BenchConfig(shape=bench.get_shape("tiny"), device="cpu", dtypes=[torch.float32],
+                            tokens=[4], quick=True, progress=False)
+    res = bench.run(cfg, ["stream", "model"])
+    reasons = {s["suite"]: s["reason"] for s in res.skipped}
+    assert "accelerate" in reasons["stream"]
+    (row,) = res.rows
+    assert row.suite == "model" and row.status == "error" and "boom" in row.reason
+    assert run_cli(CLI + ["--suite", "model"])[0] == 1
+
+
+def test_suites_import_no_transformers_or_accelerate():
+    code = (
+        "import sys, moestream.bench as b; b.load_suites(); "
+        "assert {'model', 'stream'} <= set(b.SUITES), b.core.SUITE_IMPORT_ERRORS; "
+        "print(sorted(m for m in ('transformers', 'accelerate') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_slow_calls_warm_up_once():
+    calls = []
+
+    def mk(i):
+        def f():
+            calls.append(i)
+            x = 0
+            for _ in range(20000):
+                x += 1
+        return f
+
+    pol = TimingPolicy(budget_s=1e-6, warmup_s=0.0, min_reps=5, max_reps=10, slow_reps=3)
+    m = measure([mk(i) for i in range(4)], torch.device("cpu"), pol)
+    assert m.reps == 3
+    assert calls == [0, 0, 1, 2]  # one warm-up call, then the timed calls rotate through the sets
