@@ -40,7 +40,8 @@ def check_forward(a, b, offsets, transpose_b, bias):
 
 
 # (counts per group, M, K, N): decode-like small groups (the small-row kernels), large groups
-# (conversion + SGEMM for bf16/fp16), an empty group, offsets[-1] < M, odd sizes, one group
+# (conversion + SGEMM for bf16/fp16), an empty group, offsets[-1] < M, odd sizes, one group,
+# no rows at all
 CASES = [
     ([2, 1, 0, 3, 2, 5, 8, 4], 25, 64, 48),
     ([40, 0, 37, 19], 96, 33, 70),
@@ -48,6 +49,7 @@ CASES = [
     ([13], 13, 1, 7),
     ([0, 0, 5], 5, 9, 1),
     ([0, 0], 4, 8, 8),
+    ([3], 3, 40, 300),  # one expert at decode: the small-row kernels split the columns
 ]
 
 

@@ -124,6 +124,9 @@ std::vector<Segment> segments_in(const std::vector<int64_t>& ends, int64_t p0, i
 
 // Column panel width of the float32 copy of b[g] in the low-precision path: the panel
 // (K x width floats) is converted right before the GEMM reads it, so it should still be in L2.
+// 128 KiB to 4 MiB panels timed within noise of each other on the 2-core test machine (bf16,
+// M=4096, K=512/1024, N=1024); 512 KiB is a middle that fits common L2 sizes.
+// MOESTREAM_CPU_PANEL_KB overrides.
 int64_t lowp_panel(int64_t K, int64_t N) {
   const std::string e = env_str("MOESTREAM_CPU_PANEL_KB");
   const int64_t kb = e.empty() ? 512 : std::atoll(e.c_str());
@@ -297,7 +300,7 @@ MS_AVX2 void small_nt_avx2(const float* a, int64_t rows, int64_t K, const scalar
   small_nt_body<scalar_t, MS_X86_DISPATCH == 1>(a, rows, K, bt, ldn, bias, out, ldo, n0, n1, bf);
 }
 
-// out_s [rows, N] (rows <= small_rows_limit(), out's stride(1) == 1) = a_s @ B (+ bias), B [K, N] a view of b's
+// out_s [rows, N] (few rows, out's stride(1) == 1) = a_s @ B (+ bias), B [K, N] a view of b's
 // low-precision storage with one unit stride. Parallel over column blocks when not already
 // inside a parallel region (the serial schedule).
 template <typename scalar_t>
@@ -409,12 +412,23 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
   }
 }
 
-// "auto" schedule: split rows across threads unless there is one thread or too little work.
-bool choose_split(int64_t used_rows, int64_t K, int64_t N, int64_t nthreads) {
+// Default schedule. Measured with 2 threads on a 2-core AMD EPYC (AVX2) shared with other jobs,
+// 32 groups, ms as min / median of 20 interleaved repetitions:
+//                                        split        serial       dense at::mm (same FLOPs, f32)
+//   float32 M=4096 (~128 rows/group)     177 / 270    440 / 1023   174 / 239
+//   float32 M=64 (~2 rows/group)         14 / 24      36 / 136     1.6 / 9.7
+//   bf16 M=4096 (float32 path)           137 / 223    466 / 1141   119 / 193
+//   bf16 M=64 (small-row kernels)        11 / 16      39 / 180
+// (K = N = 1024.) With the threads on disjoint groups there is no barrier inside each GEMM, and
+// for tiny groups each thread streams its own experts' weights. Serial stays for small work (no
+// parallel region to pay for) and for few groups with few rows (one expert at decode: cutting 4
+// rows over the threads would make every thread read all of b; the BLAS splits the columns).
+bool choose_split(int64_t used_rows, int64_t groups, int64_t K, int64_t N, int64_t nthreads) {
   const int s = gmm_schedule();
   if (s != 0) return s == 1;
-  if (nthreads <= 1) return false;
-  return used_rows >= 2 * nthreads && static_cast<double>(used_rows) * K * N >= 1e6;
+  if (nthreads <= 1 || used_rows < 2 * nthreads) return false;
+  if (static_cast<double>(used_rows) * K * N < 1e6) return false;
+  return groups >= nthreads || used_rows >= 16 * nthreads;
 }
 
 at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets, bool transpose_b,
@@ -458,7 +472,9 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   if (bias.has_value()) x.bias = bias->to(x.via_float ? at::kFloat : a_in.scalar_type()).contiguous();
 
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const bool split = choose_split(used, K, N, nthreads);
+  int64_t groups = 0;
+  for (int64_t g = 0; g < E; ++g) groups += ends[g] > (g ? ends[g - 1] : 0);
+  const bool split = choose_split(used, groups, K, N, nthreads);
   const int64_t parts = split ? std::min(nthreads, used) : 1;
 
   // Buffers of the float32 path, sized for the largest segment a part can meet.
