@@ -152,15 +152,18 @@ at::Tensor gated_activation_backward_cpu(const at::Tensor& grad, const at::Tenso
   MS_CHECK(grad.sizes().vec() == expect, op, "grad must have x's shape with the last dimension halved ",
            c10::IntArrayRef(expect), ", got shape ", shape_str(grad), " (x has shape ", shape_str(x), ")");
 
-  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  // x's strides, like the fake kernel (empty_like); computed contiguously, copied if they differ
+  at::Tensor gx = at::empty_like(x);
   if (gx.numel() == 0) return gx;
+  at::Tensor gxc = gx.is_contiguous() ? gx : at::empty(x.sizes(), x.options());
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.to(x.scalar_type()).contiguous();
   const int64_t rows = xc.numel() / (2 * n);
   MS_DISPATCH_FLOATS(x.scalar_type(), "gated_activation_backward_cpu", [&] {
     backward_kernel<scalar_t>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                              gx.mutable_data_ptr<scalar_t>(), rows, n, k, l, alpha, limit);
+                              gxc.mutable_data_ptr<scalar_t>(), rows, n, k, l, alpha, limit);
   });
+  if (!gxc.is_same(gx)) gx.copy_(gxc);
   return gx;
 }
 

@@ -25,32 +25,36 @@ namespace moestream {
 namespace {
 
 // ----------------------------------------------------------------------------------------------
-// tuning knobs (environment, read once) and CPU capabilities
+// tuning knobs and CPU capabilities
+//
+// The MOESTREAM_CPU_* environment variables below exist for benchmarking the alternatives; they
+// are read at each call (a few getenv look-ups, nothing next to a GEMM) so that one process can
+// time them side by side. Unset, the measured defaults apply.
+
+std::string env_str(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? std::string() : std::string(v);
+}
 
 // How bfloat16 / float16 GEMMs are run.
 //  - native: at::mm on the low-precision tensors. Fast only where ATen routes them to oneDNN
-//    (x86 with AVX-512 BW/VL/DQ for bfloat16, AVX-512-FP16 / AMX-FP16 for float16).
+//    (x86 with AVX-512 BW/VL/DQ for bfloat16, AVX-512-FP16 for float16), the same test ATen uses.
 //  - float: convert the operands to float32 in thread-local buffers, run SGEMM, round the float32
-//    result once. On an AVX2-only CPU (AMD EPYC, 2 threads) ATen's bf16 fallback GEMM ran a
-//    [4096,1024]x[1024,1024] product at ~1 GFLOP/s (12.7 s) against ~130 GFLOP/s for SGEMM, so the
-//    conversion costs far less than it saves.
-// MOESTREAM_CPU_LOWP_GEMM=native|float overrides the choice (benchmarking).
+//    result once (or, for groups of a few rows, the small-row kernels below). On an AVX2-only CPU
+//    (AMD EPYC, 2 threads) ATen's bf16 fallback GEMM ran [4096,1024]x[1024,1024] at ~1 GFLOP/s
+//    (12.7 s) against ~130 GFLOP/s for SGEMM, so the conversion costs far less than it saves.
+// MOESTREAM_CPU_LOWP_GEMM=native|float overrides the choice.
 bool lowp_native(at::ScalarType t) {
-  const int forced = [] {
-    const char* v = std::getenv("MOESTREAM_CPU_LOWP_GEMM");
-    if (v == nullptr) return -1;
-    const std::string s(v);
-    return s == "native" ? 1 : (s == "float" ? 0 : -1);
-  }();
-  if (forced >= 0) return forced == 1;
-#if defined(__x86_64__) || defined(__i386__)
+  const std::string forced = env_str("MOESTREAM_CPU_LOWP_GEMM");
+  if (forced == "native") return true;
+  if (forced == "float") return false;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   static const bool bf16_ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                               __builtin_cpu_supports("avx512dq");
   static const bool fp16_ok = __builtin_cpu_supports("avx512fp16");
 #else
-  // aarch64: oneDNN / ACL or the BLAS take bf16 / fp16 natively where ATen supports them.
-  static const bool bf16_ok = true;
-  static const bool fp16_ok = true;
+  static const bool bf16_ok = false;  // not measured elsewhere: keep the predictable float32 path
+  static const bool fp16_ok = false;
 #endif
   if (!at::globalContext().userEnabledMkldnn()) return false;
   return t == at::kBFloat16 ? bf16_ok : (t == at::kHalf ? fp16_ok : true);
@@ -58,27 +62,23 @@ bool lowp_native(at::ScalarType t) {
 
 bool is_lowp(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// Scheduling of grouped_mm's groups (MOESTREAM_CPU_GMM_SCHEDULE=auto|split|serial, benchmarking):
+// Scheduling of grouped_mm's groups (MOESTREAM_CPU_GMM_SCHEDULE=split|serial overrides):
 //  - split: the used rows are cut into one contiguous range per thread (so every thread gets the
 //    same FLOPs whatever the group sizes); each thread runs single-threaded GEMMs on the pieces of
 //    the groups inside its range.
 //  - serial: one group after the other, each GEMM multi-threaded by the BLAS.
-// See choose_split() for the measurements behind "auto".
+// See choose_split() for the measurements behind the default.
 int gmm_schedule() {
-  const int s = [] {
-    const char* v = std::getenv("MOESTREAM_CPU_GMM_SCHEDULE");
-    if (v == nullptr) return 0;
-    const std::string x(v);
-    return x == "split" ? 1 : (x == "serial" ? 2 : 0);
-  }();
-  return s;
+  const std::string x = env_str("MOESTREAM_CPU_GMM_SCHEDULE");
+  return x == "split" ? 1 : (x == "serial" ? 2 : 0);
 }
 
 // ----------------------------------------------------------------------------------------------
 // argument checks
 
 // offsets [E] int32|int64 -> host copy, checked to be non-negative, non-decreasing and <= M.
-std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* op, const char* rows_of) {
+std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* op,
+                                  const char* rows_of) {
   check_dim(offsets, 1, op, "offsets");
   check_index(offsets, op, "offsets");
   MS_CHECK(offsets.size(0) == E, op, "offsets must have one entry per group (", E, "), got shape ",
@@ -124,8 +124,12 @@ std::vector<Segment> segments_in(const std::vector<int64_t>& ends, int64_t p0, i
 
 // Column panel width of the float32 copy of b[g] in the low-precision path: the panel
 // (K x width floats) is converted right before the GEMM reads it, so it should still be in L2.
+// 128 KiB to 4 MiB panels timed within noise of each other on the 2-core test machine (bf16,
+// M=4096, K=512/1024, N=1024); 512 KiB is a middle that fits common L2 sizes.
+// MOESTREAM_CPU_PANEL_KB overrides.
 int64_t lowp_panel(int64_t K, int64_t N) {
-  const int64_t kb = [] { const char* e = std::getenv("MOESTREAM_CPU_PANEL_KB"); return e ? std::atoll(e) : 256; }();
+  const std::string e = env_str("MOESTREAM_CPU_PANEL_KB");
+  const int64_t kb = e.empty() ? 512 : std::atoll(e.c_str());
   const int64_t budget = (kb * 1024) / 4;  // floats
   int64_t w = std::max<int64_t>(64, (budget / std::max<int64_t>(K, 1)) / 64 * 64);
   return std::min(w, N);
@@ -296,7 +300,7 @@ MS_AVX2 void small_nt_avx2(const float* a, int64_t rows, int64_t K, const scalar
   small_nt_body<scalar_t, MS_X86_DISPATCH == 1>(a, rows, K, bt, ldn, bias, out, ldo, n0, n1, bf);
 }
 
-// out_s [rows, N] (rows <= small_rows_limit(), out's stride(1) == 1) = a_s @ B (+ bias), B [K, N] a view of b's
+// out_s [rows, N] (few rows, out's stride(1) == 1) = a_s @ B (+ bias), B [K, N] a view of b's
 // low-precision storage with one unit stride. Parallel over column blocks when not already
 // inside a parallel region (the serial schedule).
 template <typename scalar_t>
@@ -351,8 +355,8 @@ struct GmmArgs {
 // MOESTREAM_CPU_SMALL_ROWS caps both (0 disables the small kernels; benchmarking).
 int64_t small_rows_limit(bool n_contiguous) {
   const int64_t limit = n_contiguous ? 8 : 4;
-  const char* e = std::getenv("MOESTREAM_CPU_SMALL_ROWS");
-  return e ? std::min<int64_t>(std::atoll(e), limit) : limit;
+  const std::string e = env_str("MOESTREAM_CPU_SMALL_ROWS");
+  return e.empty() ? limit : std::min<int64_t>(std::atoll(e.c_str()), limit);
 }
 
 void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tensor& b_buf, at::Tensor& c_buf) {
@@ -408,12 +412,23 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
   }
 }
 
-// "auto" schedule: split rows across threads unless there is one thread or too little work.
-bool choose_split(int64_t used_rows, int64_t K, int64_t N, int64_t nthreads) {
+// Default schedule. Measured with 2 threads on a 2-core AMD EPYC (AVX2) shared with other jobs,
+// 32 groups, ms as min / median of 20 interleaved repetitions:
+//                                        split        serial       dense at::mm (same FLOPs, f32)
+//   float32 M=4096 (~128 rows/group)     177 / 270    440 / 1023   174 / 239
+//   float32 M=64 (~2 rows/group)         14 / 24      36 / 136     1.6 / 9.7
+//   bf16 M=4096 (float32 path)           137 / 223    466 / 1141   119 / 193
+//   bf16 M=64 (small-row kernels)        11 / 16      39 / 180
+// (K = N = 1024.) With the threads on disjoint groups there is no barrier inside each GEMM, and
+// for tiny groups each thread streams its own experts' weights. Serial stays for small work (no
+// parallel region to pay for) and for few groups with few rows (one expert at decode: cutting 4
+// rows over the threads would make every thread read all of b; the BLAS splits the columns).
+bool choose_split(int64_t used_rows, int64_t groups, int64_t K, int64_t N, int64_t nthreads) {
   const int s = gmm_schedule();
   if (s != 0) return s == 1;
-  if (nthreads <= 1) return false;
-  return used_rows >= 2 * nthreads && static_cast<double>(used_rows) * K * N >= 1e6;
+  if (nthreads <= 1 || used_rows < 2 * nthreads) return false;
+  if (static_cast<double>(used_rows) * K * N < 1e6) return false;
+  return groups >= nthreads || used_rows >= 16 * nthreads;
 }
 
 at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets, bool transpose_b,
@@ -457,7 +472,9 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   if (bias.has_value()) x.bias = bias->to(x.via_float ? at::kFloat : a_in.scalar_type()).contiguous();
 
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const bool split = choose_split(used, K, N, nthreads);
+  int64_t groups = 0;
+  for (int64_t g = 0; g < E; ++g) groups += ends[g] > (g ? ends[g - 1] : 0);
+  const bool split = choose_split(used, groups, K, N, nthreads);
   const int64_t parts = split ? std::min(nthreads, used) : 1;
 
   // Buffers of the float32 path, sized for the largest segment a part can meet.

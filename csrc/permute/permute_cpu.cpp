@@ -298,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   const auto acc_type = ys.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool want_gw = weights.has_value() && needs_weights_grad;
   auto grad_ys = at::empty({N, H}, ys.options());
-  auto grad_w = want_gw ? at::empty({T, k}, ys.options().dtype(acc_type)) : at::empty({0}, ys.options().dtype(acc_type));
+  const std::vector<int64_t> gw_shape = want_gw ? std::vector<int64_t>{T, k} : std::vector<int64_t>{0};
+  auto grad_w = at::empty(gw_shape, ys.options().dtype(acc_type));
   if (H == 0) {
     if (want_gw) grad_w.zero_();
     return {grad_ys, grad_w};

@@ -366,6 +366,21 @@ def _register_autograd() -> None:
 
     reg("grouped_mm_weight_grad", gmm_wg_backward, gmm_wg_setup)
 
+    def gbias_setup(ctx, inputs, output):
+        grad_out, offsets = inputs
+        ctx.rows = grad_out.shape[0]
+        ctx.save_for_backward(offsets)
+
+    def gbias_backward(ctx, gg):
+        # second order: grad_bias[g] = sum of group g's rows -> every row of g gets gg[g], rows past
+        # offsets[-1] get 0: a grouped matmul of a column of ones with gg[g] as a 1 x N block.
+        (offsets,) = ctx.saved_tensors
+        gg = gg.contiguous()
+        ones = gg.new_ones((ctx.rows, 1))
+        return _ops.grouped_mm(ones, gg.unsqueeze(1), offsets, False, None), None
+
+    reg("grouped_bias_grad", gbias_backward, gbias_setup)
+
     # gated activation -----------------------------------------------------------------------------
     def act_setup(ctx, inputs, output):
         x, kind, layout, alpha, limit = inputs
