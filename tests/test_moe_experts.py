@@ -121,6 +121,18 @@ def test_edge_shapes(device, dtype, case):
             assert out.shape == (case["T"], case["H"]) and (out == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_every_row_count_kernel(device, dtype, transpose_b):
+    # experts with 1, 2, 3, 4, 7, 9, 17 and 40 rows reach each CPU matmul path (streaming kernels
+    # for a few rows, BLAS for many); H = 70 and I = 45 leave tails after every vector block
+    counts = [1, 2, 3, 4, 7, 9, 17, 40]
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
+    a = make(sum(counts), 70, 45, len(counts), 1, dtype, device, transpose_b, bias=True, ids=ids)
+    check_fused(a, "swiglu", "concat", transpose_b, what=f"{dtype} tb={transpose_b}")
+    check_fused(a, "gptoss", "interleaved", transpose_b, what=f"{dtype} tb={transpose_b}")
+
+
 def test_expert_without_tokens(device):
     T, E, k = 30, 6, 2
     ids = torch.stack([torch.randperm(E - 2)[:k] for _ in range(T)])  # experts 4 and 5 get nothing

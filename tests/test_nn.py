@@ -96,7 +96,7 @@ def _ref_moe(moe: MoE, x: torch.Tensor, ids=None) -> torch.Tensor:
         y = R.moe_experts_loop(
             xs,
             ids.reshape(-1, 1),
-            torch.ones(T * k, 1, dtype=torch.float64),
+            torch.ones(T * k, 1, dtype=torch.float64, device=x.device),
             ex["w1"],
             ex["w2"],
             ex["b1"],
@@ -284,7 +284,7 @@ def test_moe_matches_reference(device, preset, dtype):
     assert y.shape == x.shape and y.dtype == dtype
     _, _, ids = moe.submodule("router")(x)
     # the oracle uses the same expert selection: at low precision a near-tie may legitimately flip
-    ref64 = _ref_moe(moe, x, ids=ids.cpu()).to(device)
+    ref64 = _ref_moe(moe, x, ids=ids)
     if dtype == torch.float32:
         assert_accurate(y, ref64, what=preset)
     else:
