@@ -8,6 +8,7 @@
 
 #include "activation/gated_activation_cpu.h"
 #include "common/checks.h"
+#include "common/cpu_memory.h"
 
 namespace moestream {
 namespace {
@@ -126,7 +127,7 @@ at::Tensor gated_activation_cpu(const at::Tensor& x, c10::string_view kind, c10:
   const int64_t n = x.size(-1) / 2;
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
-  at::Tensor out = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = cpu::empty_large(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.numel() / (2 * n);
@@ -153,7 +154,7 @@ at::Tensor gated_activation_backward_cpu(const at::Tensor& grad, const at::Tenso
            c10::IntArrayRef(expect), ", got shape ", shape_str(grad), " (x has shape ", shape_str(x), ")");
 
   // x's strides, like the fake kernel (empty_like); computed contiguously, copied if they differ
-  at::Tensor gx = at::empty_like(x);
+  at::Tensor gx = x.is_contiguous() ? cpu::empty_large(x.sizes(), x.options()) : at::empty_like(x);
   if (gx.numel() == 0) return gx;
   at::Tensor gxc = gx.is_contiguous() ? gx : at::empty(x.sizes(), x.options());
   const at::Tensor xc = x.contiguous();

@@ -32,6 +32,7 @@
 
 #include "activation/gated_activation_cpu.h"
 #include "common/checks.h"
+#include "common/cpu_memory.h"
 
 
 
@@ -298,9 +299,15 @@ constexpr int64_t kSmallRows = std::is_same_v<scalar_t, float> ? 8 : 16;
 // C[M, nc] (ld ldc) = X[M, K] (ld ldx) @ B[:, c0 : c0 + nc] with B stored as described above.
 // panel: scratch for converting a block of non-float weights to the accumulation type.
 template <typename scalar_t>
+struct MmScratch {
+  Buffer<acc_t<scalar_t>> panel, ctmp;  // float32 detour: converted weight block, result block
+  Buffer<scalar_t> xlow, clow;           // native low-precision GEMM: rounded rows, result block
+  bool native = false;                   // bfloat16 / float16 through ATen's native GEMM (oneDNN)
+};
+
+template <typename scalar_t>
 void block_mm(int64_t M, int64_t nc, int64_t K, const acc_t<scalar_t>* X, int64_t ldx, const scalar_t* W,
-              int64_t ldw, bool nk, int64_t c0, acc_t<scalar_t>* C, int64_t ldc, Buffer<acc_t<scalar_t>>& panel,
-              Buffer<acc_t<scalar_t>>& ctmp) {
+              int64_t ldw, bool nk, int64_t c0, acc_t<scalar_t>* C, int64_t ldc, MmScratch<scalar_t>& s) {
   using acc = acc_t<scalar_t>;
   if (M == 0 || nc == 0) return;
   const scalar_t* Wb = nk ? W + c0 * ldw : W + c0;
@@ -328,6 +335,25 @@ void block_mm(int64_t M, int64_t nc, int64_t K, const acc_t<scalar_t>* X, int64_
     small_mm_scalar<scalar_t, acc>(M, nc, K, X, ldx, Wb, ldw, nk, C, ldc);
     return;
   }
+  if constexpr (!std::is_same_v<scalar_t, acc>) {
+    if (s.native) {
+      // rows rounded to the weights' dtype (exact for gathered inputs; the activation is rounded
+      // as the reference rounds it), one native GEMM, result widened back into C
+      const auto low = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+      scalar_t* Xl = s.xlow.get(M * K);
+      for (int64_t m = 0; m < M; ++m) cpu::from_acc_fast(X + m * ldx, Xl + m * K, K);
+      scalar_t* Cl = s.clow.get(M * nc);
+      at::Tensor xt = at::from_blob(Xl, {M, K}, low);
+      at::Tensor bt = nk ? at::from_blob(const_cast<scalar_t*>(Wb), {nc, K}, {ldw, 1}, low).t()
+                         : at::from_blob(const_cast<scalar_t*>(Wb), {K, nc}, {ldw, 1}, low);
+      at::Tensor ct = at::from_blob(Cl, {M, nc}, low);
+      at::mm_out(ct, xt, bt);
+      for (int64_t m = 0; m < M; ++m) cpu::to_acc_fast(Cl + m * nc, C + m * ldc, nc);
+      return;
+    }
+  }
+  auto& panel = s.panel;
+  auto& ctmp = s.ctmp;
   const acc* B;
   int64_t ldb;
   if constexpr (std::is_same_v<scalar_t, acc>) {
@@ -433,17 +459,20 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
   const acc* b2p = b2.defined() ? b2.const_data_ptr<acc>() : nullptr;
   const acc* wp = weights.const_data_ptr<acc>();
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc>::value);
-  at::Tensor a_buf = at::empty({N, I}, acc_opts);
-  at::Tensor y_buf = at::empty({N, H}, acc_opts);
+  at::Tensor a_buf = cpu::empty_large({N, I}, acc_opts);
+  at::Tensor y_buf = cpu::empty_large({N, H}, acc_opts);
   acc* A = a_buf.mutable_data_ptr<acc>();
   acc* Y = y_buf.mutable_data_ptr<acc>();
   int64_t max_rows = 0;
   for (int64_t c : counts) max_rows = std::max(max_rows, c);
 
   struct Scratch {
-    Buffer<acc> xs, h, panel, ctmp, bias, g, u;
+    Buffer<acc> xs, h, bias, g, u;
+    MmScratch<scalar_t> mm;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, nthreads)));
+  const bool native = cpu::is_lowp(x.scalar_type()) && cpu::lowp_native(x.scalar_type());
+  for (auto& sc : scratch) sc.mm.native = native;
 
   // step 2 for columns [j0, j1) of I: gather + x_e @ W1_e[:, block] (+ bias) + activation -> A
   const int64_t ld1 = tb ? H : 2 * I;  // W1_e is [2I, H] (tb) or [H, 2I]
@@ -455,10 +484,10 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
     const scalar_t* W = w1p + e * H * 2 * I;
     // local h keeps the global layout: [gate block | up block] (concat) or pairs (interleaved)
     if (layout == ActLayout::Interleaved || cb == I) {
-      block_mm<scalar_t>(m, 2 * cb, H, xs, H, W, ld1, tb, 2 * j0, h, 2 * cb, s.panel, s.ctmp);
+      block_mm<scalar_t>(m, 2 * cb, H, xs, H, W, ld1, tb, 2 * j0, h, 2 * cb, s.mm);
     } else {
-      block_mm<scalar_t>(m, cb, H, xs, H, W, ld1, tb, j0, h, 2 * cb, s.panel, s.ctmp);
-      block_mm<scalar_t>(m, cb, H, xs, H, W, ld1, tb, I + j0, h + cb, 2 * cb, s.panel, s.ctmp);
+      block_mm<scalar_t>(m, cb, H, xs, H, W, ld1, tb, j0, h, 2 * cb, s.mm);
+      block_mm<scalar_t>(m, cb, H, xs, H, W, ld1, tb, I + j0, h + cb, 2 * cb, s.mm);
     }
     acc* bias = nullptr;
     if (b1p) {
@@ -492,7 +521,7 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
   auto down = [&](int64_t e, int64_t n0, int64_t n1, Scratch& s) {
     const int64_t nb = n1 - n0, m = counts[e], r0 = offsets[e];
     acc* C = Y + r0 * H + n0;
-    block_mm<scalar_t>(m, nb, I, A + r0 * I, I, w2p + e * I * H, ld2, tb, n0, C, H, s.panel, s.ctmp);
+    block_mm<scalar_t>(m, nb, I, A + r0 * I, I, w2p + e * I * H, ld2, tb, n0, C, H, s.mm);
     if (b2p) {
       const acc* b = b2p + e * H + n0;
       for (int64_t r = 0; r < m; ++r)
@@ -621,7 +650,7 @@ at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at:
   }
 
   // x's strides, like the fake kernel (empty_like); computed contiguously, copied if they differ
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = x.is_contiguous() ? cpu::empty_large(x.sizes(), x.options()) : at::empty_like(x);
   if (out.numel() == 0) return out;
   at::Tensor outc = out.is_contiguous() ? out : at::empty({T, H}, x.options());
   const at::Tensor xc = x.contiguous();

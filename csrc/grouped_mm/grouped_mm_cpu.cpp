@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_memory.h"
 
 namespace moestream {
 namespace {
@@ -36,31 +37,8 @@ std::string env_str(const char* name) {
   return v == nullptr ? std::string() : std::string(v);
 }
 
-// How bfloat16 / float16 GEMMs are run.
-//  - native: at::mm on the low-precision tensors. Fast only where ATen routes them to oneDNN
-//    (x86 with AVX-512 BW/VL/DQ for bfloat16, AVX-512-FP16 for float16), the same test ATen uses.
-//  - float: convert the operands to float32 in thread-local buffers, run SGEMM, round the float32
-//    result once (or, for groups of a few rows, the small-row kernels below). On an AVX2-only CPU
-//    (AMD EPYC, 2 threads) ATen's bf16 fallback GEMM ran [4096,1024]x[1024,1024] at ~1 GFLOP/s
-//    (12.7 s) against ~130 GFLOP/s for SGEMM, so the conversion costs far less than it saves.
-// MOESTREAM_CPU_LOWP_GEMM=native|float overrides the choice.
-bool lowp_native(at::ScalarType t) {
-  const std::string forced = env_str("MOESTREAM_CPU_LOWP_GEMM");
-  if (forced == "native") return true;
-  if (forced == "float") return false;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool bf16_ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                              __builtin_cpu_supports("avx512dq");
-  static const bool fp16_ok = __builtin_cpu_supports("avx512fp16");
-#else
-  static const bool bf16_ok = false;  // not measured elsewhere: keep the predictable float32 path
-  static const bool fp16_ok = false;
-#endif
-  if (!at::globalContext().userEnabledMkldnn()) return false;
-  return t == at::kBFloat16 ? bf16_ok : (t == at::kHalf ? fp16_ok : true);
-}
-
-bool is_lowp(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+using cpu::is_lowp;
+using cpu::lowp_native;
 
 // Scheduling of grouped_mm's groups (MOESTREAM_CPU_GMM_SCHEDULE=split|serial overrides):
 //  - split: the used rows are cut into one contiguous range per thread (so every thread gets the
@@ -457,7 +435,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   const auto ends = read_offsets(offsets, E, M, op, "a");
   const int64_t used = E ? ends[E - 1] : 0;
 
-  auto out = at::empty({M, N}, a_in.options());
+  auto out = cpu::empty_large({M, N}, a_in.options());
   if (used < M) out.narrow(0, used, M - used).zero_();
   if (used == 0 || N == 0) return out;
 
@@ -536,7 +514,7 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
   const int64_t E = offsets.size(0);
   const auto ends = read_offsets(offsets, E, M, op, "a");
 
-  auto out = transpose_b ? at::empty({E, N, K}, a.options()) : at::empty({E, K, N}, a.options());
+  auto out = transpose_b ? cpu::empty_large({E, N, K}, a.options()) : cpu::empty_large({E, K, N}, a.options());
   const bool via_float = is_lowp(a.scalar_type()) && !lowp_native(a.scalar_type());
 
   std::vector<Segment> groups;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_memory.h"
 
 namespace moestream {
 namespace {
@@ -93,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
   const int64_t n = T * k;
   auto x = x_in.contiguous();
   auto ids = ids_in.contiguous();
-  auto x_sorted = at::empty({n, H}, x.options());
+  auto x_sorted = cpu::empty_large({n, H}, x.options());
   auto perm = at::empty({T, k}, ids.options().dtype(at::kLong));
   auto offsets = at::empty({num_experts}, ids.options().dtype(at::kLong));
 
@@ -188,7 +189,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& perm_i
   const int64_t T = perm_in.size(0), k = perm_in.size(1);
   auto perm = checked_perm(perm_in, N, op);
   auto ys = y_sorted_in.contiguous();
-  auto out = at::empty({T, H}, ys.options());
+  auto out = cpu::empty_large({T, H}, ys.options());
   if (T == 0 || H == 0) return out;
 
   MS_DISPATCH_FLOATS(ys.scalar_type(), "moestream.unpermute", [&] {
@@ -297,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   auto ys = y_sorted_in.contiguous();
   const auto acc_type = ys.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool want_gw = weights.has_value() && needs_weights_grad;
-  auto grad_ys = at::empty({N, H}, ys.options());
+  auto grad_ys = cpu::empty_large({N, H}, ys.options());
   const std::vector<int64_t> gw_shape = want_gw ? std::vector<int64_t>{T, k} : std::vector<int64_t>{0};
   auto grad_w = at::empty(gw_shape, ys.options().dtype(acc_type));
   if (H == 0) {
