@@ -18,7 +18,7 @@ $(STAMP_ENV): Makefile
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q "scikit-build-core>=0.10" ninja cmake "pytest>=8" expecttest numpy "safetensors>=0.4" \
-	    "transformers>=5.0,<6" "accelerate>=1.0"
+	    "transformers>=5.0,<6" "accelerate>=1.0" matplotlib
 	touch $@
 
 env: $(STAMP_ENV)
