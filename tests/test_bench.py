@@ -739,3 +739,35 @@ def test_repetition_count_follows_the_budget():
     assert repetitions(0.05, pol) == 20  # budget / call time
     assert repetitions(0.3, pol) == 5  # at least min_reps while that stays within twice the budget
     assert repetitions(2.0, pol) == 3  # very slow calls: slow_reps
+
+
+def test_ceilings_best_of_start_and_end(monkeypatch, tmp_path, capsys):
+    # the ceilings are measured before the first row and after the last; the better measurement
+    # judges every row, and both measurements are kept in the JSON
+    from moestream.bench import ceilings as _ceilings
+
+    rates = iter([50.0, 80.0])
+    bws = iter([10.0, 7.0])
+    monkeypatch.setattr(
+        _ceilings, "measure_matmul", lambda *a, **k: {"op": "torch.mm", "m": 1, "k": 1, "n": 1, "gflops": next(rates)}
+    )
+    monkeypatch.setattr(_ceilings, "measure_bandwidth", lambda *a, **k: {"op": "copy", "bytes": 1, "gbps": next(bws)})
+    path = tmp_path / "c.json"
+    args = ["--shape", "tiny", "--tokens", "8", "--op", "grouped_mm,gated_activation", "--json", str(path)]
+    assert main(CLI + args) == 0
+    capsys.readouterr()
+    data = json.loads(path.read_text())
+    ceil = data["meta"]["ceilings"]
+    assert ceil["matmul"]["float32"]["gflops"] == 80.0 and ceil["memory_bandwidth"]["gbps"] == 10.0
+    assert [m["matmul"]["float32"]["gflops"] for m in ceil["measurements"]] == [50.0, 80.0]
+    judged = 0
+    for r in data["rows"]:
+        if r["status"] != "ok":
+            continue
+        if r["gflops"] is not None:
+            assert r["matmul_fraction"] == pytest.approx(r["gflops"] / 80.0)
+            judged += 1
+        elif r["gbps"] is not None:
+            assert r["bandwidth_fraction"] == pytest.approx(r["gbps"] / 10.0)
+            judged += 1
+    assert judged >= 2

@@ -386,17 +386,39 @@ class Runner:
         self.cfg = cfg
         self.matmul_ceiling: dict[str, dict] = {}
         self.bandwidth: dict | None = None
+        self.ceiling_runs: list[dict] = []
+        self._rated: list[tuple] = []  # (row, work, dtype) of every row judged by the ceilings
         self.progress: Progress | None = None
 
     # ceilings ---------------------------------------------------------------------------------
     def measure_ceilings(self) -> dict:
+        """Measures the ceilings and keeps, for each, the best of this and any earlier measurement:
+        a ceiling is what the machine can do, and a single measurement on a shared or cold machine
+        (clock ramp-up, a neighbour's burst) can come out low and flatter every row judged by it."""
         cfg = self.cfg
-        self.bandwidth = _ceilings.measure_bandwidth(cfg.device, cfg.policy, cfg.quick)
+        bw = _ceilings.measure_bandwidth(cfg.device, cfg.policy, cfg.quick)
+        runs = {"memory_bandwidth": bw, "matmul": {}}
+        if self.bandwidth is None or bw["gbps"] > self.bandwidth["gbps"]:
+            self.bandwidth = bw
         for dt in cfg.dtypes:
-            self.matmul_ceiling[dtype_name(dt)] = _ceilings.measure_matmul(
-                cfg.shape, cfg.device, dt, cfg.policy, cfg.quick
-            )
-        return {"memory_bandwidth": self.bandwidth, "matmul": self.matmul_ceiling}
+            mm = _ceilings.measure_matmul(cfg.shape, cfg.device, dt, cfg.policy, cfg.quick)
+            runs["matmul"][dtype_name(dt)] = mm
+            best = self.matmul_ceiling.get(dtype_name(dt))
+            if best is None or mm["gflops"] > best["gflops"]:
+                self.matmul_ceiling[dtype_name(dt)] = mm
+        self.ceiling_runs.append(runs)
+        return {
+            "memory_bandwidth": self.bandwidth,
+            "matmul": self.matmul_ceiling,
+            "measurements": self.ceiling_runs,
+        }
+
+    def rejudge(self) -> None:
+        """Recomputes every timed row's rates and fractions against the current ceilings."""
+        for row, work, dtype in self._rated:
+            row.matmul_fraction = row.bandwidth_fraction = row.ceiling_fraction = None
+            row.bound = row.ceiling = ""
+            self._rates(row, work, dtype)
 
     # cases ------------------------------------------------------------------------------------
     def collect_cases(self, suite_names: list[str]) -> tuple[list[Case | Measured], list[dict]]:
@@ -559,6 +581,7 @@ class Runner:
                 row.p75_ms, row.p90_ms, row.spread = meas.p75_ms, meas.p90_ms, meas.spread
                 row.reps, row.sets = meas.reps, len(calls)
                 self._rates(row, work, case.dtype)
+                self._rated.append((row, work, case.dtype))
                 del calls
                 if prog:
                     prog.advance(0.5, label, f"{row.median_ms:.4g} ms")
@@ -678,6 +701,10 @@ class Runner:
                     rows.extend(self.run_measured(case, skipped))
                 else:
                     rows.extend(self.run_case(case))
+            if self._rated:  # measured again at the end: the best of both judges the rows
+                self.progress.show("measuring the machine's ceilings again")
+                ceilings = self.measure_ceilings()
+                self.rejudge()
             self.progress.close()
             meta = collect_meta(cfg, suite_names, ceilings, argv)
         finally:
