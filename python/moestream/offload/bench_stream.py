@@ -3,7 +3,8 @@
 For a Llama-3-8B-shaped model with random weights (fewer layers in quick mode and on CPU), in one run:
 
 - link: the raw bandwidth of the link the weights cross: pinned host-to-device copies on a GPU;
-  cold reads of the checkpoint files (O_DIRECT, page cache dropped) on CPU;
+  cold reads of the checkpoint files (O_DIRECT, page cache dropped) on CPU, after the checkpoint is
+  flushed to disk, measured before and after our rows (the better judges them);
 - streamer: the bandwidth the engine sustains streaming every layer through its slots with no compute,
   and its fraction of the link (target on GPU: >= 0.85);
 - decode: median time per decoded token (batch 1, KV cache) against the floor, bytes streamed per
@@ -162,6 +163,18 @@ def _disk_gbps(files: list[str], readers: int, direct: bool, reps: int = 2) -> f
     return total / statistics.median(best) / 1e9
 
 
+def _rejudge_link(rows: list[dict], link: float) -> None:
+    """The streamer's fraction of the link and the decode floor against a new link bandwidth."""
+    for r in rows:
+        if r["name"].startswith("streamer_"):
+            r["link_gbps"] = link
+            r["fraction_of_link"] = r["gbps"] / link
+        elif r["name"] == "decode" and r.get("bytes_per_token"):
+            floor = r["bytes_per_token"] / (link * 1e9)
+            r["floor_ms"] = floor * 1e3
+            r["ratio_to_floor"] = r["median_ms"] * 1e-3 / floor
+
+
 def _streamer_gbps(model, device: torch.device, rounds: int, before=None) -> float:
     """Every unit through the slots `rounds` times with no compute in between."""
     st = model._moestream_offload
@@ -252,18 +265,19 @@ def run_stream_suite(
         files = write_random_checkpoint(ckpt, cfg, dtype, dev)
         ckpt_bytes = sum(os.path.getsize(f) for f in files)
         layer_files = files[: cfg["num_hidden_layers"]]  # shards 1..L are the layers ("layer*" sorts first)
+        if hasattr(os, "sync"):
+            os.sync()  # the checkpoint's write-back would otherwise share the disk with the reads below
         setup_s = time.perf_counter() - t0
 
-        # ---- link
+        # ---- link (on CPU measured again after our rows; the better measurement judges them)
         disk = _disk_gbps(layer_files, readers, direct=True)
-        rows.append(
-            dict(
-                common,
-                name="link_disk_read",
-                gbps=disk,
-                note=f"cold O_DIRECT reads of the layer shards, {readers} threads, 4 MiB pieces",
-            )
+        link_row = dict(
+            common,
+            name="link_disk_read",
+            gbps=disk,
+            note=f"cold O_DIRECT reads of the layer shards, {readers} threads, 4 MiB pieces",
         )
+        rows.append(link_row)
         rows.append(
             dict(
                 common,
@@ -361,6 +375,13 @@ def run_stream_suite(
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        else:
+            again = _disk_gbps(layer_files, readers, direct=True)
+            link_row["measurements_gbps"] = [disk, again]
+            if again > disk:
+                disk = link = again
+                link_row["gbps"] = disk
+                _rejudge_link(rows, link)
 
         # ---- on a GPU, also disk -> pinned staging -> device
         if dev.type == "cuda" and not quick:
