@@ -4,7 +4,9 @@ For a Llama-3-8B-shaped model with random weights (fewer layers in quick mode an
 
 - link: the raw bandwidth of the link the weights cross: pinned host-to-device copies on a GPU;
   cold reads of the checkpoint files (O_DIRECT, page cache dropped) on CPU, after the checkpoint is
-  flushed to disk, measured before and after our rows (the better judges them);
+  flushed to disk, measured before, between and after our rows (the best judges them: on a virtual
+  disk the first reads after writing the checkpoint ran at 1.0 GB/s, the same reads minutes later at
+  2.3 GB/s);
 - streamer: the bandwidth the engine sustains streaming every layer through its slots with no compute,
   and its fraction of the link (target on GPU: >= 0.85);
 - decode: median time per decoded token (batch 1, KV cache) against the floor, bytes streamed per
@@ -271,6 +273,7 @@ def run_stream_suite(
 
         # ---- link (on CPU measured again after our rows; the better measurement judges them)
         disk = _disk_gbps(layer_files, readers, direct=True)
+        disk_runs = [disk]
         link_row = dict(
             common,
             name="link_disk_read",
@@ -334,6 +337,8 @@ def run_stream_suite(
                 note="all layers through the slots, no compute",
             )
         )
+        if dev.type == "cpu":
+            disk_runs.append(_disk_gbps(layer_files, readers, direct=True))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         l0 = st.streamer.stats()["bytes_loaded"]
@@ -376,10 +381,10 @@ def run_stream_suite(
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         else:
-            again = _disk_gbps(layer_files, readers, direct=True)
-            link_row["measurements_gbps"] = [disk, again]
-            if again > disk:
-                disk = link = again
+            disk_runs.append(_disk_gbps(layer_files, readers, direct=True))
+            link_row["measurements_gbps"] = disk_runs
+            if max(disk_runs) > disk:
+                disk = link = max(disk_runs)
                 link_row["gbps"] = disk
                 _rejudge_link(rows, link)
 
