@@ -884,8 +884,17 @@ double read_files_seconds(const std::vector<std::string>& paths, int64_t chunk_b
   std::vector<std::thread> ts;
   for (int t = 0; t < threads; ++t) {
     ts.emplace_back([&] {
+      // The reader's buffer is memory like the engine's slots: 2 MiB aligned on transparent huge
+      // pages. An O_DIRECT read into 4 KiB pages becomes a scatter list of single pages that the
+      // block layer splits into many small requests; on a virtual disk such reads ran at
+      // 1.0-1.5 GB/s where reads into huge pages ran at 2.3-2.6 GB/s.
+      constexpr size_t kHuge = size_t(2) << 20;
+      const size_t cap = (static_cast<size_t>(chunk_bytes) + kHuge - 1) / kHuge * kHuge;
       void* buf = nullptr;
-      if (::posix_memalign(&buf, kAlign, static_cast<size_t>(chunk_bytes)) != 0) return;
+      if (::posix_memalign(&buf, kHuge, cap) != 0) return;
+#ifdef MADV_HUGEPAGE
+      (void)::madvise(buf, cap, MADV_HUGEPAGE);
+#endif
       for (size_t i = next++; i < pieces.size(); i = next++) {
         const Piece& pc = pieces[i];
         // O_DIRECT lengths must be aligned: the last piece reads up to the next block (short at EOF)
