@@ -38,7 +38,7 @@ test: build test-cuda-compile
 # Compile every CUDA kernel file (they include no torch headers) for sm_80 and sm_90a, so a CUDA
 # error is caught without a GPU.
 test-cuda-compile:
-	@bash scripts/check_cuda_compile.sh
+	@PYTHON=$(PY) bash scripts/check_cuda_compile.sh
 
 bench: build
 	$(PY) -m moestream.bench --suite all
