@@ -36,6 +36,7 @@
 #include "activation/gated_activation_cpu.h"
 #include "common/checks.h"
 #include "common/cpu_memory.h"
+#include "experts/moe_experts_checks.h"
 
 
 
@@ -650,56 +651,15 @@ at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at:
                            const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
                            c10::string_view kind, c10::string_view layout, bool transpose_b, double alpha,
                            double limit) {
-  check_float(x, kOp, "x");
-  check_dim(x, 2, kOp, "x");
-  check_index(ids, kOp, "ids");
-  check_dim(ids, 2, kOp, "ids");
-  check_float(weights, kOp, "weights");
-  check_dim(weights, 2, kOp, "weights");
-  check_dim(w_gate_up, 3, kOp, "w_gate_up");
-  check_dim(w_down, 3, kOp, "w_down");
   const ActKind act_kind = cpu::parse_kind(std::string(kind), kOp);
   const ActLayout act_layout = cpu::parse_layout(std::string(layout), kOp);
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&ids, "ids"}, {&weights, "weights"},
-                                {&w_gate_up, "w_gate_up"}, {&w_down, "w_down"}})
-    check_same_device(x, *t, kOp, "x", name);
-  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1);
-  MS_CHECK(ids.size(0) == T, kOp, "ids must have shape [T, k] with T = ", T, " (x's rows), got shape ",
-           shape_str(ids));
-  MS_CHECK(weights.sizes() == ids.sizes(), kOp, "weights must have ids' shape ", shape_str(ids), ", got shape ",
-           shape_str(weights));
-  MS_CHECK(w_gate_up.scalar_type() == x.scalar_type(), kOp, "w_gate_up must have x's dtype ", x.scalar_type(),
-           ", got ", w_gate_up.scalar_type());
-  MS_CHECK(w_down.scalar_type() == x.scalar_type(), kOp, "w_down must have x's dtype ", x.scalar_type(), ", got ",
-           w_down.scalar_type());
-  const int64_t E = w_gate_up.size(0);
-  const int64_t two_i = transpose_b ? w_gate_up.size(1) : w_gate_up.size(2);
-  const int64_t h_in = transpose_b ? w_gate_up.size(2) : w_gate_up.size(1);
-  MS_CHECK(h_in == H && two_i % 2 == 0, kOp, "w_gate_up must have shape ",
-           transpose_b ? "[E, 2I, H]" : "[E, H, 2I]", " with H = ", H, " (x's columns) and an even 2I, got shape ",
-           shape_str(w_gate_up));
-  const int64_t I = two_i / 2;
-  const std::vector<int64_t> down_shape = transpose_b ? std::vector<int64_t>{E, H, I} : std::vector<int64_t>{E, I, H};
-  MS_CHECK(w_down.sizes().vec() == down_shape, kOp, "w_down must have shape ", c10::IntArrayRef(down_shape),
-           transpose_b ? " ([E, H, I])" : " ([E, I, H])", ", got shape ", shape_str(w_down));
+  const ExpertsDims d =
+      check_moe_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, transpose_b);
+  const int64_t T = d.T, H = d.H, k = d.k, E = d.E;
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor b1, b2;
-  if (b_gate_up.has_value()) {
-    const at::Tensor& b = *b_gate_up;
-    check_float(b, kOp, "b_gate_up");
-    check_same_device(x, b, kOp, "x", "b_gate_up");
-    MS_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == 2 * I, kOp, "b_gate_up must have shape [E, 2I] = [",
-             E, ", ", 2 * I, "], got shape ", shape_str(b));
-    b1 = b.to(acc_type).contiguous();
-  }
-  if (b_down.has_value()) {
-    const at::Tensor& b = *b_down;
-    check_float(b, kOp, "b_down");
-    check_same_device(x, b, kOp, "x", "b_down");
-    MS_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == H, kOp, "b_down must have shape [E, H] = [", E, ", ", H,
-             "], got shape ", shape_str(b));
-    b2 = b.to(acc_type).contiguous();
-  }
+  if (b_gate_up.has_value()) b1 = b_gate_up->to(acc_type).contiguous();
+  if (b_down.has_value()) b2 = b_down->to(acc_type).contiguous();
 
   // counting sort of the flat (token, slot) index t * k + s by expert: stable, so each expert's
   // rows come in (token, slot) order. order[row] = flat index; pos[flat index] = row.
