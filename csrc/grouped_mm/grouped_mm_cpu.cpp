@@ -21,6 +21,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_memory.h"
+#include "grouped_mm/grouped_mm_checks.h"
 
 namespace moestream {
 namespace {
@@ -75,10 +76,6 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, int64_t 
   return ends;
 }
 
-void check_pair_dtype(const at::Tensor& x, const at::Tensor& y, const char* op, const char* nx, const char* ny) {
-  MS_CHECK(x.scalar_type() == y.scalar_type(), op, nx, " and ", ny, " must have the same dtype, got ", nx, " ",
-           x.scalar_type(), " and ", ny, " ", y.scalar_type());
-}
 
 // ----------------------------------------------------------------------------------------------
 // grouped_mm
@@ -415,23 +412,8 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   // cumulative row ends (offsets[-1] <= M), bias [E, N] (optional) -> out [M, N] in a's dtype;
   // rows past offsets[-1] are zero.
   constexpr const char* op = "grouped_mm";
-  check_dim(a_in, 2, op, "a");
-  check_float(a_in, op, "a");
-  check_dim(b_in, 3, op, "b");
-  check_pair_dtype(a_in, b_in, op, "a", "b");
-  check_same_device(a_in, b_in, op, "a", "b");
-  check_same_device(a_in, offsets, op, "a", "offsets");
-  const int64_t M = a_in.size(0), K = a_in.size(1), E = b_in.size(0);
-  const int64_t bK = transpose_b ? b_in.size(2) : b_in.size(1);
-  const int64_t N = transpose_b ? b_in.size(1) : b_in.size(2);
-  MS_CHECK(bK == K, op, "inner dimensions differ: a is ", shape_str(a_in), " and b is ", shape_str(b_in),
-           transpose_b ? " ([E, N, K] with transpose_b)" : " ([E, K, N])", ", so K = ", K, " vs ", bK);
-  if (bias.has_value()) {
-    check_float(*bias, op, "bias");
-    check_same_device(a_in, *bias, op, "a", "bias");
-    MS_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N, op, "bias must have shape [", E, ", ", N,
-             "] (E, N), got ", shape_str(*bias));
-  }
+  const GmmDims d = check_grouped_mm_args(a_in, b_in, offsets, transpose_b, bias);
+  const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
   const auto ends = read_offsets(offsets, E, M, op, "a");
   const int64_t used = E ? ends[E - 1] : 0;
 
@@ -502,16 +484,8 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
   // a [M, K], grad_out [M, N] (same dtype), offsets [E] -> grad_b [E, K, N] (a_g^T dy_g), or
   // [E, N, K] (dy_g^T a_g) if transpose_b; groups without rows get zero blocks.
   constexpr const char* op = "grouped_mm_weight_grad";
-  check_dim(a, 2, op, "a");
-  check_float(a, op, "a");
-  check_dim(grad_out, 2, op, "grad_out");
-  check_pair_dtype(a, grad_out, op, "a", "grad_out");
-  check_same_device(a, grad_out, op, "a", "grad_out");
-  check_same_device(a, offsets, op, "a", "offsets");
-  const int64_t M = a.size(0), K = a.size(1), N = grad_out.size(1);
-  MS_CHECK(grad_out.size(0) == M, op, "grad_out must have a's ", M, " rows, got shape ", shape_str(grad_out));
-  check_dim(offsets, 1, op, "offsets");
-  const int64_t E = offsets.size(0);
+  const GmmDims d = check_grouped_mm_weight_grad_args(a, grad_out, offsets);
+  const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
   const auto ends = read_offsets(offsets, E, M, op, "a");
 
   auto out = transpose_b ? cpu::empty_large({E, N, K}, a.options()) : cpu::empty_large({E, K, N}, a.options());

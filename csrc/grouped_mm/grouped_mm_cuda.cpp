@@ -22,6 +22,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "grouped_mm/grouped_mm_checks.h"
 #include "grouped_mm/grouped_mm_cuda.h"
 
 namespace moestream {
@@ -67,10 +68,6 @@ gmm::Device current_device() {
   return d;
 }
 
-void check_pair_dtype(const at::Tensor& x, const at::Tensor& y, const char* op, const char* nx, const char* ny) {
-  MS_CHECK(x.scalar_type() == y.scalar_type(), op, nx, " and ", ny, " must have the same dtype, got ", nx, " ",
-           x.scalar_type(), " and ", ny, " ", y.scalar_type());
-}
 
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   MS_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got device ", t.device());
@@ -116,24 +113,9 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
   // cumulative row ends (offsets[-1] <= M; values not checked without MOESTREAM_CHECK_INPUTS=1),
   // bias [E, N] (optional) -> out [M, N] in a's dtype; rows past offsets[-1] are zero.
   constexpr const char* op = "grouped_mm";
-  check_dim(a_in, 2, op, "a");
-  check_float(a_in, op, "a");
-  check_dim(b_in, 3, op, "b");
-  check_pair_dtype(a_in, b_in, op, "a", "b");
   check_cuda(a_in, op, "a");
-  check_same_device(a_in, b_in, op, "a", "b");
-  check_same_device(a_in, offsets, op, "a", "offsets");
-  const int64_t M = a_in.size(0), K = a_in.size(1), E = b_in.size(0);
-  const int64_t bK = transpose_b ? b_in.size(2) : b_in.size(1);
-  const int64_t N = transpose_b ? b_in.size(1) : b_in.size(2);
-  MS_CHECK(bK == K, op, "inner dimensions differ: a is ", shape_str(a_in), " and b is ", shape_str(b_in),
-           transpose_b ? " ([E, N, K] with transpose_b)" : " ([E, K, N])", ", so K = ", K, " vs ", bK);
-  if (bias.has_value()) {
-    check_float(*bias, op, "bias");
-    check_same_device(a_in, *bias, op, "a", "bias");
-    MS_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N, op, "bias must have shape [", E, ", ", N,
-             "] (E, N), got ", shape_str(*bias));
-  }
+  const GmmDims d = check_grouped_mm_args(a_in, b_in, offsets, transpose_b, bias);
+  const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
   MS_CHECK(gmm::forward_shape_supported(M, N, K, E), op, "sizes too large for the CUDA kernels: a ", shape_str(a_in),
            ", b ", shape_str(b_in), " (each of M, N, K and E must be below 2^30)");
   c10::cuda::CUDAGuard guard(a_in.device());
@@ -180,18 +162,9 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   // a [M, K], grad_out [M, N] (same dtype), offsets [E] -> grad_b [E, K, N] (a_g^T dy_g), or
   // [E, N, K] (dy_g^T a_g) if transpose_b; groups without rows get zero blocks. Deterministic.
   constexpr const char* op = "grouped_mm_weight_grad";
-  check_dim(a_in, 2, op, "a");
-  check_float(a_in, op, "a");
-  check_dim(grad_out_in, 2, op, "grad_out");
-  check_pair_dtype(a_in, grad_out_in, op, "a", "grad_out");
   check_cuda(a_in, op, "a");
-  check_same_device(a_in, grad_out_in, op, "a", "grad_out");
-  check_same_device(a_in, offsets, op, "a", "offsets");
-  const int64_t M = a_in.size(0), K = a_in.size(1), N = grad_out_in.size(1);
-  MS_CHECK(grad_out_in.size(0) == M, op, "grad_out must have a's ", M, " rows, got shape ",
-           shape_str(grad_out_in));
-  check_dim(offsets, 1, op, "offsets");
-  const int64_t E = offsets.size(0);
+  const GmmDims d = check_grouped_mm_weight_grad_args(a_in, grad_out_in, offsets);
+  const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
   MS_CHECK(M < kSizeLimit && K < kSizeLimit && N < kSizeLimit, op, "sizes too large for the CUDA kernels: a ",
            shape_str(a_in), ", grad_out ", shape_str(grad_out_in), " (each must be below 2^30)");
   c10::cuda::CUDAGuard guard(a_in.device());
