@@ -111,7 +111,7 @@ def test_generate_matches_unoffloaded(family, storage, prefetch, device, tmp_pat
     ms.offload(model, device=device, storage=storage, offload_dir=out_dir, prefetch=prefetch)
     out = generate(model, ids)
     assert torch.equal(out, ref), f"{family} {storage} prefetch={prefetch}: tokens differ"
-    st = model._moestream_offload.stats()
+    st = ms.offload_stats(model)
     assert st["num_slots"] == prefetch + 1 and st["units"] == LAYERS
     # the blocks really streamed: more loads than layers, bytes moved every step
     assert st["loads"] > LAYERS
@@ -138,7 +138,7 @@ def test_load_offloaded_streams_checkpoint_in_place(family, storage, device, tmp
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     streamed = ms.load_offloaded(tmp_path, device=device, storage=storage, prefetch=2)
     assert torch.equal(generate(streamed, ids), ref)
-    st = streamed._moestream_offload.stats()
+    st = ms.offload_stats(streamed)
     if storage == "disk":
         assert st["bytes_read"] >= 2 * st["streamed_bytes"]
 
@@ -149,11 +149,11 @@ def test_load_offloaded_single_file_and_budget(tmp_path):
     ref = generate(model, ids)
     model.save_pretrained(tmp_path)
     assert os.path.exists(tmp_path / "model.safetensors")
-    st0 = ms.load_offloaded(tmp_path, device="cpu", prefetch=1)._moestream_offload.stats()
+    st0 = ms.offload_stats(ms.load_offloaded(tmp_path, device="cpu", prefetch=1))
     budget = st0["resident_bytes"] + st0["read_buffer_bytes"] + 3 * st0["slot_bytes"]
     streamed = ms.load_offloaded(tmp_path, device="cpu", max_device_memory=budget, prefetch=2)
     assert torch.equal(generate(streamed, ids), ref)
-    st = streamed._moestream_offload.stats()
+    st = ms.offload_stats(streamed)
     assert st["num_slots"] == 3 and st["device_bytes"] <= budget
     # resident parameters took the checkpoint's values
     for name, p in model.named_parameters():
@@ -202,7 +202,7 @@ def test_budget_lowers_prefetch_with_warning():
     budget = rest + 2 * (slot + 8192)
     with pytest.warns(UserWarning, match="prefetch lowered from 3 to 1"):
         ms.offload(model, device="cpu", max_device_memory=budget, prefetch=3)
-    assert model._moestream_offload.stats()["num_slots"] == 2
+    assert ms.offload_stats(model)["num_slots"] == 2
     assert torch.equal(generate(model, ids), ref)
 
 
@@ -217,7 +217,7 @@ def test_budget_streams_embeddings_when_they_do_not_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # may hold fewer slots than prefetch + 1
         ms.offload(model, device="cpu", max_device_memory=int(emb * 1.5), prefetch=2)
-    st = model._moestream_offload.stats()
+    st = ms.offload_stats(model)
     assert st["units"] > LAYERS  # embedding and/or lm_head became units
     assert st["device_bytes"] <= emb * 1.5
     assert torch.equal(generate(model, ids), ref)
@@ -308,7 +308,7 @@ def test_cuda_device_memory_stays_within_budget(storage):
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     ms.offload(model, device="cuda", storage=storage, max_device_memory=budget, prefetch=2)
-    st = model._moestream_offload.stats()
+    st = ms.offload_stats(model)
     assert st["pool_pinned"] == 1.0
     weights = torch.cuda.memory_allocated() - before
     assert weights <= budget + 4096 * 16, (weights, budget)  # allocator rounding of small tensors

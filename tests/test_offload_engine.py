@@ -303,7 +303,7 @@ def test_offload_generic_module_list_model(storage, tmp_path):
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(net(ids), ref)
-    assert net._moestream_offload.stats()["units"] == 5
+    assert ms.offload_stats(net)["units"] == 5
 
 
 def test_save_layered_state_dict_and_skeleton_load(tmp_path):
@@ -414,4 +414,4 @@ def test_blocks_run_out_of_order_still_correct(prefetch):
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(net(ids), ref)
-    assert net._moestream_offload.stats()["num_slots"] == prefetch + 1
+    assert ms.offload_stats(net)["num_slots"] == prefetch + 1

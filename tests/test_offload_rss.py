@@ -85,7 +85,7 @@ _CHILD = textwrap.dedent(
         warnings.simplefilter("ignore")
         out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
                          do_sample=False, pad_token_id=0)
-    st = m._moestream_offload.stats()
+    st = ms.offload_stats(m)
     print(json.dumps({"base": base, "peak": status("VmHWM"), "tokens": out[0].tolist(),
                       "bytes_read": st["bytes_read"], "device_bytes": st["device_bytes"],
                       "streamed_bytes": st["streamed_bytes"]}))
@@ -147,7 +147,7 @@ _PIN_CHILD = textwrap.dedent(
         ms.offload(net, device="cpu", storage="cpu", prefetch=1, pin=True, blocks=list(net))
     with torch.no_grad():
         ok = torch.equal(net(x), ref)
-    print(json.dumps({"ok": ok, "pinned": bool(net._moestream_offload.stats()["pool_pinned"]),
+    print(json.dumps({"ok": ok, "pinned": bool(ms.offload_stats(net)["pool_pinned"]),
                       "warnings": [str(m.message) for m in w]}))
     """
 )

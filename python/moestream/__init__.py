@@ -18,7 +18,7 @@ from .ops import (
     router_z_loss,
     unpermute,
 )
-from .offload import load_layered, load_offloaded, offload, save_layered
+from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "moe_experts",
     "nn",
     "offload",
+    "offload_stats",
     "ops",
     "patch_moe",
     "permute",

@@ -8,15 +8,17 @@ The engine (pinned pool, copy stream and events, reader threads) is ``moestream.
 """
 
 from .checkpoint import load_layered, load_offloaded, save_layered
-from .core import OffloadState, find_blocks, fmt_bytes, offload, parse_bytes
+from .core import OffloadState, find_blocks, fmt_bytes, get_state, offload, offload_stats, parse_bytes
 
 __all__ = [
     "OffloadState",
     "find_blocks",
     "fmt_bytes",
+    "get_state",
     "load_layered",
     "load_offloaded",
     "offload",
+    "offload_stats",
     "parse_bytes",
     "save_layered",
 ]

@@ -684,6 +684,20 @@ def _install(
     return state
 
 
+def get_state(model: nn.Module) -> OffloadState:
+    """The streaming state bound to an offloaded model (units, streamer); raises if it is not offloaded."""
+    st = getattr(model, "_moestream_offload", None)
+    if st is None:
+        raise ValueError("moestream: this model is not offloaded (use ms.offload or ms.load_offloaded first)")
+    return st
+
+
+def offload_stats(model: nn.Module) -> dict:
+    """Counters of an offloaded model: bytes read from storage and loaded into slots, acquires and
+    slot hits, time waited, the slot ring and the memory it takes (``device_bytes``), the budget."""
+    return get_state(model).stats()
+
+
 def offload(
     model: nn.Module,
     device: str | torch.device | None = None,
