@@ -1,9 +1,11 @@
 // The Python extension module moestream._C. Importing it registers every torch.ops.moestream.*
-// operator (static registrars in the kernel files) and exposes the streaming engine classes.
+// operator (static registrars in the kernel files) and exposes the streaming engine classes
+// and the disk read probe of the benchmarks.
 #include <pybind11/pybind11.h>
 
 namespace moestream {
 void bind_stream(pybind11::module_& m);
+void bind_disk_probe(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -14,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   moestream::bind_stream(m);
+  moestream::bind_disk_probe(m);
 }

@@ -61,18 +61,30 @@ def test_streamer_delivers_exact_bytes_in_any_order(tmp_path, direct_io, source,
     data = _random_file(path, total + 4096)
     chunk = 64 * KiB  # many chunks per segment
     nst = 3
-    pool_bytes = total + 4096 if source == "pool" else 0
-    staging_off = (pool_bytes + 4095) // 4096 * 4096
-    pool = _C.HostPool(staging_off + _C.stream_staging_bytes(chunk, nst), 2 if device == "cuda" else 0)
+    pin = _C.PinMode.cuda if device == "cuda" else _C.PinMode.none
+    pool = None
     if source == "pool":
+        pool = _C.HostPool(total + 4096, pin)
         pool.view(0, data.numel()).copy_(data)
-    pool.pin()
+        pool.pin()
     dev = "cpu" if device == "cpu" else f"cuda:{torch.cuda.current_device()}"
-    s = _C.Streamer(pool, dev, slot_bytes, slots, 3, chunk, staging_off, nst, direct_io)
+    cfg = _C.StreamerConfig(
+        device=dev,
+        slot_bytes=slot_bytes,
+        num_slots=slots,
+        num_readers=3,
+        chunk_bytes=chunk,
+        num_staging=nst,
+        direct_io=direct_io,
+        staging_pin=pin,
+    )
+    s = _C.Streamer(pool, cfg)
     f = s.add_file(str(path))
     for ui, segs in enumerate(units):
-        fidx = f if source == "file" else -1
-        assert s.add_unit([(d, n, fidx, o, f"u{ui}.t{k}") for k, (d, n, o) in enumerate(segs)]) == ui
+        fidx = f if source == "file" else _C.Segment.FROM_POOL
+        assert (
+            s.add_unit([_C.Segment(d, n, fidx, o, f"u{ui}.t{k}") for k, (d, n, o) in enumerate(segs)]) == ui
+        )
     rng = random.Random(0)
     order = list(range(7)) * 3 + [rng.randrange(7) for _ in range(20)]
     for step, u in enumerate(order):
@@ -96,11 +108,18 @@ def test_streamer_o_direct_into_aligned_slots(tmp_path):
     # block-aligned ranges go straight into the page-aligned slot; the others through bounce buffers
     path = tmp_path / "aligned.bin"
     data = _random_file(path, 1 << 20, seed=3)
-    pool = _C.HostPool(_C.stream_staging_bytes(4096 * 8, 2), 0)
-    s = _C.Streamer(pool, "cpu", 256 * KiB, 2, 2, 4096 * 8, 0, 2, True)
+    cfg = _C.StreamerConfig(
+        slot_bytes=256 * KiB, num_slots=2, num_readers=2, chunk_bytes=4096 * 8, num_staging=2, direct_io=True
+    )
+    s = _C.Streamer(None, cfg)
+    assert s.stats()["staging_buffers"] == 2 and s.stats()["pool_bytes"] == _C.stream_staging_bytes(
+        4096 * 8, 2
+    )
     f = s.add_file(str(path))
-    s.add_unit([(0, 128 * KiB, f, 64 * KiB, "aligned"), (128 * KiB, 1000, f, 12345, "odd")])
-    s.add_unit([(4096, 200 * KiB, f, 512 * KiB, "aligned2")])
+    s.add_unit(
+        [_C.Segment(0, 128 * KiB, f, 64 * KiB, "aligned"), _C.Segment(128 * KiB, 1000, f, 12345, "odd")]
+    )
+    s.add_unit([_C.Segment(4096, 200 * KiB, f, 512 * KiB, "aligned2")])
     for u in (0, 1, 0, 1):
         mem, _ = s.acquire(u, [])
         if u == 0:
@@ -114,25 +133,26 @@ def test_streamer_o_direct_into_aligned_slots(tmp_path):
 def test_streamer_errors_name_the_argument(tmp_path):
     path = tmp_path / "d.bin"
     data = _random_file(path, 10_000)
-    pool = _C.HostPool(4096, 0)
-    s = _C.Streamer(pool, "cpu", 4096, 1, 1, 4096, 0, 0, False)
+    pool = _C.HostPool(4096, _C.PinMode.none)
+    one = {"slot_bytes": 4096, "num_slots": 1, "num_readers": 1, "chunk_bytes": 4096}
+    s = _C.Streamer(pool, _C.StreamerConfig(**one))
     f = s.add_file(str(path))
     with pytest.raises(
         RuntimeError, match=r"tensor 'w' needs bytes \[9000, 11000\) of .*d\.bin' but the file has 10000"
     ):
-        s.add_unit([(0, 2000, f, 9000, "w")])
+        s.add_unit([_C.Segment(0, 2000, f, 9000, "w")])
     with pytest.raises(
         RuntimeError, match=r"tensor 'big' at slot bytes \[0, 5000\) does not fit a slot of 4096"
     ):
-        s.add_unit([(0, 5000, f, 0, "big")])
+        s.add_unit([_C.Segment(0, 5000, f, 0, "big")])
     with pytest.raises(RuntimeError, match=r"tensor 'p' needs pool bytes \[1, 4097\)"):
-        s.add_unit([(0, 4096, -1, 1, "p")])
+        s.add_unit([_C.Segment(0, 4096, _C.Segment.FROM_POOL, 1, "p")])
     with pytest.raises(RuntimeError, match="names file 7"):
-        s.add_unit([(0, 10, 7, 0, "q")])
+        s.add_unit([_C.Segment(0, 10, 7, 0, "q")])
     with pytest.raises(RuntimeError, match="cannot open"):
         s.add_file(str(tmp_path / "missing.bin"))
-    a = s.add_unit([(0, 100, f, 0, "a")])
-    b = s.add_unit([(0, 100, f, 100, "b")])
+    a = s.add_unit([_C.Segment(0, 100, f, 0, "a")])
+    b = s.add_unit([_C.Segment(0, 100, f, 100, "b")])
     with pytest.raises(RuntimeError, match=r"unit must be in \[0, 2\), got 5"):
         s.acquire(5, [])
     with pytest.raises(RuntimeError, match="unit 0 is not acquired"):
@@ -146,24 +166,30 @@ def test_streamer_errors_name_the_argument(tmp_path):
     assert torch.equal(mem[:100], data[100:200])
     s.release(b)
     with pytest.raises(RuntimeError, match="slot_bytes must be > 0"):
-        _C.Streamer(pool, "cpu", 0, 1, 1, 4096, 0, 0, False)
-    with pytest.raises(RuntimeError, match="need a pool of"):
-        _C.Streamer(pool, "cpu", 4096, 1, 1, 4096, 0, 2, False)
+        _C.Streamer(pool, _C.StreamerConfig(**dict(one, slot_bytes=0)))
+    with pytest.raises(RuntimeError, match=r"num_readers must be in \[1, 256\], got 0"):
+        _C.Streamer(pool, _C.StreamerConfig(**dict(one, num_readers=0)))
+    with pytest.raises(RuntimeError, match="chunk_bytes must be >= 4096, got 100"):
+        _C.Streamer(pool, _C.StreamerConfig(**dict(one, chunk_bytes=100)))
+    with pytest.raises(TypeError):
+        _C.HostPool(4096, 1)  # the pin mode is a PinMode, not a number
     with pytest.raises(RuntimeError, match=r"range \[0, 8192\) is outside the pool of 4096"):
         pool.view(0, 8192)
     if not ms.with_cuda:
         with pytest.raises(RuntimeError, match="needs moestream built with CUDA"):
-            _C.Streamer(pool, "cuda:0", 4096, 1, 1, 4096, 0, 0, False)
+            _C.Streamer(pool, _C.StreamerConfig(**dict(one, device="cuda:0")))
     # read_into: synchronous reads for resident tensors
     dst = torch.empty(300, dtype=torch.uint8)
-    s.read_into(dst, [(0, 100, f, 50, "x"), (100, 200, f, 7000, "y")])
+    s.read_into(dst, [_C.Segment(0, 100, f, 50, "x"), _C.Segment(100, 200, f, 7000, "y")])
     assert torch.equal(dst[:100], data[50:150]) and torch.equal(dst[100:], data[7000:7200])
     with pytest.raises(RuntimeError, match="does not fit dst of 300 bytes"):
-        s.read_into(dst, [(250, 100, f, 0, "z")])
+        s.read_into(dst, [_C.Segment(250, 100, f, 0, "z")])
 
 
 def test_host_pool_pins_and_reports():
-    pool = _C.HostPool(1 << 20, 1)  # mlock; refused under a small memlock limit (see test_offload_rss)
+    pool = _C.HostPool(
+        1 << 20, _C.PinMode.mlock
+    )  # mlock; refused under a small memlock limit (see test_offload_rss)
     assert pool.capacity == 1 << 20 and not pool.pinned
     assert pool.pin() == pool.pinned
     assert pool.pinned or "mlock" in pool.pin_error

@@ -1,63 +1,30 @@
-// The streaming engine (see engine.h): host pool, reader threads, slot ring and the job scheduler.
+// The streaming engine (see engine.h): host pool, reader threads, the slot ring with its job
+// scheduler, and the CPU backend.
 #include "stream/engine.h"
 
 #include <c10/util/Exception.h>
 #include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <chrono>
 #include <cstring>
+
+#include "stream/io_util.h"
 
 namespace moestream {
 namespace stream {
 
 namespace {
 
-// Alignment of O_DIRECT transfers (file offset, length and buffer); 4096 covers every common
-// logical block size.
-constexpr int64_t kAlign = 4096;
-
 std::atomic<int64_t> g_host_bytes{0};
 std::atomic<int64_t> g_slot_bytes{0};
-
-int64_t round_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-std::string errno_str(int e) { return std::string(std::strerror(e)); }
-
-// pread until n bytes or end of file; returns bytes read, or -errno.
-int64_t pread_all(int fd, uint8_t* dst, int64_t n, int64_t off) {
-  int64_t done = 0;
-  while (done < n) {
-    ssize_t r = ::pread(fd, dst + done, static_cast<size_t>(n - done), static_cast<off_t>(off + done));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return -static_cast<int64_t>(errno);
-    }
-    if (r == 0) break;
-    done += r;
-  }
-  return done;
-}
-
-int64_t file_size_now(int fd) {
-  struct stat st;
-  if (::fstat(fd, &st) != 0) return -1;
-  return static_cast<int64_t>(st.st_size);
-}
 
 }  // namespace
 
 int64_t live_host_bytes() { return g_host_bytes.load(); }
 int64_t live_slot_bytes() { return g_slot_bytes.load(); }
+void add_live_slot_bytes(int64_t delta) { g_slot_bytes += delta; }
 
 CudaHooks& cuda_hooks() {
   static CudaHooks hooks;
@@ -172,6 +139,199 @@ void TaskPool::loop() {
   }
 }
 
+// ---------------------------------------------------------------------------------------------- LoadIO
+
+LoadIO::LoadIO(std::shared_ptr<HostPool> pool, const StreamerConfig& cfg)
+    : pool_(std::move(pool)), chunk_bytes_(cfg.chunk_bytes), direct_io_(cfg.direct_io) {
+  if (cfg.num_staging > 0) {
+    const int64_t size = staging_size(cfg.chunk_bytes);
+    staging_pool_ = std::make_shared<HostPool>(size * cfg.num_staging, cfg.staging_pin);
+    staging_pool_->populate(0, staging_pool_->capacity());
+    staging_pool_->pin();  // refused pinning leaves pageable buffers; Streamer::staging_pin_error() says why
+    for (int i = 0; i < cfg.num_staging; ++i) staging_.push_back(staging_pool_->data() + i * size);
+  }
+  readers_ = std::make_unique<TaskPool>(cfg.num_readers);
+}
+
+LoadIO::~LoadIO() { readers_.reset(); }
+
+void LoadIO::reset_counters() {
+  bytes_read = 0;
+  read_ns = 0;
+  bytes_copied_ = 0;
+}
+
+std::string LoadIO::read(const Segment& seg, int64_t off, int64_t n, uint8_t* dst, uint8_t* staging,
+                         uint8_t** data_out) {
+  const FileHandle& f = *seg.fh;
+  const int64_t pos = seg.src_offset + off;
+  const int64_t t0 = now_ns();
+  auto fail = [&](const std::string& why) {
+    return "moestream.offload: reading tensor '" + seg.name + "' from '" + f.path + "' (bytes " +
+           std::to_string(pos) + ".." + std::to_string(pos + n) + ") failed: " + why;
+  };
+  auto short_read = [&](int64_t got) {
+    return fail("short read, got " + std::to_string(got) + " of " + std::to_string(n) + " bytes (the file now has " +
+                std::to_string(file_size_now(f.fd)) + " bytes; truncated or replaced since it was opened?)");
+  };
+  if (f.dfd >= 0 && dst != nullptr && pos % kAlign == 0 && n % kAlign == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % kAlign == 0) {
+    // O_DIRECT straight into the destination: everything is block aligned (layered files, page-aligned
+    // slots), so no bounce buffer and no copy.
+    int64_t got = pread_all(f.dfd, dst, n, pos);
+    if (got == -EINVAL) got = pread_all(f.fd, dst, n, pos);
+    if (got < 0) return fail(errno_str(static_cast<int>(-got)));
+    if (got < n) return short_read(got);
+    *data_out = dst;
+  } else if (staging != nullptr && f.dfd >= 0) {
+    // O_DIRECT: read the aligned superset of the range into the aligned staging buffer.
+    const int64_t a0 = pos / kAlign * kAlign;
+    const int64_t a1 = round_up(pos + n, kAlign);
+    int64_t got = pread_all(f.dfd, staging, a1 - a0, a0);
+    if (got == -EINVAL) {
+      got = pread_all(f.fd, staging + (pos - a0), n, pos);  // the file system refused direct I/O here
+      if (got < 0) return fail(errno_str(static_cast<int>(-got)));
+      if (got < n) return short_read(got);
+    } else {
+      if (got < 0) return fail(errno_str(static_cast<int>(-got)));
+      if (got < pos + n - a0) return short_read(std::max<int64_t>(0, got - (pos - a0)));
+    }
+    *data_out = staging + (pos - a0);
+  } else {
+    uint8_t* target = staging != nullptr ? staging : dst;
+    const int64_t got = pread_all(f.fd, target, n, pos);
+    if (got < 0) return fail(errno_str(static_cast<int>(-got)));
+    if (got < n) return short_read(got);
+    *data_out = target;
+  }
+  bytes_read += n;
+  read_ns += now_ns() - t0;
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------- CPU backend
+
+namespace {
+
+// Reader threads write straight into the RAM slot: host segments by memcpy, file ranges by pread
+// (O_DIRECT into the slot when block aligned, through a bounce buffer otherwise).
+class CpuBackend final : public DeviceBackend {
+ public:
+  bool orders_on_device() const override { return false; }
+
+  at::Tensor alloc_slot(int64_t nbytes) override {
+    // RAM slots page aligned, so block-aligned file ranges are read into them with O_DIRECT.
+    auto host = std::make_shared<HostPool>(nbytes, PinMode::kNone, /*is_slot=*/true);
+    host->populate(0, nbytes);
+    return host->view(0, nbytes);
+  }
+
+  void start(LoadTask task, LoadIO& io) override {
+    if (busy_.size() != io.staging().size()) busy_.assign(io.staging().size(), 0);
+    // One count per chunk plus one for the issuing loop, so done() runs once, after the last chunk.
+    auto state = std::make_shared<TaskState>();
+    state->task = std::move(task);
+    state->pending.store(1);
+    try {
+      issue(state, io);
+    } catch (const std::exception& e) {
+      // e.g. out of memory queueing tasks: the job fails, the engine keeps serving later jobs
+      state->fail(std::string("moestream.Streamer: loading unit ") + std::to_string(state->task.unit) +
+                  " failed: " + e.what());
+    }
+    state->finish("");
+  }
+
+ private:
+  struct TaskState {
+    LoadTask task;
+    std::atomic<int> pending{0};
+    std::mutex mu;
+    std::string error;
+    void fail(const std::string& e) {
+      std::lock_guard<std::mutex> lk(mu);
+      if (error.empty()) error = e;
+    }
+    void finish(const std::string& e) {
+      if (!e.empty()) fail(e);
+      if (pending.fetch_sub(1) == 1) task.done(error);
+    }
+  };
+
+  void issue(const std::shared_ptr<TaskState>& state, LoadIO& io) {
+    const auto& segs = state->task.segs;
+    const int64_t chunk = io.chunk_bytes();
+    for (size_t i = 0; i < segs->size(); ++i) {
+      const Segment& seg = (*segs)[i];
+      for (int64_t off = 0; off < seg.nbytes; off += chunk) {
+        const int64_t n = std::min(chunk, seg.nbytes - off);
+        uint8_t* dst = state->task.dst + seg.dst_offset + off;
+        state->pending.fetch_add(1);
+        if (seg.file == Segment::kFromPool) {
+          const uint8_t* src = io.pool_data() + seg.src_offset + off;
+          io.submit([state, &io, dst, src, n] {
+            std::memcpy(dst, src, static_cast<size_t>(n));
+            io.count_copied(n);
+            state->finish("");
+          });
+          continue;
+        }
+        const int64_t pos = seg.src_offset + off;
+        const bool aligned = pos % kAlign == 0 && n % kAlign == 0 && reinterpret_cast<uintptr_t>(dst) % kAlign == 0;
+        const bool staged = io.direct_io() && !io.staging().empty() && seg.fh->dfd >= 0 && !aligned;
+        const int buf = staged ? acquire_staging() : -1;
+        io.submit([this, state, &io, i, off, n, dst, buf] {
+          const Segment& sg = (*state->task.segs)[i];
+          uint8_t* data = nullptr;
+          std::string err = io.read(sg, off, n, dst, buf >= 0 ? io.staging()[buf] : nullptr, &data);
+          if (err.empty() && data != dst) std::memcpy(dst, data, static_cast<size_t>(n));
+          if (buf >= 0) release_staging(buf);
+          state->finish(err);
+        });
+      }
+    }
+  }
+
+  // Bounce buffers for unaligned O_DIRECT reads, taken by one reader task at a time.
+  int acquire_staging() {
+    std::unique_lock<std::mutex> lk(mu_);
+    int found = -1;
+    cv_.wait(lk, [&] {
+      for (size_t i = 0; i < busy_.size(); ++i) {
+        const int b = static_cast<int>((next_ + i) % busy_.size());
+        if (!busy_[b]) {
+          found = b;
+          return true;
+        }
+      }
+      return false;
+    });
+    busy_[found] = 1;
+    next_ = (found + 1) % static_cast<int>(busy_.size());
+    return found;
+  }
+
+  void release_staging(int buf) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      busy_[buf] = 0;
+    }
+    cv_.notify_all();
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<char> busy_;
+  int next_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<DeviceBackend> make_cpu_backend(const StreamerConfig& cfg) {
+  (void)cfg;
+  return std::make_unique<CpuBackend>();
+}
+
 // ---------------------------------------------------------------------------------------------- Streamer
 
 struct Streamer::Job {
@@ -179,81 +339,41 @@ struct Streamer::Job {
   int unit = -1;
   int slot = -1;
   std::shared_ptr<const std::vector<Segment>> segs;
-  std::shared_ptr<Job> prev;  // the job that filled this slot before (CPU: must finish first)
+  std::shared_ptr<Job> prev;  // the job that filled this slot before (host slots: must finish first)
   int state = kQueued;        // mu_
   bool cancelled = false;     // mu_
-  bool released_waited = false;  // CUDA: copy stream already waits for the slot's release
-  std::atomic<int> pending{0};
-  std::string error;  // mu_
+  std::string error;          // mu_
   int64_t bytes = 0;
 };
 
-struct Streamer::Inflight {
-  std::shared_ptr<Job> job;
-  bool finalize = false;
-  int buf = -1;
-  uint8_t* dst = nullptr;
-  int64_t nbytes = 0;
-  uint8_t* data = nullptr;  // where the read bytes start in the staging buffer
-  bool done = false;        // mu_
-  std::string error;        // mu_
-};
-
 int64_t Streamer::staging_bytes(int64_t chunk_bytes, int num_staging) {
-  return static_cast<int64_t>(num_staging) * round_up(chunk_bytes + 2 * kAlign, kAlign);
+  return static_cast<int64_t>(num_staging) * LoadIO::staging_size(chunk_bytes);
 }
 
-Streamer::Streamer(std::shared_ptr<HostPool> pool, const std::string& device, int64_t slot_bytes, int num_slots,
-                   int num_readers, int64_t chunk_bytes, int64_t staging_offset, int num_staging, bool direct_io)
-    : pool_(std::move(pool)), device_str_(device), slot_bytes_(slot_bytes), chunk_bytes_(chunk_bytes),
-      direct_io_(direct_io) {
-  // pool: HostPool; device: "cpu" or "cuda:N"; slot_bytes > 0; num_slots >= 1; num_readers >= 1;
-  // chunk_bytes >= 4096; staging buffers [staging_offset, + staging_bytes(chunk_bytes, num_staging)) in pool.
-  TORCH_CHECK(pool_ != nullptr, "moestream.Streamer: pool must be a HostPool, got None");
-  TORCH_CHECK(slot_bytes > 0, "moestream.Streamer: slot_bytes must be > 0, got ", slot_bytes);
-  TORCH_CHECK(num_slots >= 1, "moestream.Streamer: num_slots must be >= 1, got ", num_slots);
-  TORCH_CHECK(num_readers >= 1 && num_readers <= 256, "moestream.Streamer: num_readers must be in [1, 256], got ",
-              num_readers);
-  TORCH_CHECK(chunk_bytes >= kAlign, "moestream.Streamer: chunk_bytes must be >= ", kAlign, ", got ", chunk_bytes);
-  TORCH_CHECK(num_staging >= 0, "moestream.Streamer: num_staging must be >= 0, got ", num_staging);
-  TORCH_CHECK(staging_offset >= 0 && staging_offset % kAlign == 0,
-              "moestream.Streamer: staging_offset must be a non-negative multiple of ", kAlign, ", got ",
-              staging_offset);
-  const int64_t need = staging_offset + staging_bytes(chunk_bytes, num_staging);
-  TORCH_CHECK(num_staging == 0 || need <= pool_->capacity(), "moestream.Streamer: ", num_staging,
-              " staging buffers at offset ", staging_offset, " need a pool of ", need, " bytes, the pool has ",
-              pool_->capacity());
-  c10::Device dev(device);
+Streamer::Streamer(std::shared_ptr<HostPool> pool, const StreamerConfig& cfg) : cfg_(cfg) {
+  TORCH_CHECK(cfg.slot_bytes > 0, "moestream.Streamer: slot_bytes must be > 0, got ", cfg.slot_bytes);
+  TORCH_CHECK(cfg.num_slots >= 1, "moestream.Streamer: num_slots must be >= 1, got ", cfg.num_slots);
+  TORCH_CHECK(cfg.num_readers >= 1 && cfg.num_readers <= 256,
+              "moestream.Streamer: num_readers must be in [1, 256], got ", cfg.num_readers);
+  TORCH_CHECK(cfg.chunk_bytes >= kAlign, "moestream.Streamer: chunk_bytes must be >= ", kAlign, ", got ",
+              cfg.chunk_bytes);
+  TORCH_CHECK(cfg.num_staging >= 0, "moestream.Streamer: num_staging must be >= 0, got ", cfg.num_staging);
+  c10::Device dev(cfg.device);
   if (dev.is_cuda()) {
-    TORCH_CHECK(cuda_hooks().make_backend != nullptr, "moestream.Streamer: device '", device,
+    TORCH_CHECK(cuda_hooks().make_backend != nullptr, "moestream.Streamer: device '", cfg.device,
                 "' needs moestream built with CUDA; this build has no CUDA support");
-    TORCH_CHECK(dev.has_index(), "moestream.Streamer: device must name its index (cuda:N), got '", device, "'");
-    cuda_ = true;
-    backend_ = cuda_hooks().make_backend(dev.index(), num_slots, num_staging);
+    TORCH_CHECK(dev.has_index(), "moestream.Streamer: device must name its index (cuda:N), got '", cfg.device, "'");
+    backend_ = cuda_hooks().make_backend(dev.index(), cfg);
   } else {
-    TORCH_CHECK(dev.is_cpu(), "moestream.Streamer: device must be cpu or cuda:N, got '", device, "'");
-    backend_ = std::make_unique<DeviceBackend>();
+    TORCH_CHECK(dev.is_cpu(), "moestream.Streamer: device must be cpu or cuda:N, got '", cfg.device, "'");
+    backend_ = make_cpu_backend(cfg);
   }
-  auto opts = at::TensorOptions().dtype(at::kByte).device(dev);
-  slots_.resize(num_slots);
+  slots_.resize(cfg.num_slots);
   for (auto& s : slots_) {
-    if (cuda_) {
-      s.mem = at::empty({slot_bytes}, opts);
-    } else {
-      // RAM slots page aligned, so block-aligned file ranges are read into them with O_DIRECT.
-      auto host = std::make_shared<HostPool>(slot_bytes, PinMode::kNone, /*is_slot=*/true);
-      host->populate(0, slot_bytes);
-      s.mem = host->view(0, slot_bytes);
-    }
+    s.mem = backend_->alloc_slot(cfg.slot_bytes);
     s.ptr = s.mem.data_ptr<uint8_t>();
   }
-  if (cuda_) g_slot_bytes += slot_bytes * num_slots;
-  staging_size_ = round_up(chunk_bytes + 2 * kAlign, kAlign);
-  for (int i = 0; i < num_staging; ++i) staging_.push_back(pool_->data() + staging_offset + i * staging_size_);
-  if (num_staging > 0) pool_->populate(staging_offset, num_staging * staging_size_);
-  staging_busy_.assign(num_staging, 0);
-  staging_owner_.resize(num_staging);
-  readers_ = std::make_unique<TaskPool>(num_readers);
+  io_ = std::make_unique<LoadIO>(std::move(pool), cfg);
   scheduler_ = std::thread([this] { scheduler_loop(); });
 }
 
@@ -264,7 +384,7 @@ Streamer::~Streamer() {
   }
   cv_.notify_all();
   if (scheduler_.joinable()) scheduler_.join();
-  readers_.reset();  // runs what is queued, then joins
+  io_.reset();  // the readers run what is queued, then join
   try {
     backend_->synchronize();
   } catch (...) {
@@ -273,9 +393,14 @@ Streamer::~Streamer() {
     if (f->fd >= 0) ::close(f->fd);
     if (f->dfd >= 0) ::close(f->dfd);
   }
-  if (cuda_) g_slot_bytes -= slot_bytes_ * static_cast<int64_t>(slots_.size());
   slots_.clear();
   backend_.reset();
+}
+
+bool Streamer::staging_pinned() const { return io_->staging_pool() == nullptr || io_->staging_pool()->pinned(); }
+
+std::string Streamer::staging_pin_error() const {
+  return io_->staging_pool() == nullptr ? std::string() : io_->staging_pool()->pin_error();
 }
 
 int Streamer::add_file(const std::string& path) {
@@ -284,7 +409,7 @@ int Streamer::add_file(const std::string& path) {
   f->fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   TORCH_CHECK(f->fd >= 0, "moestream.Streamer.add_file: cannot open '", path, "': ", errno_str(errno));
   f->size = file_size_now(f->fd);
-  if (direct_io_) {
+  if (cfg_.direct_io) {
     // Not every file system takes O_DIRECT (tmpfs refuses it): those files are read through the cache.
     f->dfd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
   }
@@ -300,9 +425,9 @@ int Streamer::add_unit(std::vector<Segment> segments) {
     TORCH_CHECK(s.nbytes >= 0 && s.dst_offset >= 0 && s.src_offset >= 0, "moestream.Streamer.add_unit: tensor '",
                 s.name, "' has a negative offset or size (dst ", s.dst_offset, ", src ", s.src_offset, ", nbytes ",
                 s.nbytes, ")");
-    TORCH_CHECK(s.dst_offset + s.nbytes <= slot_bytes_, "moestream.Streamer.add_unit: tensor '", s.name,
+    TORCH_CHECK(s.dst_offset + s.nbytes <= cfg_.slot_bytes, "moestream.Streamer.add_unit: tensor '", s.name,
                 "' at slot bytes [", s.dst_offset, ", ", s.dst_offset + s.nbytes, ") does not fit a slot of ",
-                slot_bytes_, " bytes");
+                cfg_.slot_bytes, " bytes");
     if (s.nbytes == 0) continue;
     if (s.file >= 0) {
       TORCH_CHECK(s.file < static_cast<int>(files_.size()), "moestream.Streamer.add_unit: tensor '", s.name,
@@ -311,15 +436,16 @@ int Streamer::add_unit(std::vector<Segment> segments) {
       TORCH_CHECK(s.src_offset + s.nbytes <= f->size, "moestream.Streamer.add_unit: tensor '", s.name,
                   "' needs bytes [", s.src_offset, ", ", s.src_offset + s.nbytes, ") of '", f->path,
                   "' but the file has ", f->size, " bytes (truncated?)");
-      TORCH_CHECK(!cuda_ || !staging_.empty(), "moestream.Streamer.add_unit: tensor '", s.name,
+      TORCH_CHECK(backend_->orders_on_device() == false || !io_->staging().empty(),
+                  "moestream.Streamer.add_unit: tensor '", s.name,
                   "' is read from a file, which on CUDA needs staging buffers (num_staging >= 1)");
       s.fh = f;
     } else {
-      TORCH_CHECK(s.file == -1, "moestream.Streamer.add_unit: tensor '", s.name, "' has file index ", s.file,
-                  " (use -1 for the host pool)");
-      TORCH_CHECK(s.src_offset + s.nbytes <= pool_->capacity(), "moestream.Streamer.add_unit: tensor '", s.name,
+      TORCH_CHECK(s.file == Segment::kFromPool, "moestream.Streamer.add_unit: tensor '", s.name, "' has file index ",
+                  s.file, " (use -1 for the host pool)");
+      TORCH_CHECK(s.src_offset + s.nbytes <= io_->pool_bytes(), "moestream.Streamer.add_unit: tensor '", s.name,
                   "' needs pool bytes [", s.src_offset, ", ", s.src_offset + s.nbytes, ") but the pool has ",
-                  pool_->capacity(), " bytes");
+                  io_->pool_bytes(), " bytes");
     }
     segs.push_back(std::move(s));
   }
@@ -469,6 +595,14 @@ void Streamer::synchronize() {
   backend_->synchronize();
 }
 
+void Streamer::complete(const std::shared_ptr<Job>& job, const std::string& error) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (job->error.empty()) job->error = error;
+  job->state = job->error.empty() ? Job::kDone : Job::kFailed;
+  if (job->state == Job::kDone) bytes_loaded_ += job->bytes;
+  cv_.notify_all();
+}
+
 void Streamer::scheduler_loop() {
   std::string init_error;
   try {
@@ -478,10 +612,10 @@ void Streamer::scheduler_loop() {
   }
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
-    if (queue_.empty() && !inflight_.empty() && !stop_) {
+    if (queue_.empty() && backend_->pending() && !stop_) {
       // Nothing new to issue: complete what is in flight so the jobs waiting on it become usable.
       lk.unlock();
-      drain_inflight(0);
+      backend_->drain();
       lk.lock();
       continue;
     }
@@ -501,7 +635,7 @@ void Streamer::scheduler_loop() {
       cv_.notify_all();
       continue;
     }
-    if (!cuda_ && job->prev) {
+    if (!backend_->orders_on_device() && job->prev) {
       // Readers of the previous occupant may still write into this slot (it was evicted before use).
       auto prev = job->prev;
       cv_.wait(lk, [&] { return prev->state >= Job::kDone; });
@@ -509,19 +643,14 @@ void Streamer::scheduler_loop() {
     job->prev.reset();
     job->state = Job::kRunning;
     jobs_++;
+    LoadTask task;
+    task.unit = job->unit;
+    task.slot = job->slot;
+    task.dst = slots_[job->slot].ptr;
+    task.segs = job->segs;
+    task.done = [this, job](const std::string& error) { complete(job, error); };
     lk.unlock();
-    if (cuda_) {
-      run_job_cuda(job);  // never throws: errors are recorded on the job
-    } else {
-      try {
-        run_job_cpu(job);
-      } catch (const std::exception& e) {
-        // e.g. out of memory queueing tasks: the job fails, the engine keeps serving later jobs
-        set_job_error(job, std::string("moestream.Streamer: loading unit ") + std::to_string(job->unit) +
-                               " failed: " + e.what());
-        finish_task(job, "");
-      }
-    }
+    backend_->start(std::move(task), *io_);  // never throws: errors reach task.done
     lk.lock();
   }
   for (auto& j : queue_) j->state = Job::kCancelled;
@@ -529,243 +658,8 @@ void Streamer::scheduler_loop() {
   cv_.notify_all();
   lk.unlock();
   try {
-    drain_inflight(0);
+    backend_->drain();
   } catch (...) {
-  }
-}
-
-void Streamer::set_job_error(const std::shared_ptr<Job>& job, const std::string& error) {
-  std::lock_guard<std::mutex> lk(mu_);
-  if (job->error.empty()) job->error = error;
-}
-
-void Streamer::finish_task(const std::shared_ptr<Job>& job, const std::string& error) {
-  if (!error.empty()) set_job_error(job, error);
-  if (job->pending.fetch_sub(1) == 1) {
-    std::lock_guard<std::mutex> lk(mu_);
-    job->state = job->error.empty() ? Job::kDone : Job::kFailed;
-    if (job->state == Job::kDone) bytes_loaded_ += job->bytes;
-    cv_.notify_all();
-  }
-}
-
-int Streamer::acquire_staging() {
-  std::unique_lock<std::mutex> lk(mu_);
-  int found = -1;
-  cv_.wait(lk, [&] {
-    for (size_t i = 0; i < staging_busy_.size(); ++i) {
-      const int b = static_cast<int>((staging_next_ + i) % staging_busy_.size());
-      if (!staging_busy_[b]) {
-        found = b;
-        return true;
-      }
-    }
-    return false;
-  });
-  staging_busy_[found] = 1;
-  staging_next_ = (found + 1) % static_cast<int>(staging_busy_.size());
-  return found;
-}
-
-void Streamer::release_staging(int buf) {
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    staging_busy_[buf] = 0;
-  }
-  cv_.notify_all();
-}
-
-std::string Streamer::read_range(const Segment& seg, int64_t off, int64_t n, uint8_t* dst, uint8_t* staging,
-                                 uint8_t** data_out) {
-  const FileHandle& f = *seg.fh;
-  const int64_t pos = seg.src_offset + off;
-  const int64_t t0 = now_ns();
-  auto fail = [&](const std::string& why) {
-    return "moestream.offload: reading tensor '" + seg.name + "' from '" + f.path + "' (bytes " +
-           std::to_string(pos) + ".." + std::to_string(pos + n) + ") failed: " + why;
-  };
-  auto short_read = [&](int64_t got) {
-    return fail("short read, got " + std::to_string(got) + " of " + std::to_string(n) + " bytes (the file now has " +
-                std::to_string(file_size_now(f.fd)) + " bytes; truncated or replaced since it was opened?)");
-  };
-  if (f.dfd >= 0 && dst != nullptr && pos % kAlign == 0 && n % kAlign == 0 &&
-      reinterpret_cast<uintptr_t>(dst) % kAlign == 0) {
-    // O_DIRECT straight into the destination: everything is block aligned (layered files, page-aligned
-    // slots), so no bounce buffer and no copy.
-    int64_t got = pread_all(f.dfd, dst, n, pos);
-    if (got == -EINVAL) got = pread_all(f.fd, dst, n, pos);
-    if (got < 0) return fail(errno_str(static_cast<int>(-got)));
-    if (got < n) return short_read(got);
-    *data_out = dst;
-  } else if (staging != nullptr && f.dfd >= 0) {
-    // O_DIRECT: read the aligned superset of the range into the aligned staging buffer.
-    const int64_t a0 = pos / kAlign * kAlign;
-    const int64_t a1 = round_up(pos + n, kAlign);
-    int64_t got = pread_all(f.dfd, staging, a1 - a0, a0);
-    if (got == -EINVAL) {
-      got = pread_all(f.fd, staging + (pos - a0), n, pos);  // the file system refused direct I/O here
-      if (got < 0) return fail(errno_str(static_cast<int>(-got)));
-      if (got < n) return short_read(got);
-    } else {
-      if (got < 0) return fail(errno_str(static_cast<int>(-got)));
-      if (got < pos + n - a0) return short_read(std::max<int64_t>(0, got - (pos - a0)));
-    }
-    *data_out = staging + (pos - a0);
-  } else {
-    uint8_t* target = staging != nullptr ? staging : dst;
-    const int64_t got = pread_all(f.fd, target, n, pos);
-    if (got < 0) return fail(errno_str(static_cast<int>(-got)));
-    if (got < n) return short_read(got);
-    *data_out = target;
-  }
-  bytes_read_ += n;
-  read_ns_ += now_ns() - t0;
-  return "";
-}
-
-void Streamer::run_job_cpu(const std::shared_ptr<Job>& job) {
-  auto segs = job->segs;
-  uint8_t* slot = slots_[job->slot].ptr;
-  job->pending.store(1);
-  for (size_t i = 0; i < segs->size(); ++i) {
-    const Segment& seg = (*segs)[i];
-    for (int64_t off = 0; off < seg.nbytes; off += chunk_bytes_) {
-      const int64_t n = std::min(chunk_bytes_, seg.nbytes - off);
-      uint8_t* dst = slot + seg.dst_offset + off;
-      job->pending.fetch_add(1);
-      if (seg.file < 0) {
-        const uint8_t* src = pool_->data() + seg.src_offset + off;
-        readers_->submit([this, job, dst, src, n] {
-          std::memcpy(dst, src, static_cast<size_t>(n));
-          bytes_copied_ += n;
-          finish_task(job, "");
-        });
-      } else {
-        const int64_t pos = seg.src_offset + off;
-        const bool aligned = pos % kAlign == 0 && n % kAlign == 0 && reinterpret_cast<uintptr_t>(dst) % kAlign == 0;
-        const bool staged = direct_io_ && !staging_.empty() && seg.fh->dfd >= 0 && !aligned;
-        const int buf = staged ? acquire_staging() : -1;
-        readers_->submit([this, job, segs, i, off, n, dst, buf] {
-          const Segment& sg = (*segs)[i];
-          uint8_t* data = nullptr;
-          std::string err = read_range(sg, off, n, dst, buf >= 0 ? staging_[buf] : nullptr, &data);
-          if (err.empty() && data != dst) std::memcpy(dst, data, static_cast<size_t>(n));
-          if (buf >= 0) release_staging(buf);
-          finish_task(job, err);
-        });
-      }
-    }
-  }
-  finish_task(job, "");
-}
-
-void Streamer::run_job_cuda(const std::shared_ptr<Job>& job) {
-  auto segs = job->segs;
-  uint8_t* slot = slots_[job->slot].ptr;
-  auto wait_released = [&](Job& j) {
-    if (!j.released_waited) {
-      backend_->producer_wait_released(j.slot);
-      j.released_waited = true;
-    }
-  };
-  try {
-    for (size_t i = 0; i < segs->size(); ++i) {
-      const Segment& seg = (*segs)[i];
-      if (seg.file < 0) {
-        // Host segments are issued at once, after the staged chunks still in flight (copy stream order).
-        drain_inflight(0);
-        wait_released(*job);
-        backend_->copy_h2d(slot + seg.dst_offset, pool_->data() + seg.src_offset, seg.nbytes);
-        bytes_copied_ += seg.nbytes;
-        continue;
-      }
-      for (int64_t off = 0; off < seg.nbytes; off += chunk_bytes_) {
-        const int64_t n = std::min(chunk_bytes_, seg.nbytes - off);
-        const int b = staging_next_;
-        staging_next_ = (staging_next_ + 1) % static_cast<int>(staging_.size());
-        // The buffer's previous chunk must have been copied out: complete the pipeline up to it, then
-        // wait until its device copy has finished before a reader overwrites the buffer.
-        while (staging_owner_[b]) drain_inflight(inflight_.size() - 1);
-        backend_->wait_staging(b);
-        auto e = std::make_shared<Inflight>();
-        e->job = job;
-        e->buf = b;
-        e->dst = slot + seg.dst_offset + off;
-        e->nbytes = n;
-        staging_owner_[b] = e;
-        inflight_.push_back(e);
-        readers_->submit([this, e, segs, i, off, n, b] {
-          uint8_t* data = nullptr;
-          std::string err = read_range((*segs)[i], off, n, nullptr, staging_[b], &data);
-          {
-            std::lock_guard<std::mutex> lk(mu_);
-            e->data = data;
-            e->error = std::move(err);
-            e->done = true;
-          }
-          cv_.notify_all();
-        });
-      }
-    }
-  } catch (const std::exception& ex) {
-    set_job_error(job, std::string("moestream.Streamer: loading unit ") + std::to_string(job->unit) +
-                           " failed: " + ex.what());
-  }
-  // Always finalised, so a waiting acquire() sees success or the error.
-  auto fin = std::make_shared<Inflight>();
-  fin->job = job;
-  fin->finalize = true;
-  inflight_.push_back(fin);
-  if (inflight_.size() == 1) drain_inflight(0);
-}
-
-void Streamer::drain_inflight(size_t keep) {
-  while (inflight_.size() > keep) {
-    std::shared_ptr<Inflight> e = inflight_.front();
-    inflight_.pop_front();
-    Job& job = *e->job;
-    auto device_error = [&](const std::exception& ex) {
-      set_job_error(e->job, std::string("moestream.Streamer: copying unit ") + std::to_string(job.unit) +
-                                " to the device failed: " + ex.what());
-    };
-    if (e->finalize) {
-      try {
-        if (!job.released_waited) {
-          backend_->producer_wait_released(job.slot);
-          job.released_waited = true;
-        }
-        backend_->record_ready(job.slot);
-      } catch (const std::exception& ex) {
-        device_error(ex);
-      }
-      std::lock_guard<std::mutex> lk(mu_);
-      job.state = job.error.empty() ? Job::kDone : Job::kFailed;
-      if (job.state == Job::kDone) bytes_loaded_ += job.bytes;
-      cv_.notify_all();
-      continue;
-    }
-    std::string err;
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return e->done; });
-      err = e->error;
-    }
-    if (!err.empty()) {
-      set_job_error(e->job, err);
-    } else {
-      try {
-        if (!job.released_waited) {
-          backend_->producer_wait_released(job.slot);
-          job.released_waited = true;
-        }
-        backend_->copy_h2d(e->dst, e->data, e->nbytes);
-        backend_->record_staging(e->buf);
-        bytes_copied_ += e->nbytes;
-      } catch (const std::exception& ex) {
-        device_error(ex);
-      }
-    }
-    staging_owner_[e->buf].reset();
   }
 }
 
@@ -797,18 +691,19 @@ void Streamer::read_into(const at::Tensor& dst, std::vector<Segment> segments) {
   std::condition_variable cv;
   int64_t pending = 0;
   std::string first_error;
+  const int64_t chunk = io_->chunk_bytes();
   for (size_t i = 0; i < segs->size(); ++i) {
     const Segment& seg = (*segs)[i];
-    for (int64_t off = 0; off < seg.nbytes; off += chunk_bytes_) {
-      const int64_t n = std::min(chunk_bytes_, seg.nbytes - off);
+    for (int64_t off = 0; off < seg.nbytes; off += chunk) {
+      const int64_t n = std::min(chunk, seg.nbytes - off);
       {
         std::lock_guard<std::mutex> lk(m);
         pending++;
       }
-      readers_->submit([&, segs, i, off, n] {
+      io_->submit([&, segs, i, off, n] {
         const Segment& sg = (*segs)[i];
         uint8_t* data = nullptr;
-        std::string err = read_range(sg, off, n, base + sg.dst_offset + off, nullptr, &data);
+        std::string err = io_->read(sg, off, n, base + sg.dst_offset + off, nullptr, &data);
         std::lock_guard<std::mutex> lk(m);
         if (!err.empty() && first_error.empty()) first_error = err;
         if (--pending == 0) cv.notify_all();
@@ -823,95 +718,37 @@ void Streamer::read_into(const at::Tensor& dst, std::vector<Segment> segments) {
 std::map<std::string, double> Streamer::stats() {
   std::lock_guard<std::mutex> lk(mu_);
   std::map<std::string, double> s;
+  const HostPool* pool = io_->pool();
+  const HostPool* staging = io_->staging_pool();
   s["bytes_loaded"] = static_cast<double>(bytes_loaded_);
-  s["bytes_read"] = static_cast<double>(bytes_read_.load());
-  s["bytes_copied"] = static_cast<double>(bytes_copied_.load());
-  s["read_seconds"] = static_cast<double>(read_ns_.load()) * 1e-9;
+  s["bytes_read"] = static_cast<double>(io_->bytes_read.load());
+  s["bytes_copied"] = static_cast<double>(io_->bytes_copied());
+  s["read_seconds"] = static_cast<double>(io_->read_ns.load()) * 1e-9;
   s["loads"] = static_cast<double>(jobs_);
   s["acquires"] = static_cast<double>(acquires_);
   s["hits"] = static_cast<double>(hits_);
   s["wait_seconds"] = static_cast<double>(wait_ns_) * 1e-9;
   s["num_slots"] = static_cast<double>(slots_.size());
-  s["slot_bytes"] = static_cast<double>(slot_bytes_);
-  s["pool_bytes"] = static_cast<double>(pool_->capacity());
-  s["pool_pinned"] = pool_->pinned() ? 1.0 : 0.0;
-  s["staging_buffers"] = static_cast<double>(staging_.size());
-  s["readers"] = static_cast<double>(readers_->size());
+  s["slot_bytes"] = static_cast<double>(cfg_.slot_bytes);
+  s["pool_bytes"] = static_cast<double>(io_->pool_bytes() + (staging ? staging->capacity() : 0));
+  // pinned: every host byte the copies read from is page-locked (the weights pool and the staging buffers)
+  const bool any = io_->pool_bytes() > 0 || staging != nullptr;
+  const bool pinned = any && (pool == nullptr || pool->capacity() == 0 || pool->pinned()) &&
+                      (staging == nullptr || staging->pinned());
+  s["pool_pinned"] = pinned ? 1.0 : 0.0;
+  s["staging_buffers"] = static_cast<double>(io_->staging().size());
+  s["readers"] = static_cast<double>(io_->num_readers());
   return s;
 }
 
 void Streamer::reset_stats() {
   std::lock_guard<std::mutex> lk(mu_);
   bytes_loaded_ = 0;
-  bytes_read_ = 0;
-  bytes_copied_ = 0;
-  read_ns_ = 0;
+  io_->reset_counters();
   jobs_ = 0;
   acquires_ = 0;
   hits_ = 0;
   wait_ns_ = 0;
-}
-
-// ---------------------------------------------------------------------------------------------- probe
-
-double read_files_seconds(const std::vector<std::string>& paths, int64_t chunk_bytes, int threads,
-                          bool direct_io) {
-  TORCH_CHECK(chunk_bytes >= kAlign && chunk_bytes % kAlign == 0,
-              "moestream.read_files_seconds: chunk_bytes must be a multiple of ", kAlign, ", got ", chunk_bytes);
-  TORCH_CHECK(threads >= 1, "moestream.read_files_seconds: threads must be >= 1, got ", threads);
-  struct Piece {
-    int fd;
-    int64_t off, n;
-    std::string path;
-  };
-  std::vector<int> fds;
-  std::vector<Piece> pieces;
-  for (const auto& p : paths) {
-    int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | (direct_io ? O_DIRECT : 0));
-    if (fd < 0 && direct_io) fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      for (int f : fds) ::close(f);
-      TORCH_CHECK(false, "moestream.read_files_seconds: cannot open '", p, "': ", errno_str(errno));
-    }
-    fds.push_back(fd);
-    const int64_t size = file_size_now(fd);
-    for (int64_t off = 0; off < size; off += chunk_bytes) pieces.push_back({fd, off, std::min(chunk_bytes, size - off), p});
-  }
-  std::atomic<size_t> next{0};
-  std::string error;
-  std::mutex em;
-  const int64_t t0 = now_ns();
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&] {
-      // The reader's buffer is memory like the engine's slots: 2 MiB aligned on transparent huge
-      // pages. An O_DIRECT read into 4 KiB pages becomes a scatter list of single pages that the
-      // block layer splits into many small requests; on a virtual disk such reads ran at
-      // 1.0-1.5 GB/s where reads into huge pages ran at 2.3-2.6 GB/s.
-      constexpr size_t kHuge = size_t(2) << 20;
-      const size_t cap = (static_cast<size_t>(chunk_bytes) + kHuge - 1) / kHuge * kHuge;
-      void* buf = nullptr;
-      if (::posix_memalign(&buf, kHuge, cap) != 0) return;
-#ifdef MADV_HUGEPAGE
-      (void)::madvise(buf, cap, MADV_HUGEPAGE);
-#endif
-      for (size_t i = next++; i < pieces.size(); i = next++) {
-        const Piece& pc = pieces[i];
-        // O_DIRECT lengths must be aligned: the last piece reads up to the next block (short at EOF)
-        const int64_t got = pread_all(pc.fd, static_cast<uint8_t*>(buf), round_up(pc.n, kAlign), pc.off);
-        if (got < 0) {
-          std::lock_guard<std::mutex> lk(em);
-          if (error.empty()) error = "reading '" + pc.path + "' failed: " + errno_str(static_cast<int>(-got));
-        }
-      }
-      std::free(buf);
-    });
-  }
-  for (auto& t : ts) t.join();
-  const double secs = static_cast<double>(now_ns() - t0) * 1e-9;
-  for (int f : fds) ::close(f);
-  TORCH_CHECK(error.empty(), "moestream.read_files_seconds: ", error);
-  return secs;
 }
 
 }  // namespace stream

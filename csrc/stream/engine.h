@@ -4,14 +4,14 @@
 //
 // Threads:
 //   - the caller (Python) thread: acquire()/release()/prefetch(); on CUDA it is also the compute thread;
-//   - one scheduler thread: takes load jobs in FIFO order, issues host->device copies on a dedicated
-//     copy stream (CUDA) and hands file reads to the readers;
-//   - N reader threads: pread() byte ranges of files into slots (CPU) or pinned staging buffers (CUDA),
-//     and do the host memcpy work on CPU.
-// Ordering (CUDA): a copy into slot s waits (on the device) for the event recorded when compute
-// released s; compute waits (on the device) for the event recorded after the last copy into s.
-// The host only blocks when the data is not even read from disk yet.
-// On CPU the same pipeline streams into RAM slots; "device" waits become host waits.
+//   - one scheduler thread: takes load jobs in FIFO order and starts each on the device backend;
+//   - N reader threads: pread() byte ranges of files into slots (CPU) or staging buffers (CUDA), and
+//     do the host memcpy work on CPU.
+// The Streamer owns the slot ring, the job queue and eviction; a DeviceBackend owns how a job's bytes
+// reach a slot: the CPU backend (this file's engine.cpp) reads and copies straight into RAM slots; the
+// CUDA backend (stream_cuda.cpp) stages file reads in pinned buffers and issues host-to-device copies
+// on its copy stream, ordered against compute by per-slot events. The host only blocks when the data
+// is not even read from disk yet.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,16 +32,22 @@
 namespace moestream {
 namespace stream {
 
+// Alignment of O_DIRECT transfers (file offset, length and buffer); 4096 covers every common
+// logical block size.
+constexpr int64_t kAlign = 4096;
+
 // Bytes currently held by live pools and slots in this process (for reports and leak tests).
 int64_t live_host_bytes();
 int64_t live_slot_bytes();
+void add_live_slot_bytes(int64_t delta);  // device slots (host slots are counted by their HostPool)
 
+// How a HostPool is page-locked: not at all, with mlock (CPU streaming), or with cudaHostRegister.
 enum class PinMode : int { kNone = 0, kMlock = 1, kCuda = 2 };
 
 // One aligned host allocation, made once, reused for the lifetime of the streamer. pin() page-locks
-// it, with cudaHostRegister (kCuda, through the CUDA glue) or mlock (kMlock); when locking is refused
-// (memlock limits, no driver) the memory stays pageable and pin_error() says why. Callers pin after
-// filling it, so the pages are not all resident before the tensors they copy are freed.
+// it per its PinMode; when locking is refused (memlock limits, no driver) the memory stays pageable
+// and pin_error() says why. Callers pin after filling it, so the pages are not all resident before
+// the tensors they copy are freed.
 class HostPool : public std::enable_shared_from_this<HostPool> {
  public:
   // is_slot: a RAM slot of a CPU streamer (counted in live_slot_bytes, not live_host_bytes).
@@ -74,42 +80,6 @@ class HostPool : public std::enable_shared_from_this<HostPool> {
   std::string pin_error_;
 };
 
-// The device side of the streamer. The CPU backend is a set of no-ops (host waits do the ordering);
-// the CUDA backend lives in stream_cuda.cpp (built only with MOESTREAM_WITH_CUDA).
-class DeviceBackend {
- public:
-  virtual ~DeviceBackend() = default;
-  virtual bool is_cuda() const { return false; }
-  // Called once on the scheduler thread before it issues anything (binds the device).
-  virtual void thread_init() {}
-  // Scheduler thread, in job order.
-  virtual void producer_wait_released(int slot) { (void)slot; }
-  virtual void copy_h2d(void* dst, const void* src, int64_t nbytes) {
-    (void)dst;
-    (void)src;
-    (void)nbytes;
-  }
-  virtual void record_ready(int slot) { (void)slot; }
-  virtual void record_staging(int buf) { (void)buf; }
-  // Blocks the calling host thread until the last copy out of staging buffer buf has finished.
-  virtual void wait_staging(int buf) { (void)buf; }
-  // Caller (compute) thread: the current stream waits for slot's data / marks slot's use finished.
-  virtual void consumer_wait_ready(int slot) { (void)slot; }
-  virtual void record_released(int slot) { (void)slot; }
-  // Waits for every copy issued so far.
-  virtual void synchronize() {}
-};
-
-// Entry points provided by the CUDA glue when it is compiled in (all null otherwise).
-struct CudaHooks {
-  bool (*host_register)(void* ptr, int64_t nbytes, std::string* error) = nullptr;
-  void (*host_unregister)(void* ptr) = nullptr;
-  std::unique_ptr<DeviceBackend> (*make_backend)(int device_index, int num_slots, int num_staging) = nullptr;
-};
-CudaHooks& cuda_hooks();
-
-// A byte range to place at dst_offset of a slot (or of a destination tensor for read_into).
-// file >= 0: the bytes come from file `file` at src_offset; file == -1: from the host pool at src_offset.
 struct FileHandle {
   std::string path;
   int fd = -1;
@@ -117,13 +87,28 @@ struct FileHandle {
   int64_t size = 0;
 };
 
+// A byte range to place at dst_offset of a slot (or of a destination tensor for read_into).
+// file >= 0: the bytes come from file `file` at src_offset; file == kFromPool: from the host pool.
 struct Segment {
+  static constexpr int kFromPool = -1;
   int64_t dst_offset = 0;
   int64_t nbytes = 0;
-  int file = -1;
+  int file = kFromPool;
   int64_t src_offset = 0;
   std::string name;  // the tensor the bytes belong to, for error messages
   std::shared_ptr<FileHandle> fh;  // resolved from `file` when the segment is registered
+};
+
+// Everything that shapes a Streamer, fixed at construction.
+struct StreamerConfig {
+  std::string device = "cpu";  // "cpu" or "cuda:N"
+  int64_t slot_bytes = 0;      // bytes of one slot (> 0)
+  int num_slots = 1;           // slots in the ring (>= 1)
+  int num_readers = 4;         // reader threads (1..256)
+  int64_t chunk_bytes = 4 << 20;  // granularity of reads and copies (>= 4096)
+  int num_staging = 0;         // staging buffers of chunk_bytes: file reads on CUDA, O_DIRECT bounces on CPU
+  bool direct_io = false;      // read files with O_DIRECT where the file system allows it
+  PinMode staging_pin = PinMode::kNone;  // how the staging buffers are page-locked
 };
 
 // A fixed set of worker threads running submitted tasks in FIFO order.
@@ -143,17 +128,94 @@ class TaskPool {
   bool stop_ = false;
 };
 
+// The host side of loading, shared by the backends: the weights pool, the staging buffers, the reader
+// threads and the file reader, with the byte counters.
+class LoadIO {
+ public:
+  LoadIO(std::shared_ptr<HostPool> pool, const StreamerConfig& cfg);
+  ~LoadIO();  // runs what the readers have queued, then joins them
+
+  static int64_t staging_size(int64_t chunk_bytes) { return (chunk_bytes + 2 * kAlign + kAlign - 1) / kAlign * kAlign; }
+  const uint8_t* pool_data() const { return pool_ ? pool_->data() : nullptr; }
+  int64_t pool_bytes() const { return pool_ ? pool_->capacity() : 0; }
+  int64_t chunk_bytes() const { return chunk_bytes_; }
+  bool direct_io() const { return direct_io_; }
+  const std::vector<uint8_t*>& staging() const { return staging_; }
+  const HostPool* staging_pool() const { return staging_pool_.get(); }
+  const HostPool* pool() const { return pool_.get(); }
+  void submit(std::function<void()> fn) { readers_->submit(std::move(fn)); }
+  int num_readers() const { return readers_->size(); }
+  // Reads seg's [off, off + n) into dst (or into `staging` when given); *data_out is where the bytes
+  // landed. O_DIRECT where everything is block aligned (or through the staging buffer). Returns "" or
+  // an error naming the tensor and the file.
+  std::string read(const Segment& seg, int64_t off, int64_t n, uint8_t* dst, uint8_t* staging, uint8_t** data_out);
+  void count_copied(int64_t n) { bytes_copied_ += n; }
+
+  std::atomic<int64_t> bytes_read{0};
+  std::atomic<int64_t> read_ns{0};
+  int64_t bytes_copied() const { return bytes_copied_.load(); }
+  void reset_counters();
+
+ private:
+  std::shared_ptr<HostPool> pool_;
+  std::shared_ptr<HostPool> staging_pool_;
+  std::vector<uint8_t*> staging_;
+  int64_t chunk_bytes_;
+  bool direct_io_;
+  std::atomic<int64_t> bytes_copied_{0};
+  std::unique_ptr<TaskPool> readers_;
+};
+
+// One load as a backend sees it: put the unit's segments into the slot at `dst`.
+struct LoadTask {
+  int unit = -1;
+  int slot = -1;
+  uint8_t* dst = nullptr;
+  std::shared_ptr<const std::vector<Segment>> segs;
+  // Called exactly once, from any thread, with "" once the bytes are usable by the consumer (CPU:
+  // in the slot; CUDA: copies issued and the slot's ready event recorded), or with the error.
+  std::function<void(const std::string&)> done;
+};
+
+// The device side of the streamer.
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+  // Device slots are ordered by device events (a job may start before the previous job in its slot
+  // has finished); host slots are not, so the scheduler waits for it.
+  virtual bool orders_on_device() const = 0;
+  virtual at::Tensor alloc_slot(int64_t nbytes) = 0;
+  // Scheduler thread, once, before the first start().
+  virtual void thread_init() {}
+  // Scheduler thread, in job order. Must not throw: errors go to task.done.
+  virtual void start(LoadTask task, LoadIO& io) = 0;
+  // Scheduler thread: whether started work waits for drain() to complete (CUDA's staged chunks).
+  virtual bool pending() const { return false; }
+  virtual void drain() {}
+  // Caller (compute) thread: the current stream waits for slot's data / marks slot's use finished.
+  virtual void consumer_wait_ready(int slot) { (void)slot; }
+  virtual void record_released(int slot) { (void)slot; }
+  // Waits for every copy issued so far.
+  virtual void synchronize() {}
+};
+
+// Entry points provided by the CUDA glue when it is compiled in (all null otherwise).
+struct CudaHooks {
+  bool (*host_register)(void* ptr, int64_t nbytes, std::string* error) = nullptr;
+  void (*host_unregister)(void* ptr) = nullptr;
+  std::unique_ptr<DeviceBackend> (*make_backend)(int device_index, const StreamerConfig& cfg) = nullptr;
+};
+CudaHooks& cuda_hooks();
+
 class Streamer {
  public:
-  // pool: host memory (weights for host segments, plus staging buffers at staging_offset).
-  // slot_bytes x num_slots: the device (or RAM) ring. chunk_bytes: granularity of reads and copies.
-  Streamer(std::shared_ptr<HostPool> pool, const std::string& device, int64_t slot_bytes, int num_slots,
-           int num_readers, int64_t chunk_bytes, int64_t staging_offset, int num_staging, bool direct_io);
+  // pool: host memory holding the weights of host segments (may be null when every unit reads files).
+  Streamer(std::shared_ptr<HostPool> pool, const StreamerConfig& cfg);
   ~Streamer();
   Streamer(const Streamer&) = delete;
   Streamer& operator=(const Streamer&) = delete;
 
-  // Bytes of pool needed by num_staging staging buffers for chunk_bytes chunks.
+  // Host bytes the streamer allocates for num_staging staging buffers of chunk_bytes chunks.
   static int64_t staging_bytes(int64_t chunk_bytes, int num_staging);
 
   int add_file(const std::string& path);
@@ -176,14 +238,16 @@ class Streamer {
   std::map<std::string, double> stats();
   void reset_stats();
   int num_slots() const { return static_cast<int>(slots_.size()); }
-  int64_t slot_bytes() const { return slot_bytes_; }
+  int64_t slot_bytes() const { return cfg_.slot_bytes; }
   int num_units() const;
   at::Tensor slot(int i) const;
-  const std::string& device_str() const { return device_str_; }
+  const std::string& device_str() const { return cfg_.device; }
+  const StreamerConfig& config() const { return cfg_; }
+  bool staging_pinned() const;
+  std::string staging_pin_error() const;
 
  private:
   struct Job;
-  struct ReadTask;
   struct Slot {
     at::Tensor mem;
     uint8_t* ptr = nullptr;
@@ -192,27 +256,13 @@ class Streamer {
     uint64_t last_use = 0;
     std::shared_ptr<Job> job;
   };
-  struct Inflight;  // a staged chunk waiting for its read (CUDA), or a job to finalise
 
   int ensure_loaded(int unit, const std::unordered_set<int>& keep, bool required);  // mu_ held
   void scheduler_loop();
-  void run_job_cpu(const std::shared_ptr<Job>& job);
-  void run_job_cuda(const std::shared_ptr<Job>& job);
-  void drain_inflight(size_t keep);  // completes inflight entries until at most `keep` remain
-  void finish_task(const std::shared_ptr<Job>& job, const std::string& error);
-  void set_job_error(const std::shared_ptr<Job>& job, const std::string& error);
-  // Reads seg's [off, off + n) into dst; staging is used for O_DIRECT. Returns "" or an error message.
-  std::string read_range(const Segment& seg, int64_t off, int64_t n, uint8_t* dst, uint8_t* staging,
-                         uint8_t** data_out);
-  int acquire_staging();  // mu_ not held; CPU staged reads only
-  void release_staging(int buf);
+  void complete(const std::shared_ptr<Job>& job, const std::string& error);
 
-  std::shared_ptr<HostPool> pool_;
-  std::string device_str_;
-  bool cuda_ = false;
-  int64_t slot_bytes_ = 0;
-  int64_t chunk_bytes_ = 0;
-  bool direct_io_ = false;
+  StreamerConfig cfg_;
+  std::unique_ptr<LoadIO> io_;
   std::unique_ptr<DeviceBackend> backend_;
 
   std::vector<std::shared_ptr<FileHandle>> files_;
@@ -220,27 +270,14 @@ class Streamer {
   std::vector<int> unit_slot_;
   std::vector<Slot> slots_;
   uint64_t clock_ = 0;
-  uint64_t seq_ = 0;
-
-  // staging buffers (CUDA file reads, CPU O_DIRECT reads)
-  std::vector<uint8_t*> staging_;
-  int64_t staging_size_ = 0;
-  std::vector<char> staging_busy_;  // CPU: taken by a reader task
-  int staging_next_ = 0;
-  std::deque<std::shared_ptr<Inflight>> inflight_;  // scheduler thread only (CUDA)
-  std::vector<std::shared_ptr<Inflight>> staging_owner_;  // CUDA: the inflight chunk using each buffer
 
   std::deque<std::shared_ptr<Job>> queue_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
   std::thread scheduler_;
-  std::unique_ptr<TaskPool> readers_;
 
-  // statistics (mu_ held, or atomics)
-  std::atomic<int64_t> bytes_read_{0};
-  std::atomic<int64_t> bytes_copied_{0};
-  std::atomic<int64_t> read_ns_{0};
+  // statistics (mu_ held)
   int64_t bytes_loaded_ = 0;  // bytes of units whose load completed (issued, on CUDA)
   int64_t jobs_ = 0;
   int64_t acquires_ = 0;
@@ -248,10 +285,8 @@ class Streamer {
   int64_t wait_ns_ = 0;
 };
 
-// Reads whole files with `threads` threads in chunk_bytes pieces into scratch memory and returns the
-// seconds taken: the raw disk (or page cache) read rate the streamer is compared with.
-double read_files_seconds(const std::vector<std::string>& paths, int64_t chunk_bytes, int threads,
-                          bool direct_io);
+// The CPU backend: reader threads read and copy straight into RAM slots (engine.cpp).
+std::unique_ptr<DeviceBackend> make_cpu_backend(const StreamerConfig& cfg);
 
 }  // namespace stream
 }  // namespace moestream

@@ -2,16 +2,25 @@
 
 - ``offload(model, ...)``: stream the repeated blocks of an in-memory model from host memory or disk;
 - ``load_offloaded(checkpoint_dir, ...)``: build the model empty and stream a safetensors checkpoint in place;
-- ``save_layered`` / ``load_layered``: a per-block safetensors layout written atomically.
+- ``save_layered`` / ``load_layered``: a per-block safetensors layout written atomically;
+- ``offload_stats(model)``: the counters of a streamed model.
 
-The engine (pinned pool, copy stream and events, reader threads) is ``moestream._C.Streamer``.
+Inside: ``options`` (OffloadOptions, shared by the three entry points) -> ``planner`` (pure: units,
+slots, pool layout, staging, what stays resident) -> ``materialize`` (files, host pool, the engine
+``moestream._C.Streamer``) -> ``runtime`` (the hooks binding each unit to its slot, the counters).
 """
 
+from .api import offload
 from .checkpoint import load_layered, load_offloaded, save_layered
-from .core import OffloadState, find_blocks, fmt_bytes, get_state, offload, offload_stats, parse_bytes
+from .model_view import find_blocks
+from .options import OffloadOptions, fmt_bytes, parse_bytes
+from .planner import Plan, plan_offload
+from .runtime import OffloadState, get_state, offload_stats
 
 __all__ = [
+    "OffloadOptions",
     "OffloadState",
+    "Plan",
     "find_blocks",
     "fmt_bytes",
     "get_state",
@@ -20,5 +29,6 @@ __all__ = [
     "offload",
     "offload_stats",
     "parse_bytes",
+    "plan_offload",
     "save_layered",
 ]

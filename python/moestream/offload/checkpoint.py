@@ -27,16 +27,10 @@ import torch
 from torch import nn
 
 from . import safetensors_io as sio
-from .core import (
-    ByteSize,
-    Piece,
-    Source,
-    _progress,
-    collect_entries,
-    find_blocks,
-    install,
-    normalize_device,
-)
+from .api import install
+from .materialize import progress_bar
+from .model_view import Piece, Source, collect_entries, find_blocks
+from .options import ByteSize, OffloadOptions
 
 LAYERED_FORMAT = "moestream-layered"
 _LAYER_FILE = "model-layer-{:05d}.safetensors"
@@ -163,7 +157,7 @@ def save_layered(
             warnings.warn(f"moestream.save_layered: generation_config.json not written ({e})", stacklevel=2)
 
     total = sum(sizes[n] for n in unique)
-    bar = _progress(total, "moestream: save_layered", progress)
+    bar = progress_bar(total, "moestream: save_layered", progress)
     order = sorted(files, key=lambda f: (f != _REST_FILE, f))
     try:
         for fname in order:
@@ -209,13 +203,10 @@ def _resolve(model: nn.Module, ckpt: dict[str, sio.TensorInfo], names: set[str],
             used.add(info.name)
     rest = {k: v for k, v in ckpt.items() if k not in used}
     if rest and any(n not in placements for n in names):
-        try:
-            from .hf import resolve_conversions
-        except ImportError:  # pragma: no cover
-            resolve_conversions = None
-        if resolve_conversions is not None:
-            for n, src in resolve_conversions(model, rest, [n for n in names if n not in placements]).items():
-                placements.setdefault(n, src)
+        from ..integrations.hf_checkpoint import resolve_conversions
+
+        for n, src in resolve_conversions(model, rest, [n for n in names if n not in placements]).items():
+            placements.setdefault(n, src)
     return placements
 
 
@@ -229,34 +220,39 @@ def load_offloaded(
     model: nn.Module | None = None,
     model_cls=None,
     trust_remote_code: bool = False,
-    blocks: str | Iterable[nn.Module] | None = None,
-    num_readers: int = 4,
-    chunk_bytes: int | None = None,
-    pin: bool | None = None,
-    direct_io: bool | None = None,
-    progress: bool = False,
+    options: OffloadOptions | None = None,
+    **kwargs,
 ) -> nn.Module:
     """Builds the model with its parameters on the meta device (from config.json with transformers,
     or `model`, any module skeleton) and streams its blocks from the safetensors checkpoint in place
     (model.safetensors, or shards with model.safetensors.index.json): the full model is never in RAM.
     storage="disk" reads the files at every forward; storage="cpu" reads them once into host memory.
-    Other arguments as in ``ms.offload``. Parameters take the checkpoint's dtypes."""
+    The other options (blocks, num_readers, chunk_bytes, pin, direct_io, progress) are those of
+    ``ms.offload``, as keywords or as one ``OffloadOptions``. Parameters take the checkpoint's dtypes."""
+    opts = (options or OffloadOptions()).replace(
+        "load_offloaded",
+        device=device,
+        max_device_memory=max_device_memory,
+        storage=storage,
+        prefetch=prefetch,
+        **kwargs,
+    )
+    opts.resolve()  # bad options fail before the model is built
     checkpoint_dir = os.fspath(checkpoint_dir)
-    dev = normalize_device(device)
     ckpt, meta = sio.checkpoint_tensors(checkpoint_dir)
     if model is None:
-        from .hf import empty_model
+        from ..integrations.hf_checkpoint import empty_model
 
         model = empty_model(checkpoint_dir, model_cls, trust_remote_code)
     aliases = meta.get("aliases", {}) if meta.get("format") == LAYERED_FORMAT else {}
     if isinstance(aliases, str):
         aliases = json.loads(aliases)
-    if blocks is None and meta.get("format") == LAYERED_FORMAT and meta.get("blocks"):
+    if opts.blocks is None and meta.get("format") == LAYERED_FORMAT and meta.get("blocks"):
         try:
             model.get_submodule(meta["blocks"])
-            blocks = meta["blocks"]
+            opts = opts.replace(blocks=meta["blocks"])
         except AttributeError:
-            blocks = None
+            pass
     entries, by_name = collect_entries(model)
     placements = _resolve(model, ckpt, set(by_name), aliases)
     sources: dict[int, Source] = {}
@@ -287,22 +283,7 @@ def load_offloaded(
             f"e.g. {unused[:5]}",
             stacklevel=2,
         )
-    install(
-        model,
-        sources,
-        device=dev,
-        max_device_memory=max_device_memory,
-        storage=storage,
-        offload_dir=None,
-        prefetch=prefetch,
-        blocks=blocks,
-        num_readers=num_readers,
-        chunk_bytes=chunk_bytes,
-        pin=pin,
-        direct_io=direct_io,
-        progress=progress,
-        entries=entries,
-    )
+    install(model, opts, sources, entries)
     model.eval()
     return model
 

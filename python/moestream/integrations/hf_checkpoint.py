@@ -1,5 +1,5 @@
-"""Hugging Face transformers glue for streaming checkpoints in place (imported lazily; the rest of
-moestream.offload does not need transformers).
+"""Hugging Face transformers glue for streaming checkpoints in place (imported lazily by
+moestream.offload, which does not need transformers).
 
 - ``empty_model``: the model built from its config with parameters on the meta device (no memory).
 - ``resolve_conversions``: maps checkpoint tensors whose names differ from the model's through the
@@ -18,8 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .core import Piece, Source
-from .safetensors_io import TensorInfo
+from ..offload.model_view import Piece, Source
+from ..offload.safetensors_io import TensorInfo
 
 
 def empty_model(checkpoint_dir: str, model_cls=None, trust_remote_code: bool = False) -> nn.Module:

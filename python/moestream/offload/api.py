@@ -1,0 +1,88 @@
+"""``ms.offload``: stream an in-memory model's repeated blocks, and the plan -> materialise -> bind
+sequence that ``load_offloaded`` shares."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .materialize import materialize
+from .model_view import Source, attach_sources, block_modules, collect_entries, layout_of
+from .options import ByteSize, OffloadOptions
+from .planner import plan_offload
+from .runtime import OffloadState
+
+
+def install(
+    model: nn.Module, options: OffloadOptions, sources: dict[int, Source] | None = None, entries=None
+) -> OffloadState:
+    """Makes `model` run with its blocks streamed. `sources` maps id(tensor) to where its values are
+    (file byte ranges of a checkpoint); tensors without one keep their current values."""
+    opts = options.resolve()
+    if getattr(model, "_moestream_offload", None) is not None:
+        raise RuntimeError("moestream.offload: this model is already offloaded")
+    # Slots, placeholders and parameters must be ordinary tensors even when called under
+    # inference_mode, or a later forward outside it could not use them.
+    with torch.inference_mode(False), torch.no_grad():
+        if entries is None:
+            entries, _ = collect_entries(model)
+        attach_sources(entries, sources or {})
+        blocks = block_modules(model, opts.blocks)
+        layout, modules = layout_of(model, entries, blocks)
+        plan = plan_offload(layout, opts)  # raises before anything is changed
+        for w in plan.warnings:
+            warnings.warn(w, stacklevel=4)
+        state = materialize(plan, entries, opts)
+        state.bind(model, [modules[u.module] for u in plan.units])
+    return state
+
+
+def offload(
+    model: nn.Module,
+    device: str | torch.device | None = None,
+    max_device_memory: ByteSize = None,
+    storage: str = "cpu",
+    offload_dir: str | None = None,
+    prefetch: int = 2,
+    *,
+    blocks: str | Iterable[nn.Module] | None = None,
+    num_readers: int = 4,
+    chunk_bytes: int | None = None,
+    pin: bool | None = None,
+    direct_io: bool | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Streams the model's repeated blocks to `device` just ahead of use; returns the model.
+
+    device: "cuda[:N]" or "cpu" (default: the current CUDA device if any). On CPU the slots are RAM
+    and storage="disk" runs models larger than RAM.
+    max_device_memory: budget for the weights on the device (resident weights + slots), e.g. "4GiB";
+    None: everything but the blocks resident and prefetch + 1 slots. Activations and the KV cache
+    come on top. A budget below one layer plus the resident weights raises ValueError with the need.
+    storage: "cpu" (weights in page-locked host memory, one copy per layer) or "disk" (safetensors
+    files in offload_dir, a temporary directory if None, read with pread by reader threads).
+    prefetch: layers loaded ahead of the one computing (slots = prefetch + 1).
+    blocks: the nn.ModuleList (or its name, or a list of modules) to stream; found automatically.
+    num_readers, chunk_bytes: reader threads and the size of each read and copy.
+    pin: page-lock the host memory (default: on CUDA). direct_io: O_DIRECT reads (default: storage "disk").
+    Inference only: streamed parameters are views into reused slots during their block's forward;
+    they are set to requires_grad=False. Do not call ``model.to()`` after offloading.
+    """
+    opts = OffloadOptions(
+        device=device,
+        max_device_memory=max_device_memory,
+        storage=storage,
+        offload_dir=offload_dir,
+        prefetch=prefetch,
+        blocks=blocks,
+        num_readers=num_readers,
+        chunk_bytes=chunk_bytes,
+        pin=pin,
+        direct_io=direct_io,
+        progress=progress,
+    )
+    install(model, opts)
+    return model

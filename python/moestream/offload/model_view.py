@@ -1,0 +1,154 @@
+"""What the offload planner sees of a model: its unique tensors (tied ones once) with every name and
+owner, where each one's values come from, and which modules are the repeated blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .planner import ModelLayout, TensorSpec
+
+
+def nbytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Piece:
+    """Bytes [offset, offset + nbytes) of file ``path`` go to byte ``dst`` of a tensor."""
+
+    path: str
+    offset: int
+    nbytes: int
+    dst: int = 0
+
+
+@dataclass
+class Source:
+    """Where a tensor's values come from: an in-memory tensor, or byte ranges of files."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    tensor: torch.Tensor | None = None
+    pieces: list[Piece] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.shape, self.dtype)
+
+
+@dataclass
+class Entry:
+    """One unique parameter or buffer of the model (tied parameters are one entry)."""
+
+    names: list[str]
+    owners: list[tuple[nn.Module, str]]
+    is_param: bool
+    obj: torch.Tensor
+    source: Source | None = None
+    persistent: bool = False  # buffers: saved in the state dict
+
+
+def collect_entries(model: nn.Module) -> tuple[list[Entry], dict[str, Entry]]:
+    """Unique parameters and buffers with every (module, attribute) that refers to them."""
+    by_id: dict[int, Entry] = {}
+    order: list[Entry] = []
+    persistent = set(model.state_dict(keep_vars=True).keys())
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
+            for attr, t in table.items():
+                if t is None:
+                    continue
+                e = by_id.get(id(t))
+                if e is None:
+                    e = by_id[id(t)] = Entry([], [], is_param, t)
+                    order.append(e)
+                if not any(m is mod and a == attr for m, a in e.owners):
+                    e.owners.append((mod, attr))
+                if prefix + attr not in e.names:
+                    e.names.append(prefix + attr)
+    names = {n: e for e in order for n in e.names}
+    for e in order:
+        e.persistent = (not e.is_param) and any(n in persistent for n in e.names)
+    return order, names
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks: the nn.ModuleList (of 2+ modules) holding the most parameters.
+    For transformers decoders this is ``model.layers`` / ``model.decoder.layers``."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2:
+            n = sum(p.numel() for p in mod.parameters())
+            if n > 0 and (best is None or n > best[0]):
+                best = (n, name, mod)
+    if best is None:
+        raise ValueError(
+            "moestream.offload: found no nn.ModuleList of blocks with parameters in the model; "
+            "pass blocks=<the ModuleList or list of modules to stream>"
+        )
+    return best[1], best[2]
+
+
+def block_modules(model: nn.Module, blocks: str | Iterable[nn.Module] | None) -> list[nn.Module]:
+    if blocks is None:
+        mods = list(find_blocks(model)[1])
+    elif isinstance(blocks, str):
+        mods = list(model.get_submodule(blocks))
+    else:
+        mods = list(blocks)
+    if not mods:
+        raise ValueError("moestream.offload: no blocks to stream")
+    known = {id(m) for m in model.modules()}
+    if any(id(b) not in known for b in mods):
+        raise ValueError("moestream.offload: every block must be a submodule of the model")
+    return mods
+
+
+def attach_sources(entries: list[Entry], sources: dict[int, Source]) -> None:
+    """Every entry gets a source: the checkpoint's (by id of its tensor) or its own in-memory tensor."""
+    for e in entries:
+        if id(e.obj) in sources:
+            e.source = sources[id(e.obj)]
+        elif e.obj.device.type == "meta":
+            raise ValueError(
+                f"moestream.offload: '{e.names[0]}' has no data (meta tensor) and no source in the checkpoint"
+            )
+        else:
+            e.source = Source(e.obj.dtype, tuple(e.obj.shape), tensor=e.obj.detach())
+
+
+def layout_of(
+    model: nn.Module, entries: list[Entry], blocks: list[nn.Module]
+) -> tuple[ModelLayout, dict[str, nn.Module]]:
+    """The planner's view of the model (names and sizes only) and the modules by name."""
+    modules = dict(model.named_modules())
+    name_of = {id(m): n for n, m in modules.items()}
+    block_names = [name_of[id(b)] for b in blocks]
+    inside = {id(m) for b in blocks for m in b.modules()}
+    order = {id(m): i for i, m in enumerate(modules.values())}
+    first = min(order[id(b)] for b in blocks)
+    leaves_before, leaves_after = [], []
+    for name, m in modules.items():
+        if id(m) in inside or not m._parameters or any(True for _ in m.children()):
+            continue
+        (leaves_before if order[id(m)] < first else leaves_after).append(name)
+    tensors = []
+    for i, e in enumerate(entries):
+        p = e.source.pieces
+        tensors.append(
+            TensorSpec(
+                key=i,
+                names=tuple(e.names),
+                nbytes=e.source.nbytes,
+                is_param=e.is_param,
+                file_pos=(p[0].path, p[0].offset) if p else None,
+                owners=tuple(dict.fromkeys(name_of[id(m)] for m, _ in e.owners)),
+            )
+        )
+    return ModelLayout(tensors, block_names, leaves_before, leaves_after), modules

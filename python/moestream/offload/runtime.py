@@ -1,0 +1,123 @@
+"""A streamed model at run time: the engine, the units' parameters and the hooks that bind each
+unit's parameters to its slot while the unit's module runs.
+
+Between forwards a streamed parameter holds a placeholder: a one-element tensor on the device expanded
+to the parameter's shape (no memory, right dtype/shape/device, so ``model.device``/``model.dtype`` and
+shape checks still work). Inside its module's forward it is a view into the slot.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class UnitState:
+    name: str
+    params: list[nn.Parameter]  # the streamed tensors of the unit, in slot order
+    specs: list[tuple[int, torch.dtype, tuple[int, ...]]]  # (slot offset, dtype, shape) of each
+    placeholders: list[torch.Tensor]
+    nbytes: int
+    ahead: list[int] = field(default_factory=list)
+    views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    acquired: bool = False
+
+
+class OffloadState:
+    """Engine, units and hooks of an offloaded model (``ms.offload_stats(model)`` reads its counters).
+    It holds no reference to the modules, so deleting the model frees the pool, the slots and the files."""
+
+    def __init__(self, *, streamer, pool, device: torch.device, storage: str, plan, files: list[str]) -> None:
+        self.streamer = streamer
+        self.pool = pool
+        self.device = device
+        self.storage = storage
+        self.plan = plan
+        self.units: list[UnitState] = []
+        self.files = files
+        self.handles: list = []
+        self._finalizer = None
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _pre(self, idx: int, module: nn.Module, args) -> None:
+        u = self.units[idx]
+        slot, s = self.streamer.acquire(idx, u.ahead)
+        u.acquired = True
+        views = u.views.get(s)
+        if views is None:
+            # ordinary tensors even under inference_mode: the cached views serve every later call
+            with torch.inference_mode(False):
+                views = [
+                    slot[off : off + _nbytes(shape, dtype)].view(dtype).view(shape)
+                    for off, dtype, shape in u.specs
+                ]
+            u.views[s] = views
+        for p, v in zip(u.params, views):
+            p.data = v
+
+    def _post(self, idx: int, module: nn.Module, args, output) -> None:
+        u = self.units[idx]
+        if not u.acquired:  # the pre-hook failed; nothing to give back
+            return
+        for p, ph in zip(u.params, u.placeholders):
+            p.data = ph
+        u.acquired = False
+        self.streamer.release(idx)
+
+    def bind(self, model: nn.Module, unit_modules: list[nn.Module]) -> None:
+        """Installs the hooks on each unit's module and attaches this state to the model."""
+        for i, m in enumerate(unit_modules):
+            self.handles.append(m.register_forward_pre_hook(functools.partial(self._pre, i)))
+            self.handles.append(m.register_forward_hook(functools.partial(self._post, i), always_call=True))
+        model._moestream_offload = self
+
+    # -- reports ------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = dict(self.streamer.stats())
+        p = self.plan
+        s.update(
+            device=str(self.device),
+            storage=self.storage,
+            units=len(self.units),
+            prefetch=p.prefetch,
+            resident_bytes=p.resident_bytes,
+            streamed_bytes=p.streamed_bytes,
+            read_buffer_bytes=p.ram_extra,
+            device_bytes=p.resident_bytes + int(s["num_slots"]) * int(s["slot_bytes"]) + p.ram_extra,
+            budget=p.budget,
+        )
+        return s
+
+    def synchronize(self) -> None:
+        self.streamer.synchronize()
+
+    def remove_hooks(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _nbytes(shape, dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def get_state(model: nn.Module) -> OffloadState:
+    """The streaming state bound to an offloaded model (units, streamer); raises if it is not offloaded."""
+    st = getattr(model, "_moestream_offload", None)
+    if st is None:
+        raise ValueError("moestream: this model is not offloaded (use ms.offload or ms.load_offloaded first)")
+    return st
+
+
+def offload_stats(model: nn.Module) -> dict:
+    """Counters of an offloaded model: bytes read from storage (``bytes_read``) and loaded into slots
+    (``bytes_loaded``), ``acquires`` and slot ``hits``, ``wait_seconds``, the slot ring
+    (``num_slots`` x ``slot_bytes``), the memory it takes on the device (``device_bytes``) and the budget."""
+    return get_state(model).stats()

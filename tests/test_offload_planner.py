@@ -1,0 +1,142 @@
+"""The offload planner on synthetic layouts: names and sizes only, no tensors, no files, no engine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import moestream as ms
+import pytest
+import torch
+from moestream import _C
+from moestream.offload import OffloadOptions, plan_offload
+from moestream.offload.planner import ALIGN, PAGE, ModelLayout, TensorSpec
+
+KiB = 1024
+
+
+def _layout(num_blocks=3, block=(40_000, 1_000), embed=64 * KiB, head=64 * KiB, tied=False, files=False):
+    """embed -> blocks -> norm -> head; each block has two parameters and a buffer."""
+    ts, key = [], 0
+
+    def add(names, nbytes, is_param=True, owners=None, pos=None):
+        nonlocal key
+        owners = owners or tuple(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+        ts.append(TensorSpec(key, tuple(names), nbytes, is_param, pos, owners))
+        key += 1
+
+    add(["embed.weight"] + (["head.weight"] if tied else []), embed)
+    for b in range(num_blocks):
+        # the second tensor comes first in the file: the slot follows file order
+        add([f"layers.{b}.mlp.weight"], block[0], pos=("f.bin", 2000 + b * 100_000) if files else None)
+        add([f"layers.{b}.norm.weight"], block[1], pos=("f.bin", 1000 + b * 100_000) if files else None)
+        add([f"layers.{b}.rope.inv_freq"], 128, is_param=False)
+    add(["norm.weight"], 512)
+    if not tied:
+        add(["head.weight"], head)
+    blocks = [f"layers.{b}" for b in range(num_blocks)]
+    leaves_before = ["embed"]
+    leaves_after = ["norm"] + ([] if tied else ["head"])
+    return ModelLayout(ts, blocks, leaves_before, leaves_after)
+
+
+def _opts(**kw):
+    return OffloadOptions(device="cpu", **kw).resolve()
+
+
+def _round(x, a):
+    return (x + a - 1) // a * a
+
+
+def test_plan_units_offsets_slots_and_prefetch():
+    layout = _layout()
+    plan = plan_offload(layout, _opts(prefetch=1))
+    assert [u.module for u in plan.units] == ["layers.0", "layers.1", "layers.2"]
+    u = plan.units[0]
+    assert [(t.name, t.offset) for t in u.tensors] == [
+        ("layers.0.mlp.weight", 0),
+        ("layers.0.norm.weight", 40_192),
+    ]
+    assert all(t.offset % ALIGN == 0 for u in plan.units for t in u.tensors)
+    assert u.nbytes == _round(40_192 + 1_000, ALIGN)
+    assert plan.slot_bytes == _round(u.nbytes, PAGE) and plan.slot_bytes % PAGE == 0
+    assert plan.num_slots == 2 and plan.prefetch == 1
+    assert [u.ahead for u in plan.units] == [[1], [2], [0]]  # cyclic
+    # buffers and everything outside the blocks stay resident
+    assert plan.resident_bytes == 64 * KiB * 2 + 512 + 3 * 128
+    assert len(plan.resident) == len(layout.tensors) - 6
+    # storage "cpu": every slot image in the host pool, page aligned
+    assert [u.host_offset for u in plan.units] == [k * _round(u.nbytes, PAGE) for k in range(3)]
+    assert plan.host_bytes == 3 * _round(u.nbytes, PAGE)
+    assert plan.num_staging == 0 and plan.ram_extra == 0 and plan.warnings == []
+    assert plan.device_bytes == plan.resident_bytes + 2 * plan.slot_bytes
+
+
+def test_plan_follows_file_order_and_disk_needs_no_host_pool():
+    plan = plan_offload(_layout(files=True), _opts(storage="disk", num_readers=3))
+    assert [t.name for t in plan.units[1].tensors] == ["layers.1.norm.weight", "layers.1.mlp.weight"]
+    assert plan.host_bytes == 0
+    # O_DIRECT bounce buffers (one more than the readers) count against the RAM budget on CPU
+    assert plan.num_staging == 4 and plan.ram_extra == plan.staging_bytes == _C.stream_staging_bytes(
+        4 << 20, 4
+    )
+
+
+def test_plan_for_a_cuda_device_without_one():
+    cpu = _opts(storage="disk", num_readers=3)
+    cuda = dataclasses.replace(cpu, device=torch.device("cuda", 0), chunk_bytes=16 << 20)
+    plan = plan_offload(_layout(), cuda)
+    assert plan.num_staging == 6  # 2 per reader, at least 4
+    assert plan.ram_extra == 0 and plan.staging_bytes == _C.stream_staging_bytes(16 << 20, 6)
+
+
+def test_plan_budget_lowers_prefetch_then_streams_leaves_then_refuses():
+    layout = _layout()
+    full = plan_offload(layout, _opts(prefetch=2))
+    slot, res = full.slot_bytes, full.resident_bytes
+    plan = plan_offload(layout, _opts(prefetch=2, max_device_memory=res + 2 * slot))
+    assert plan.num_slots == 2 and plan.prefetch == 1
+    assert "prefetch lowered from 2 to 1" in plan.warnings[0]
+    # too small for the embedding and head to stay: they become units of their own, in module order
+    plan = plan_offload(layout, _opts(prefetch=0, max_device_memory=res))  # the slot grows to 64 KiB
+    assert [u.module for u in plan.units] == ["embed", "layers.0", "layers.1", "layers.2"]
+    assert plan.resident_bytes == res - 64 * KiB
+    plan = plan_offload(layout, _opts(prefetch=0, max_device_memory=512 + 3 * 128 + 64 * KiB + 4096))
+    assert [u.module for u in plan.units] == ["embed", "layers.0", "layers.1", "layers.2", "head"]
+    with pytest.raises(
+        ValueError, match=r"is too small: one streamed layer needs .* when the embedding / output"
+    ):
+        plan_offload(layout, _opts(max_device_memory=slot))
+
+
+def test_plan_never_streams_a_tied_leaf():
+    layout = _layout(tied=True)
+    full = plan_offload(layout, _opts(prefetch=0))
+    need = full.resident_bytes + full.slot_bytes
+    # only the norm (512 bytes) may leave: the embedding is tied to the head
+    plan = plan_offload(layout, _opts(prefetch=0, max_device_memory=need - 256))
+    assert [u.module for u in plan.units] == ["layers.0", "layers.1", "layers.2", "norm"]
+    with pytest.raises(ValueError, match="is too small"):
+        plan_offload(layout, _opts(prefetch=0, max_device_memory=need - 1024))
+
+
+def test_plan_refuses_blocks_without_parameters():
+    layout = ModelLayout([TensorSpec(0, ("layers.0.buf",), 64, False)], ["layers.0", "layers.1"])
+    with pytest.raises(ValueError, match="the blocks have no parameters to stream"):
+        plan_offload(layout, _opts())
+    with pytest.raises(ValueError, match="no blocks to stream"):
+        plan_offload(ModelLayout([], []), _opts())
+
+
+def test_options_are_checked_once_with_their_names():
+    with pytest.raises(ValueError, match="storage must be 'cpu' or 'disk'"):
+        _opts(storage="ssd")
+    with pytest.raises(ValueError, match="num_readers must be an int in"):
+        _opts(num_readers=0)
+    with pytest.raises(ValueError, match="chunk_bytes must be a positive int"):
+        _opts(chunk_bytes=-4)
+    with pytest.raises(ValueError, match="max_device_memory must look like"):
+        _opts(max_device_memory="lots")
+    assert _opts(chunk_bytes=5000).chunk_bytes == 8192  # whole pages
+    assert _opts(pin=True).pin == _C.PinMode.mlock and _opts().pin == _C.PinMode.none
+    with pytest.raises(TypeError, match=r"moestream.load_offloaded: unknown argument\(s\) \['prefech'\]"):
+        ms.load_offloaded("/nonexistent", device="cpu", prefech=3)
