@@ -54,18 +54,8 @@ def _infer_block_prefix(names: Iterable[str], sizes: Mapping[str, int]) -> str |
 
 
 def _atomic_config(obj, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    with sio.atomic_path(path) as tmp:
         obj.to_json_file(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save_layered(

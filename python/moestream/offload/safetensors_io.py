@@ -9,6 +9,7 @@ process's resident memory).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -130,6 +131,25 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary name next to `path` to write; on success the file is fsynced and renamed to
+    `path`, on failure removed, so `path` is never a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_safetensors(
     path: str,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -156,45 +176,21 @@ def write_safetensors(
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     pad = (-(8 + len(raw))) % DATA_ALIGN
     raw += b" " * pad
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for _, t in items:
-                mv = _tensor_bytes(t)
-                f.write(mv)
-                if on_tensor is not None:
-                    on_tensor(len(mv))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, t in items:
+            mv = _tensor_bytes(t)
+            f.write(mv)
+            if on_tensor is not None:
+                on_tensor(len(mv))
 
 
 def write_json_atomic(path: str, obj: object) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(directory)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 INDEX_NAME = "model.safetensors.index.json"
