@@ -329,3 +329,42 @@ def test_inference_mode_then_grad_mode_forward():
     with torch.no_grad():
         assert torch.equal(logits.detach(), base(ids).logits)
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".layers." in n)
+
+
+@pytest.mark.parametrize("storage,prefetch", [("cpu", 8), ("disk", 1)])
+def test_forwards_from_several_threads_are_serialised(storage, prefetch):
+    import threading
+
+    base, ids, _ = reference("llama", "cpu")
+    with torch.no_grad():
+        ref = base(ids).logits
+    model = copy.deepcopy(base)
+    ms.offload(model, device="cpu", storage=storage, prefetch=prefetch)
+    wrong, errors = [], []
+
+    def work():
+        try:
+            for _ in range(10):
+                with torch.no_grad():
+                    if not torch.equal(model(ids).logits, ref):
+                        wrong.append(1)
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong
+    with torch.no_grad():  # still usable from one thread afterwards
+        assert torch.equal(model(ids).logits, ref)
+    # a unit called directly (not through the model) takes the same lock
+    with torch.no_grad():
+        model.model.layers[0](
+            model.model.embed_tokens(ids),
+            position_embeddings=model.model.rotary_emb(
+                model.model.embed_tokens(ids), torch.arange(ids.shape[1])[None]
+            ),
+        )
+    assert ms.offload_stats(model)["acquires"] > 0

@@ -68,7 +68,8 @@ def offload(
     blocks: the nn.ModuleList (or its name, or a list of modules) to stream; found automatically.
     num_readers, chunk_bytes: reader threads and the size of each read and copy.
     pin: page-lock the host memory (default: on CUDA). direct_io: O_DIRECT reads (default: storage "disk").
-    Inference only: streamed parameters are views into reused slots during their block's forward;
+    Forwards of one offloaded model from several threads run one at a time (the streamed weights
+    and slots are shared). Inference only: streamed parameters are views into reused slots during their block's forward;
     they are set to requires_grad=False. Do not call ``model.to()`` after offloading.
     """
     opts = OffloadOptions(

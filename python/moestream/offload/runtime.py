@@ -9,6 +9,7 @@ shape checks still work). Inside its module's forward it is a view into the slot
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -41,11 +42,33 @@ class OffloadState:
         self.files = files
         self.handles: list = []
         self._finalizer = None
+        # One forward at a time: the units' parameters and slots are shared by every caller, so
+        # forwards from several threads are serialised (held across the model's whole forward, and
+        # per unit for callers that run a submodule directly). Reentrant: nested units are fine.
+        self._lock = threading.RLock()
+        self._entered = (
+            threading.local()
+        )  # model-level entries of this thread (always_call may run without one)
 
     # -- hooks --------------------------------------------------------------------------------------
+    def _enter(self, module: nn.Module, args) -> None:
+        self._lock.acquire()
+        self._entered.depth = getattr(self._entered, "depth", 0) + 1
+
+    def _exit(self, module: nn.Module, args, output) -> None:
+        depth = getattr(self._entered, "depth", 0)
+        if depth:  # an earlier pre-hook may have raised before _enter ran
+            self._entered.depth = depth - 1
+            self._lock.release()
+
     def _pre(self, idx: int, module: nn.Module, args) -> None:
         u = self.units[idx]
-        slot, s = self.streamer.acquire(idx, u.ahead)
+        self._lock.acquire()
+        try:
+            slot, s = self.streamer.acquire(idx, u.ahead)
+        except BaseException:
+            self._lock.release()
+            raise
         u.acquired = True
         views = u.views.get(s)
         if views is None:
@@ -63,13 +86,18 @@ class OffloadState:
         u = self.units[idx]
         if not u.acquired:  # the pre-hook failed; nothing to give back
             return
-        for p, ph in zip(u.params, u.placeholders):
-            p.data = ph
-        u.acquired = False
-        self.streamer.release(idx)
+        try:
+            for p, ph in zip(u.params, u.placeholders):
+                p.data = ph
+            u.acquired = False
+            self.streamer.release(idx)
+        finally:
+            self._lock.release()
 
     def bind(self, model: nn.Module, unit_modules: list[nn.Module]) -> None:
         """Installs the hooks on each unit's module and attaches this state to the model."""
+        self.handles.append(model.register_forward_pre_hook(self._enter))
+        self.handles.append(model.register_forward_hook(self._exit, always_call=True))
         for i, m in enumerate(unit_modules):
             self.handles.append(m.register_forward_pre_hook(functools.partial(self._pre, i)))
             self.handles.append(m.register_forward_hook(functools.partial(self._post, i), always_call=True))
