@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import pipeline
+
 __all__ = [
     "router_topk",
     "router_aux_loss",
@@ -148,7 +150,7 @@ def moe_experts(
     limit: float = 7.0,
 ) -> Tensor:
     """The whole expert path: permute -> grouped_mm -> gated activation -> grouped_mm -> weighted
-    unpermute.
+    unpermute (:mod:`moestream.pipeline`).
 
     x [T, H], ids [T, k], weights [T, k]; w_gate_up [E, H, 2I] and w_down [E, I, H]
     (with ``transpose_b``: [E, 2I, H] and [E, H, I], transformers' layout); optional biases
@@ -156,9 +158,7 @@ def moe_experts(
 
     Without autograd this is one fused native op. When gradients are needed it is composed of the
     individual ops, each saving what its backward needs, so nothing is recomputed."""
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weights, w_gate_up, w_down, b_gate_up, b_down)
-    ):
+    if _needs_grad(x, weights, w_gate_up, w_down, b_gate_up, b_down):
         return _moe_experts_composite(
             x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit
         )
@@ -167,12 +167,20 @@ def moe_experts(
     )
 
 
-def _moe_experts_composite(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit):
-    xs, perm, offsets = permute(x, ids, w_gate_up.shape[0])
-    h = grouped_mm(xs, w_gate_up, offsets, tb, b_gate_up)
-    a = gated_activation(h, kind, layout, alpha, limit)
-    y = grouped_mm(a, w_down, offsets, tb, b_down)
-    return unpermute(y, perm, weights)
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+#: moestream's ops as the pipeline's op set; differentiable through their registered backwards.
+OPS = pipeline.ExpertOps(permute, grouped_mm, gated_activation, unpermute)
+
+
+def _moe_experts_composite(
+    x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit
+):
+    return pipeline.moe_experts(
+        OPS, x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +285,9 @@ def _register_autograd() -> None:
     def router_backward(ctx, grad_weights, grad_ids):
         logits, ids = ctx.saved_tensors
         score, topk_first, normalize, scale = ctx.args
-        g = _ops.router_topk_backward(grad_weights.contiguous(), logits, ids, score, topk_first, normalize, scale)
+        g = _ops.router_topk_backward(
+            grad_weights.contiguous(), logits, ids, score, topk_first, normalize, scale
+        )
         return g, None, None, None, None, None, None, None, None
 
     reg("router_topk", router_backward, router_setup)
@@ -399,35 +409,34 @@ def _register_autograd() -> None:
 
     reg("gated_activation", act_backward, act_setup)
 
-    # whole expert path: the op's own autograd recomputes the forward's intermediates (it keeps
-    # only its inputs); ms.moe_experts avoids this by composing the ops when grads are needed.
+    # whole expert path: the op's own autograd keeps only its inputs and recomputes the forward
+    # with the pipeline on the differentiable ops, then differentiates that (each op's backward
+    # above); ms.moe_experts avoids the recompute by composing the ops when grads are needed.
     def experts_setup(ctx, inputs, output):
         x, ids, weights, w1, w2, b1, b2, kind, layout, tb, alpha, limit = inputs
         ctx.args = (kind, layout, tb, alpha, limit)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         empty = x.new_empty(0)
-        ctx.save_for_backward(x, ids, weights, w1, w2, b1 if b1 is not None else empty, b2 if b2 is not None else empty)
+        ctx.save_for_backward(
+            x, ids, weights, w1, w2, b1 if b1 is not None else empty, b2 if b2 is not None else empty
+        )
 
     def experts_backward(ctx, grad):
         x, ids, weights, w1, w2, b1, b2 = ctx.saved_tensors
         kind, layout, tb, alpha, limit = ctx.args
-        b1 = b1 if ctx.has_b1 else None
-        b2 = b2 if ctx.has_b2 else None
-        grad = grad.contiguous()
-        xs, perm, offsets = _ops.permute(x, ids, w1.shape[0])
-        h = _ops.grouped_mm(xs, w1, offsets, tb, b1)
-        a = _ops.gated_activation(h, kind, layout, alpha, limit)
-        y = _ops.grouped_mm(a, w2, offsets, tb, b2)
-        gy, gw = _ops.unpermute_backward(grad, y, perm, weights, True)
-        ga = _ops.grouped_mm(gy, w2, offsets, not tb, None)
-        gw2 = _ops.grouped_mm_weight_grad(a, gy, offsets, tb)
-        gb2 = _ops.grouped_bias_grad(gy, offsets) if b2 is not None else None
-        gh = _ops.gated_activation_backward(ga, h, kind, layout, alpha, limit)
-        gxs = _ops.grouped_mm(gh, w1, offsets, not tb, None)
-        gw1 = _ops.grouped_mm_weight_grad(xs, gh, offsets, tb)
-        gb1 = _ops.grouped_bias_grad(gh, offsets) if b1 is not None else None
-        gx = _ops.unpermute(gxs, perm, None)
-        return gx, None, gw.to(weights.dtype), gw1, gw2, gb1, gb2, None, None, None, None, None
+        tensors = [x, None, weights, w1, w2, b1 if ctx.has_b1 else None, b2 if ctx.has_b2 else None]
+        wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            leaves = [
+                t if t is None else t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors)
+            ]
+            leaves[1] = ids
+            out = pipeline.moe_experts(OPS, *leaves, kind, layout, tb, alpha, limit)
+            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad)
+        result = [None] * 12
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return tuple(result)
 
     reg("moe_experts", experts_backward, experts_setup)
 
