@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import pipeline
+from . import _C, pipeline
 
 __all__ = [
     "router_topk",
@@ -156,8 +156,14 @@ def moe_experts(
     (with ``transpose_b``: [E, 2I, H] and [E, H, I], transformers' layout); optional biases
     b_gate_up [E, 2I], b_down [E, H] (GPT-OSS) -> out [T, H] in x's dtype.
 
-    Without autograd this is one fused native op. When gradients are needed it is composed of the
-    individual ops, each saving what its backward needs, so nothing is recomputed."""
+    What runs:
+
+    - no gradient needed, CPU: one fused native kernel (no [T*k, 2I] intermediate in memory);
+    - no gradient needed, CUDA: ``torch.ops.moestream.moe_experts``, which on CUDA is not fused: it
+      runs the pipeline on the CUDA kernels of permute, grouped_mm, gated_activation and unpermute
+      (intermediates materialised; no host synchronisation);
+    - gradients needed (any device): the same pipeline on the individual ops, each saving what its
+      backward needs, so nothing is recomputed."""
     if _needs_grad(x, weights, w_gate_up, w_down, b_gate_up, b_down):
         return _moe_experts_composite(
             x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit
@@ -178,9 +184,94 @@ OPS = pipeline.ExpertOps(permute, grouped_mm, gated_activation, unpermute)
 def _moe_experts_composite(
     x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit
 ):
+    _check_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb)
     return pipeline.moe_experts(
         OPS, x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit
     )
+
+
+def _check_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb) -> None:
+    """moe_experts' argument contract for the composed path, with the messages of the native
+    kernel's checks (csrc/experts/moe_experts_checks.h; tests hold the two to the same messages).
+    Expert id ranges are left to permute (checking them on a GPU would need a host sync)."""
+
+    def fail(msg: str) -> None:
+        raise RuntimeError(f"moestream.moe_experts: {msg}")
+
+    def shape(t: Tensor) -> str:
+        return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+    def check_float(t: Tensor, name: str) -> None:
+        if t.dtype not in _FLOATS:
+            fail(f"{name} must be float32, bfloat16, float16 or float64, got {_dtype_name(t.dtype)}")
+
+    def check_dim(t: Tensor, dim: int, name: str) -> None:
+        if t.dim() != dim:
+            fail(f"{name} must have {dim} dimensions, got shape {shape(t)}")
+
+    def check_device(t: Tensor, name: str) -> None:
+        if t.device != x.device:
+            fail(f"x and {name} must be on the same device, got {x.device} and {t.device}")
+
+    if kind not in KINDS:
+        fail(f'kind must be one of "swiglu", "geglu", "gptoss", got "{kind}"')
+    if layout not in LAYOUTS:
+        fail(f'layout must be one of "concat", "interleaved", got "{layout}"')
+    check_float(x, "x")
+    check_dim(x, 2, "x")
+    if ids.dtype not in (torch.int32, torch.int64):
+        fail(f"ids must be int32 or int64, got {_dtype_name(ids.dtype)}")
+    check_dim(ids, 2, "ids")
+    check_float(weights, "weights")
+    check_dim(weights, 2, "weights")
+    check_dim(w_gate_up, 3, "w_gate_up")
+    check_dim(w_down, 3, "w_down")
+    for t, name in ((ids, "ids"), (weights, "weights"), (w_gate_up, "w_gate_up"), (w_down, "w_down")):
+        check_device(t, name)
+    T, H = x.shape
+    if ids.shape[0] != T:
+        fail(f"ids must have shape [T, k] with T = {T} (x's rows), got shape {shape(ids)}")
+    if weights.shape != ids.shape:
+        fail(f"weights must have ids' shape {shape(ids)}, got shape {shape(weights)}")
+    for t, name in ((w_gate_up, "w_gate_up"), (w_down, "w_down")):
+        if t.dtype != x.dtype:
+            fail(f"{name} must have x's dtype {_dtype_name(x.dtype)}, got {_dtype_name(t.dtype)}")
+    E = w_gate_up.shape[0]
+    two_i, h_in = (w_gate_up.shape[1], w_gate_up.shape[2]) if tb else (w_gate_up.shape[2], w_gate_up.shape[1])
+    if h_in != H or two_i % 2 != 0:
+        want = "[E, 2I, H]" if tb else "[E, H, 2I]"
+        fail(
+            f"w_gate_up must have shape {want} with H = {H} (x's columns) and an even 2I, "
+            f"got shape {shape(w_gate_up)}"
+        )
+    I = two_i // 2
+    down = (E, H, I) if tb else (E, I, H)
+    if tuple(w_down.shape) != down:
+        fail(
+            f"w_down must have shape [{', '.join(map(str, down))}] {'([E, H, I])' if tb else '([E, I, H])'}, "
+            f"got shape {shape(w_down)}"
+        )
+    for b, name, n, what in ((b_gate_up, "b_gate_up", 2 * I, "[E, 2I]"), (b_down, "b_down", H, "[E, H]")):
+        if b is not None:
+            check_float(b, name)
+            check_device(b, name)
+            if b.dim() != 2 or b.shape[0] != E or b.shape[1] != n:
+                fail(f"{name} must have shape {what} = [{E}, {n}], got shape {shape(b)}")
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    # c10's names, as the native checks print them
+    return {
+        torch.float32: "Float",
+        torch.float64: "Double",
+        torch.bfloat16: "BFloat16",
+        torch.float16: "Half",
+        torch.int32: "Int",
+        torch.int64: "Long",
+    }.get(dtype, str(dtype).removeprefix("torch."))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,3 +534,23 @@ def _register_autograd() -> None:
 
 _register_fakes()
 _register_autograd()
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA kernel of moe_experts: the pipeline on the CUDA kernels of its ops (not fused)
+
+
+def _moe_experts_cuda(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit):
+    # Every step runs on the current stream without host synchronisation; expert ids are not range
+    # checked here (that would need a sync): permute drops out-of-range ids.
+    _check_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb)
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        return torch.zeros_like(x)
+    y = pipeline.moe_experts(
+        OPS, x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit
+    )
+    return y if x.is_contiguous() else torch.empty_like(x).copy_(y)  # x's strides, like the fake kernel
+
+
+if _C.with_cuda:
+    torch.library.impl("moestream::moe_experts", "CUDA", _moe_experts_cuda)
