@@ -163,8 +163,13 @@ def moe_experts(
       runs the pipeline on the CUDA kernels of permute, grouped_mm, gated_activation and unpermute
       (intermediates materialised; no host synchronisation);
     - gradients needed (any device): the same pipeline on the individual ops, each saving what its
-      backward needs, so nothing is recomputed."""
-    if _needs_grad(x, weights, w_gate_up, w_down, b_gate_up, b_down):
+      backward needs, so nothing is recomputed.
+
+    I = 0 always takes the composed path (each routed slot then contributes its b_down)."""
+    if (
+        _needs_grad(x, weights, w_gate_up, w_down, b_gate_up, b_down)
+        or w_down.shape[2 if transpose_b else 1] == 0
+    ):
         return _moe_experts_composite(
             x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit
         )
