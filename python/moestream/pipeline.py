@@ -204,25 +204,12 @@ def run(
 
 
 def moe_experts(
-    ops: ExpertOps,
-    x: Tensor,
-    ids: Tensor,
-    weights: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-    b_gate_up: Tensor | None = None,
-    b_down: Tensor | None = None,
-    kind: str = "swiglu",
-    layout: str = "concat",
-    transpose_b: bool = False,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-    *,
-    placement: Placement = LOCAL,
+    ops, x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit
 ) -> Tensor:
-    """:func:`run` with the arguments of ``moestream.moe_experts`` (flat tensors and activation)."""
+    """:func:`run` on the arguments of ``moestream::moe_experts``, in its order (flat tensors and
+    activation parameters, all given)."""
     experts = Experts(w_gate_up, w_down, b_gate_up, b_down, transpose_b)
-    return run(ops, x, ids, weights, experts, Gate(kind, layout, alpha, limit), placement=placement)
+    return run(ops, x, ids, weights, experts, Gate(kind, layout, alpha, limit))
 
 
 def weight_inputs(
