@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _C, pipeline
+
 __all__ = [
     "router_topk",
     "router_aux_loss",
@@ -148,16 +150,25 @@ def moe_experts(
     limit: float = 7.0,
 ) -> Tensor:
     """The whole expert path: permute -> grouped_mm -> gated activation -> grouped_mm -> weighted
-    unpermute.
+    unpermute (:mod:`moestream.pipeline`).
 
     x [T, H], ids [T, k], weights [T, k]; w_gate_up [E, H, 2I] and w_down [E, I, H]
     (with ``transpose_b``: [E, 2I, H] and [E, H, I], transformers' layout); optional biases
     b_gate_up [E, 2I], b_down [E, H] (GPT-OSS) -> out [T, H] in x's dtype.
 
-    Without autograd this is one fused native op. When gradients are needed it is composed of the
-    individual ops, each saving what its backward needs, so nothing is recomputed."""
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weights, w_gate_up, w_down, b_gate_up, b_down)
+    What runs:
+
+    - no gradient needed, CPU: one fused native kernel (no [T*k, 2I] intermediate in memory);
+    - no gradient needed, CUDA: ``torch.ops.moestream.moe_experts``, which on CUDA is not fused: it
+      runs the pipeline on the CUDA kernels of permute, grouped_mm, gated_activation and unpermute
+      (intermediates materialised; no host synchronisation);
+    - gradients needed (any device): the same pipeline on the individual ops, each saving what its
+      backward needs, so nothing is recomputed.
+
+    I = 0 always takes the composed path (each routed slot then contributes its b_down)."""
+    if (
+        _needs_grad(x, weights, w_gate_up, w_down, b_gate_up, b_down)
+        or w_down.shape[2 if transpose_b else 1] == 0
     ):
         return _moe_experts_composite(
             x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit
@@ -167,12 +178,105 @@ def moe_experts(
     )
 
 
-def _moe_experts_composite(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit):
-    xs, perm, offsets = permute(x, ids, w_gate_up.shape[0])
-    h = grouped_mm(xs, w_gate_up, offsets, tb, b_gate_up)
-    a = gated_activation(h, kind, layout, alpha, limit)
-    y = grouped_mm(a, w_down, offsets, tb, b_down)
-    return unpermute(y, perm, weights)
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+#: moestream's ops as the pipeline's op set; differentiable through their registered backwards.
+OPS = pipeline.ExpertOps(permute, grouped_mm, gated_activation, unpermute)
+
+
+def _moe_experts_composite(
+    x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit
+):
+    _check_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb)
+    return pipeline.moe_experts(
+        OPS, x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit
+    )
+
+
+def _check_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb) -> None:
+    """moe_experts' argument contract for the composed path, with the messages of the native
+    kernel's checks (csrc/experts/moe_experts_checks.h; tests hold the two to the same messages).
+    Expert id ranges are left to permute (checking them on a GPU would need a host sync)."""
+
+    def fail(msg: str) -> None:
+        raise RuntimeError(f"moestream.moe_experts: {msg}")
+
+    def shape(t: Tensor) -> str:
+        return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+    def check_float(t: Tensor, name: str) -> None:
+        if t.dtype not in _FLOATS:
+            fail(f"{name} must be float32, bfloat16, float16 or float64, got {_dtype_name(t.dtype)}")
+
+    def check_dim(t: Tensor, dim: int, name: str) -> None:
+        if t.dim() != dim:
+            fail(f"{name} must have {dim} dimensions, got shape {shape(t)}")
+
+    def check_device(t: Tensor, name: str) -> None:
+        if t.device != x.device:
+            fail(f"x and {name} must be on the same device, got {x.device} and {t.device}")
+
+    if kind not in KINDS:
+        fail(f'kind must be one of "swiglu", "geglu", "gptoss", got "{kind}"')
+    if layout not in LAYOUTS:
+        fail(f'layout must be one of "concat", "interleaved", got "{layout}"')
+    check_float(x, "x")
+    check_dim(x, 2, "x")
+    if ids.dtype not in (torch.int32, torch.int64):
+        fail(f"ids must be int32 or int64, got {_dtype_name(ids.dtype)}")
+    check_dim(ids, 2, "ids")
+    check_float(weights, "weights")
+    check_dim(weights, 2, "weights")
+    check_dim(w_gate_up, 3, "w_gate_up")
+    check_dim(w_down, 3, "w_down")
+    for t, name in ((ids, "ids"), (weights, "weights"), (w_gate_up, "w_gate_up"), (w_down, "w_down")):
+        check_device(t, name)
+    T, H = x.shape
+    if ids.shape[0] != T:
+        fail(f"ids must have shape [T, k] with T = {T} (x's rows), got shape {shape(ids)}")
+    if weights.shape != ids.shape:
+        fail(f"weights must have ids' shape {shape(ids)}, got shape {shape(weights)}")
+    for t, name in ((w_gate_up, "w_gate_up"), (w_down, "w_down")):
+        if t.dtype != x.dtype:
+            fail(f"{name} must have x's dtype {_dtype_name(x.dtype)}, got {_dtype_name(t.dtype)}")
+    E = w_gate_up.shape[0]
+    two_i, h_in = (w_gate_up.shape[1], w_gate_up.shape[2]) if tb else (w_gate_up.shape[2], w_gate_up.shape[1])
+    if h_in != H or two_i % 2 != 0:
+        want = "[E, 2I, H]" if tb else "[E, H, 2I]"
+        fail(
+            f"w_gate_up must have shape {want} with H = {H} (x's columns) and an even 2I, "
+            f"got shape {shape(w_gate_up)}"
+        )
+    I = two_i // 2
+    down = (E, H, I) if tb else (E, I, H)
+    if tuple(w_down.shape) != down:
+        fail(
+            f"w_down must have shape [{', '.join(map(str, down))}] {'([E, H, I])' if tb else '([E, I, H])'}, "
+            f"got shape {shape(w_down)}"
+        )
+    for b, name, n, what in ((b_gate_up, "b_gate_up", 2 * I, "[E, 2I]"), (b_down, "b_down", H, "[E, H]")):
+        if b is not None:
+            check_float(b, name)
+            check_device(b, name)
+            if b.dim() != 2 or b.shape[0] != E or b.shape[1] != n:
+                fail(f"{name} must have shape {what} = [{E}, {n}], got shape {shape(b)}")
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    # c10's names, as the native checks print them
+    return {
+        torch.float32: "Float",
+        torch.float64: "Double",
+        torch.bfloat16: "BFloat16",
+        torch.float16: "Half",
+        torch.int32: "Int",
+        torch.int64: "Long",
+    }.get(dtype, str(dtype).removeprefix("torch."))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +381,9 @@ def _register_autograd() -> None:
     def router_backward(ctx, grad_weights, grad_ids):
         logits, ids = ctx.saved_tensors
         score, topk_first, normalize, scale = ctx.args
-        g = _ops.router_topk_backward(grad_weights.contiguous(), logits, ids, score, topk_first, normalize, scale)
+        g = _ops.router_topk_backward(
+            grad_weights.contiguous(), logits, ids, score, topk_first, normalize, scale
+        )
         return g, None, None, None, None, None, None, None, None
 
     reg("router_topk", router_backward, router_setup)
@@ -399,38 +505,57 @@ def _register_autograd() -> None:
 
     reg("gated_activation", act_backward, act_setup)
 
-    # whole expert path: the op's own autograd recomputes the forward's intermediates (it keeps
-    # only its inputs); ms.moe_experts avoids this by composing the ops when grads are needed.
+    # whole expert path: the op's own autograd keeps only its inputs and recomputes the forward
+    # with the pipeline on the differentiable ops, then differentiates that (each op's backward
+    # above); ms.moe_experts avoids the recompute by composing the ops when grads are needed.
     def experts_setup(ctx, inputs, output):
         x, ids, weights, w1, w2, b1, b2, kind, layout, tb, alpha, limit = inputs
         ctx.args = (kind, layout, tb, alpha, limit)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         empty = x.new_empty(0)
-        ctx.save_for_backward(x, ids, weights, w1, w2, b1 if b1 is not None else empty, b2 if b2 is not None else empty)
+        ctx.save_for_backward(
+            x, ids, weights, w1, w2, b1 if b1 is not None else empty, b2 if b2 is not None else empty
+        )
 
     def experts_backward(ctx, grad):
         x, ids, weights, w1, w2, b1, b2 = ctx.saved_tensors
         kind, layout, tb, alpha, limit = ctx.args
-        b1 = b1 if ctx.has_b1 else None
-        b2 = b2 if ctx.has_b2 else None
-        grad = grad.contiguous()
-        xs, perm, offsets = _ops.permute(x, ids, w1.shape[0])
-        h = _ops.grouped_mm(xs, w1, offsets, tb, b1)
-        a = _ops.gated_activation(h, kind, layout, alpha, limit)
-        y = _ops.grouped_mm(a, w2, offsets, tb, b2)
-        gy, gw = _ops.unpermute_backward(grad, y, perm, weights, True)
-        ga = _ops.grouped_mm(gy, w2, offsets, not tb, None)
-        gw2 = _ops.grouped_mm_weight_grad(a, gy, offsets, tb)
-        gb2 = _ops.grouped_bias_grad(gy, offsets) if b2 is not None else None
-        gh = _ops.gated_activation_backward(ga, h, kind, layout, alpha, limit)
-        gxs = _ops.grouped_mm(gh, w1, offsets, not tb, None)
-        gw1 = _ops.grouped_mm_weight_grad(xs, gh, offsets, tb)
-        gb1 = _ops.grouped_bias_grad(gh, offsets) if b1 is not None else None
-        gx = _ops.unpermute(gxs, perm, None)
-        return gx, None, gw.to(weights.dtype), gw1, gw2, gb1, gb2, None, None, None, None, None
+        tensors = [x, None, weights, w1, w2, b1 if ctx.has_b1 else None, b2 if ctx.has_b2 else None]
+        wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            leaves = [
+                t if t is None else t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors)
+            ]
+            leaves[1] = ids
+            out = pipeline.moe_experts(OPS, *leaves, kind, layout, tb, alpha, limit)
+            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad)
+        result = [None] * 12
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return tuple(result)
 
     reg("moe_experts", experts_backward, experts_setup)
 
 
 _register_fakes()
 _register_autograd()
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA kernel of moe_experts: the pipeline on the CUDA kernels of its ops (not fused)
+
+
+def _moe_experts_cuda(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit):
+    # Every step runs on the current stream without host synchronisation; expert ids are not range
+    # checked here (that would need a sync): permute drops out-of-range ids.
+    _check_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb)
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        return torch.zeros_like(x)
+    y = pipeline.moe_experts(
+        OPS, x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, tb, alpha, limit
+    )
+    return y if x.is_contiguous() else torch.empty_like(x).copy_(y)  # x's strides, like the fake kernel
+
+
+if _C.with_cuda:
+    torch.library.impl("moestream::moe_experts", "CUDA", _moe_experts_cuda)

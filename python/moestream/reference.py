@@ -4,6 +4,10 @@ This module is the oracle for the tests and the baseline for the benchmarks. It 
 obviously right over being fast: loops over experts are written out, and every routing variant
 follows the transformers 5.x code it mirrors. Math runs in float32 (float64 when the input is
 float64) and results are cast back like the native ops do.
+
+``moe_experts`` is the expert pipeline (:mod:`moestream.pipeline`) run on these ops;
+``moe_experts_loop`` is the same path as a literal per-expert loop, the independent ground truth
+both are checked against.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import pipeline
 
 __all__ = [
     "router_topk",
@@ -190,6 +196,10 @@ def gated_activation(
     return out.to(x.dtype)
 
 
+#: The reference ops as the pipeline's op set (plain PyTorch, differentiable by autograd).
+OPS = pipeline.ExpertOps(permute, grouped_mm, gated_activation, unpermute)
+
+
 def moe_experts(
     x: Tensor,
     ids: Tensor,
@@ -204,14 +214,11 @@ def moe_experts(
     alpha: float = 1.702,
     limit: float = 7.0,
 ) -> Tensor:
-    """The expert path composed of the reference ops: permute, grouped_mm, activation, grouped_mm,
-    weighted unpermute."""
-    E = w_gate_up.shape[0]
-    xs, perm, offsets = permute(x, ids, E)
-    h = grouped_mm(xs, w_gate_up, offsets, transpose_b, b_gate_up)
-    a = gated_activation(h, kind, layout, alpha, limit)
-    y = grouped_mm(a, w_down, offsets, transpose_b, b_down)
-    return unpermute(y, perm, weights)
+    """The expert path composed of the reference ops (:func:`moestream.pipeline.run` on
+    :data:`OPS`): permute, grouped_mm, activation, grouped_mm, weighted unpermute."""
+    return pipeline.moe_experts(
+        OPS, x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit
+    )
 
 
 def moe_experts_loop(
@@ -228,8 +235,9 @@ def moe_experts_loop(
     alpha: float = 1.702,
     limit: float = 7.0,
 ) -> Tensor:
-    """The expert path as the usual Python loop over experts (index_add_ into the output): an
-    independent check of ``moe_experts`` and the 'plain PyTorch' baseline. Differentiable."""
+    """The expert path as the usual Python loop over experts (index_add_ into the output): the
+    ground truth for ``moe_experts`` and every composition of :mod:`moestream.pipeline` (it shares
+    no code with them but ``gated_activation``) and the 'plain PyTorch' baseline. Differentiable."""
     out = torch.zeros_like(x)
     E = w_gate_up.shape[0]
     for e in range(E):
@@ -252,4 +260,3 @@ def moe_experts_loop(
 def dense_flops(tokens: int, hidden: int, intermediate: int, k: int) -> int:
     """Matmul FLOPs of the expert path's forward: two GEMMs per routed (token, slot)."""
     return 2 * tokens * k * (hidden * 2 * intermediate + intermediate * hidden)
-

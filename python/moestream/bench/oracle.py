@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import pipeline, reference
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2, torch.float64: 1e-10}
 ROUTER_ID_MISMATCH = 1e-3  # fraction of rows whose chosen experts may differ from the float64 reference
@@ -161,11 +161,10 @@ def _expert_slices(ids: Tensor, num_experts: int):
         start += c
 
 
-def _expert_mlp64(xs, e, w1, w2, b1, b2, kind, layout, tb, alpha, limit):
+def _expert_mlp64(xs: Tensor, experts: pipeline.Experts, gate: pipeline.Gate) -> Tensor:
+    """One expert's MLP on its rows in float64: the pipeline's expert stage on the reference ops."""
     one = torch.tensor([xs.shape[0]], dtype=torch.int64, device=xs.device)
-    h = reference.grouped_mm(xs, w1[e : e + 1], one, tb, None if b1 is None else b1[e : e + 1])
-    a = reference.gated_activation(h, kind, layout, alpha, limit)
-    return reference.grouped_mm(a, w2[e : e + 1], one, tb, None if b2 is None else b2[e : e + 1])
+    return pipeline.expert_mlp(reference.OPS, xs, one, experts, gate)
 
 
 def moe_experts64(
@@ -183,13 +182,11 @@ def moe_experts64(
     limit=7.0,
 ) -> Tensor:
     """The expert path in float64, one expert at a time (the weights are converted per expert)."""
-    E = w_gate_up.shape[0]
+    experts = pipeline.Experts(w_gate_up, w_down, b_gate_up, b_down, transpose_b)
+    gate = pipeline.Gate(kind, layout, alpha, limit)
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-    for e, tok, slot in _expert_slices(ids, E):
-        w1, w2 = f64(w_gate_up[e : e + 1]), f64(w_down[e : e + 1])
-        b1 = None if b_gate_up is None else f64(b_gate_up[e : e + 1])
-        b2 = None if b_down is None else f64(b_down[e : e + 1])
-        y = _expert_mlp64(f64(x[tok]), 0, w1, w2, b1, b2, kind, layout, transpose_b, alpha, limit)
+    for e, tok, slot in _expert_slices(ids, experts.num_experts):
+        y = _expert_mlp64(f64(x[tok]), experts.narrow(e, 1).map(f64), gate)
         out.index_add_(0, tok, y * f64(weights[tok, slot]).unsqueeze(1))
     return out
 
@@ -213,6 +210,7 @@ def moe_experts_grads64(
     weights, the expert weights and biases, in float64 (autograd through the reference ops, one
     expert at a time)."""
     E = w_gate_up.shape[0]
+    gate = pipeline.Gate(kind, layout, alpha, limit)
     dev = x.device
     res = {
         "out": torch.zeros(x.shape, dtype=torch.float64, device=dev),
@@ -237,19 +235,10 @@ def moe_experts_grads64(
                 leaves["b1"] = f64(b_gate_up[e : e + 1]).requires_grad_()
             if b_down is not None:
                 leaves["b2"] = f64(b_down[e : e + 1]).requires_grad_()
-            y = _expert_mlp64(
-                leaves["x"],
-                0,
-                leaves["w1"],
-                leaves["w2"],
-                leaves.get("b1"),
-                leaves.get("b2"),
-                kind,
-                layout,
-                transpose_b,
-                alpha,
-                limit,
+            one = pipeline.Experts(
+                leaves["w1"], leaves["w2"], leaves.get("b1"), leaves.get("b2"), transpose_b
             )
+            y = _expert_mlp64(leaves["x"], one, gate)
             contrib = y * leaves["w"].unsqueeze(1)
             names = list(leaves)
             grads = torch.autograd.grad(contrib, [leaves[n] for n in names], f64(grad_out[tok]))

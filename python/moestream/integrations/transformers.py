@@ -28,7 +28,7 @@ import torch
 import transformers.integrations.moe as _hf_moe
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, pipeline
 from ..nn.moe import GroupedExperts, MoE, Router, Routing
 
 __all__ = ["SUPPORTED_FAMILIES", "patch_moe", "unpatch_moe", "moestream_experts_forward", "register"]
@@ -120,18 +120,15 @@ def moestream_experts_forward(
             x, top_k_index, top_k_weights, w1, w2, b1, b2, gate[0], gate[1], transpose_b, alpha, limit
         )
     else:
-        xs, perm, offsets = ops.permute(x, top_k_index, w1.shape[0])
-        h = ops.grouped_mm(xs, w1, offsets, transpose_b, b1)
+        # the pipeline with the module's own activation (or a fused gate) and post-expert norm
         if gate:
-            h = ops.gated_activation(h, gate[0], gate[1], alpha, limit)
-        elif has_gate:
-            h = self._apply_gate(h)
+            act = pipeline.Gate(gate[0], gate[1], alpha, limit)
         else:
-            h = self.act_fn(h)
-        y = ops.grouped_mm(h.to(w2.dtype), w2, offsets, transpose_b, b2)
-        if post_norm:
-            y = self.post_expert_norm(y)
-        out = ops.unpermute(y, perm, top_k_weights)
+            fn = self._apply_gate if has_gate else self.act_fn
+            act = lambda h: fn(h).to(w2.dtype)
+        experts = pipeline.Experts(w1, w2, b1, b2, transpose_b)
+        post = self.post_expert_norm if post_norm else None
+        out = pipeline.run(ops.OPS, x, top_k_index, top_k_weights, experts, act, post=post)
     return out.to(hidden_states.dtype)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, pipeline
 
 __all__ = ["Routing", "ROUTING_PRESETS", "Router", "GroupedExperts", "SharedExpert", "MoE"]
 
@@ -432,12 +432,7 @@ class MoE(nn.Module):
         logits, weights, ids = self._route(router, x)
         experts = self.submodule("experts")
         if router.routing.weight_on_input:
-            # Llama 4: expert(w * x). Each (token, slot) becomes its own row routed to one expert.
-            T, k = ids.shape
-            xs = (x.unsqueeze(1) * weights.to(x.dtype).unsqueeze(-1)).reshape(T * k, -1)
-            ones = torch.ones(T * k, 1, dtype=x.dtype, device=x.device)
-            y = experts(xs, ids.reshape(T * k, 1), ones)
-            y = y.view(T, k, -1).sum(dim=1) if k > 1 else y
+            y = pipeline.weight_inputs(experts, x, ids, weights)  # Llama 4: expert(w * x)
         else:
             y = experts(x, ids, weights)
         if self.has_shared_expert:
