@@ -11,14 +11,7 @@ from moestream import reference as R
 from moestream.nn import ROUTING_PRESETS, GroupedExperts, MoE, Router, Routing, SharedExpert
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tensors here are tiny: with several threads the kernels' and ATen's thread pools spin
-    # longer than the work takes (x20 CPU time measured on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 PRESETS = list(ROUTING_PRESETS)
