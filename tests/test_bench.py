@@ -614,7 +614,7 @@ def test_register_a_suite():
 
 
 def report_err(out, ref):
-    from moestream.bench.oracle import rel_err
+    from moestream.testing import rel_err
 
     return rel_err(out, ref)
 

@@ -326,8 +326,12 @@ def format_compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> st
                 shape,
                 str(tokens),
                 dtype,
-                fmt_gbps(it["old_gbps"]) if it["old_ms"] is None and "old_gbps" in it else fmt_time(it["old_ms"]),
-                fmt_gbps(it["new_gbps"]) if it["new_ms"] is None and "new_gbps" in it else fmt_time(it["new_ms"]),
+                fmt_gbps(it["old_gbps"])
+                if it["old_ms"] is None and "old_gbps" in it
+                else fmt_time(it["old_ms"]),
+                fmt_gbps(it["new_gbps"])
+                if it["new_ms"] is None and "new_gbps" in it
+                else fmt_time(it["new_ms"]),
                 change,
                 verdict,
             ]

@@ -22,10 +22,11 @@ import torch
 
 import moestream as ms
 
-from .. import reference
-from . import hf, oracle
+from .. import reference, testing
+from . import oracle
 from . import workloads as W
 from .core import BenchConfig, Case, Check, Impl, Work, register_suite
+from .shapes import Shape
 
 _GRAD_NAMES = ("x", "weights", "w_gate_up", "w_down", "b_gate_up", "b_down")
 
@@ -127,16 +128,45 @@ def _reference(backward: bool, kw: dict):
     return prepare
 
 
+def _hf_sizes(s: Shape) -> dict:
+    """The shape's expert sizes in :mod:`moestream.testing`'s generic names (a one-layer config)."""
+    return {
+        "hidden": s.hidden,
+        "inter": s.intermediate,
+        "experts": s.num_experts,
+        "k": s.top_k,
+        "norm": s.normalize,
+        "groups": s.num_groups,
+        "topk_groups": s.topk_groups,
+        "scale": s.scale,
+        "alpha": s.alpha,
+        "limit": s.limit,
+        "layers": 1,
+    }
+
+
+def _hf_unavailable(case: Case) -> str | None:
+    """Why transformers' experts module of the shape's family cannot be a baseline here."""
+    if not case.shape.hf_family:
+        return f"no transformers experts module for shape {case.shape.name}"
+    return testing.experts_unavailable(case.shape.hf_family)
+
+
 def _transformers(implementation: str, backward: bool):
+    """transformers' experts module of the shape's family (``config._experts_implementation`` =
+    ``implementation``), built on the meta device and given the input set's weights (same storage),
+    in the family's own layout: [E, 2I, H] / [E, H, I] (Qwen3-MoE, Mixtral, DeepSeek-V3;
+    ``shape.transpose_b``), [E, H, 2I] / [E, I, H] plus biases (GPT-OSS)."""
+
     def prepare(case: Case, inp: dict):
-        mod = hf.build_experts(
-            case.shape,
-            implementation,
-            inp["w_gate_up"],
-            inp["w_down"],
-            inp["b_gate_up"],
-            inp["b_down"],
-            requires_grad=backward,
+        weights = {
+            "gate_up_proj": inp["w_gate_up"],
+            "down_proj": inp["w_down"],
+            "gate_up_proj_bias": inp["b_gate_up"],
+            "down_proj_bias": inp["b_down"],
+        }
+        mod = testing.build_experts(
+            case.shape.hf_family, _hf_sizes(case.shape), implementation, weights, requires_grad=backward
         )
         x, ids, rw = inp["x"], inp["ids"], inp["weights"]
         fn = lambda: mod(x, ids, rw)
@@ -159,7 +189,7 @@ def _experts_case(cfg: BenchConfig, dtype: torch.dtype, T: int, backward: bool) 
     s, dev = cfg.shape, cfg.device
     E, k, H, I = s.num_experts, s.top_k, s.hidden, s.intermediate
     kw = _kw(cfg)
-    tol = oracle.tolerance(dtype)
+    tol = testing.bench_tolerance(dtype)
 
     def ref(inp):
         if backward:
@@ -168,7 +198,7 @@ def _experts_case(cfg: BenchConfig, dtype: torch.dtype, T: int, backward: bool) 
 
     def check(out, r, inp):
         outs = out if isinstance(out, dict) else {"out": out}
-        err, which = oracle.compare(outs, r)
+        err, which = testing.worst_rel_err(outs, r)
         return Check(err, tol, which)
 
     def work(inp):
@@ -184,12 +214,13 @@ def _experts_case(cfg: BenchConfig, dtype: torch.dtype, T: int, backward: bool) 
             kind="matmul",
         )
 
-    hf_req = lambda case: hf.unavailable_reason(case.shape)
     impls = [
         Impl("moestream", _moestream(backward, kw)),
         Impl("reference", _reference(backward, kw), role="baseline"),
-        Impl("hf-eager", _transformers("eager", backward), role="baseline", requires=hf_req),
-        Impl("hf-grouped_mm", _transformers("grouped_mm", backward), role="baseline", requires=hf_req),
+        Impl("hf-eager", _transformers("eager", backward), role="baseline", requires=_hf_unavailable),
+        Impl(
+            "hf-grouped_mm", _transformers("grouped_mm", backward), role="baseline", requires=_hf_unavailable
+        ),
     ]
     el = W.itemsize(dtype)
     wb = E * W.expert_param_bytes(s, dtype)
