@@ -18,6 +18,7 @@ machine's ceilings and the speedups against every baseline of the case.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import math
@@ -182,6 +183,29 @@ class Measured:
     run: Callable[[], list[Row]]
     expected_rows: int = 1  # for the progress bar
     params: dict = field(default_factory=dict)
+
+    @classmethod
+    def per_dtype(
+        cls,
+        cfg: BenchConfig,
+        suite: str,
+        run: Callable[[BenchConfig, torch.dtype], list[Row]],
+        expected_rows: int,
+        **params,
+    ) -> list[Measured]:
+        """One item per dtype of the run; ``run(cfg, dtype)`` measures it and returns its rows."""
+        return [
+            cls(
+                suite,
+                f"{suite} {dtype_name(dt)}",
+                dt,
+                cfg.device,
+                functools.partial(run, cfg, dt),
+                expected_rows,
+                params,
+            )
+            for dt in cfg.dtypes
+        ]
 
 
 @dataclass

@@ -160,15 +160,5 @@ def run_model_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
 
 @register_suite("model")
 def model_suite(cfg: BenchConfig) -> list[Measured]:
-    def item(dt: torch.dtype) -> Measured:
-        return Measured(
-            suite="model",
-            label=f"model {dtype_name(dt)}",
-            dtype=dt,
-            device=cfg.device,
-            run=lambda: run_model_suite(cfg, dt),
-            expected_rows=len(MODELS) * len(PHASES) * len(IMPLS),
-            params={"tiny": cfg.shape.name == "tiny"},
-        )
-
-    return [item(dt) for dt in cfg.dtypes]
+    n_rows = len(MODELS) * len(PHASES) * len(IMPLS)
+    return Measured.per_dtype(cfg, "model", run_model_suite, n_rows, tiny=cfg.shape.name == "tiny")

@@ -26,7 +26,6 @@ from .. import reference, testing
 from . import oracle
 from . import workloads as W
 from .core import BenchConfig, Case, Check, Impl, Work, register_suite
-from .shapes import Shape
 
 _GRAD_NAMES = ("x", "weights", "w_gate_up", "w_down", "b_gate_up", "b_down")
 
@@ -128,23 +127,6 @@ def _reference(backward: bool, kw: dict):
     return prepare
 
 
-def _hf_sizes(s: Shape) -> dict:
-    """The shape's expert sizes in :mod:`moestream.testing`'s generic names (a one-layer config)."""
-    return {
-        "hidden": s.hidden,
-        "inter": s.intermediate,
-        "experts": s.num_experts,
-        "k": s.top_k,
-        "norm": s.normalize,
-        "groups": s.num_groups,
-        "topk_groups": s.topk_groups,
-        "scale": s.scale,
-        "alpha": s.alpha,
-        "limit": s.limit,
-        "layers": 1,
-    }
-
-
 def _hf_unavailable(case: Case) -> str | None:
     """Why transformers' experts module of the shape's family cannot be a baseline here."""
     if not case.shape.hf_family:
@@ -165,8 +147,9 @@ def _transformers(implementation: str, backward: bool):
             "gate_up_proj_bias": inp["b_gate_up"],
             "down_proj_bias": inp["b_down"],
         }
+        sizes = {**case.shape.expert_sizes(), "layers": 1}
         mod = testing.build_experts(
-            case.shape.hf_family, _hf_sizes(case.shape), implementation, weights, requires_grad=backward
+            case.shape.hf_family, sizes, implementation, weights, requires_grad=backward
         )
         x, ids, rw = inp["x"], inp["ids"], inp["weights"]
         fn = lambda: mod(x, ids, rw)

@@ -88,19 +88,12 @@ def _router_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
         nbytes = T * E * W.itemsize(dtype) + T * k * (4 + 8) + (E * 4 if s.router_bias else 0)
         return Work(bytes=nbytes, kind="memory")
 
-    return _case(
-        cfg,
-        "router_topk",
-        dtype,
-        T,
-        make,
-        ref,
-        check,
-        work,
-        lambda f, i: f(i["logits"], k, bias=i["bias"], **kw),
-        est_bytes=T * E * (W.itemsize(dtype) + 8) + T * k * 32,
-        params={"T": T, "E": E, "k": k, "routing": s.routing_desc()},
-    )
+    def call(f, i):
+        return f(i["logits"], k, bias=i["bias"], **kw)
+
+    est = T * E * (W.itemsize(dtype) + 8) + T * k * 32
+    params = {"T": T, "E": E, "k": k, "routing": s.routing_desc()}
+    return _case(cfg, "router_topk", dtype, T, make, ref, check, work, call, est, params)
 
 
 # permute / unpermute ------------------------------------------------------------------------
@@ -127,19 +120,12 @@ def _permute_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     def work(inp):
         return Work(bytes=T * H * el + M * 8 + M * H * el + M * 8 + E * 8, kind="memory")
 
-    return _case(
-        cfg,
-        "permute",
-        dtype,
-        T,
-        make,
-        ref,
-        check,
-        work,
-        lambda f, i: f(i["x"], i["ids"], E),
-        est_bytes=(T + 2 * M) * H * el + M * 32,
-        params={"T": T, "M": M, "H": H},
-    )
+    def call(f, i):
+        return f(i["x"], i["ids"], E)
+
+    est = (T + 2 * M) * H * el + M * 32
+    params = {"T": T, "M": M, "H": H}
+    return _case(cfg, "permute", dtype, T, make, ref, check, work, call, est, params)
 
 
 def _unpermute_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
@@ -159,19 +145,13 @@ def _unpermute_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     def work(inp):
         return Work(bytes=M * H * el + M * (8 + 4) + T * H * el, kind="memory")
 
-    return _case(
-        cfg,
-        "unpermute",
-        dtype,
-        T,
-        make,
-        ref,
-        _rel_check(dtype),
-        work,
-        lambda f, i: f(i["y_sorted"], i["perm"], i["weights"]),
-        est_bytes=M * H * el + T * H * (8 + el) + M * 32,
-        params={"T": T, "M": M, "H": H},
-    )
+    def call(f, i):
+        return f(i["y_sorted"], i["perm"], i["weights"])
+
+    check = _rel_check(dtype)
+    est = M * H * el + T * H * (8 + el) + M * 32
+    params = {"T": T, "M": M, "H": H}
+    return _case(cfg, "unpermute", dtype, T, make, ref, check, work, call, est, params)
 
 
 # grouped_mm ---------------------------------------------------------------------------------
@@ -217,20 +197,14 @@ def _grouped_mm_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
             kind="matmul",
         )
 
-    return _case(
-        cfg,
-        "grouped_mm",
-        dtype,
-        T,
-        make,
-        ref,
-        _rel_check(dtype),
-        work,
-        lambda f, i: f(i["a"], i["b"], i["offsets"], tb),
-        est_bytes=E * H * N * el + M * H * el + M * N * (el + 8),
-        params={"T": T, "M": M, "K": H, "N": N, "E": E, "transpose_b": tb},
-        extra=(Impl("torch._grouped_mm", _torch_grouped_mm, role="baseline"),),
-    )
+    def call(f, i):
+        return f(i["a"], i["b"], i["offsets"], tb)
+
+    check = _rel_check(dtype)
+    est = E * H * N * el + M * H * el + M * N * (el + 8)
+    params = {"T": T, "M": M, "K": H, "N": N, "E": E, "transpose_b": tb}
+    extra = (Impl("torch._grouped_mm", _torch_grouped_mm, role="baseline"),)
+    return _case(cfg, "grouped_mm", dtype, T, make, ref, check, work, call, est, params, extra)
 
 
 # gated_activation ---------------------------------------------------------------------------
@@ -253,19 +227,13 @@ def _activation_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     def work(inp):
         return Work(bytes=M * 2 * I * el + M * I * el, kind="memory")
 
-    return _case(
-        cfg,
-        "gated_activation",
-        dtype,
-        T,
-        make,
-        ref,
-        _rel_check(dtype),
-        work,
-        lambda f, i: f(i["x"], *args),
-        est_bytes=M * 3 * I * el + M * I * 8,
-        params={"T": T, "M": M, "I": I, "kind": s.kind, "layout": s.layout},
-    )
+    def call(f, i):
+        return f(i["x"], *args)
+
+    check = _rel_check(dtype)
+    est = M * 3 * I * el + M * I * 8
+    params = {"T": T, "M": M, "I": I, "kind": s.kind, "layout": s.layout}
+    return _case(cfg, "gated_activation", dtype, T, make, ref, check, work, call, est, params)
 
 
 OPS = {

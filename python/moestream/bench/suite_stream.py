@@ -31,6 +31,7 @@ streamer and its units) and ``ms.offload_stats(model)`` (counters) only.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -61,36 +62,19 @@ def _layers(device: torch.device, quick: bool) -> int:
     return 4 if quick else 8
 
 
-def _llama_sizes(s: Shape) -> dict:
-    return {
-        "vocab": s.vocab_size,
-        "hidden": s.hidden,
-        "inter": s.intermediate,
-        "heads": s.num_heads,
-        "kv_heads": s.num_kv_heads,
-        "head_dim": s.head_dim,
-    }
-
-
 def stream_model(shape: Shape, device: torch.device, quick: bool) -> tuple[str, str, dict]:
     """-> (shape name of the rows, model name of the rows' params, the Llama's sizes in
     :mod:`moestream.testing`'s generic names)."""
     if shape.name == "tiny":
         # more layers than the 3 slots of the suite's budget, so that layers are streamed
-        layers = max(6, shape.num_layers)
-        sizes = {
-            **_LLAMA3,
-            **_llama_sizes(shape),
-            "inter": 2 * shape.hidden,
-            "layers": layers,
-            "max_pos": 256,
-        }
-        return shape.name, f"custom/{layers}L", sizes
-    layers = _layers(device, quick)
-    if shape.is_moe or shape.name == "llama-3-8b":
-        sizes = {**_LLAMA3, **_llama_sizes(get_shape("llama-3-8b")), "layers": layers}
-        return "llama-3-8b", f"llama3-8b/{layers}L", sizes
-    return shape.name, f"custom/{layers}L", {**_LLAMA3, **_llama_sizes(shape), "layers": layers}
+        layers, model = max(6, shape.num_layers), "custom"
+        sizes = {**shape.model_sizes(), "inter": 2 * shape.hidden, "max_pos": 256}
+    else:
+        layers, model = _layers(device, quick), "custom"
+        if shape.is_moe or shape.name == "llama-3-8b":
+            shape, model = get_shape("llama-3-8b"), "llama3-8b"
+        sizes = shape.model_sizes()
+    return shape.name, f"{model}/{layers}L", {**_LLAMA3, **sizes, "layers": layers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,17 +176,13 @@ def judge(rows: list[Row], link_gbps: float) -> None:
 def _drop_page_cache(paths) -> None:
     """Evicts the files' clean pages (POSIX_FADV_DONTNEED), so the next read comes from the disk."""
     for p in paths:
-        try:
+        with contextlib.suppress(OSError):
             fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _files_under(d: str, suffixes=(".safetensors", ".dat")) -> list[str]:
@@ -400,14 +380,4 @@ def run_stream_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
 
 @register_suite("stream")
 def stream_suite(cfg: BenchConfig) -> list[Measured]:
-    def item(dt: torch.dtype) -> Measured:
-        return Measured(
-            suite="stream",
-            label=f"stream {dtype_name(dt)}",
-            dtype=dt,
-            device=cfg.device,
-            run=lambda: run_stream_suite(cfg, dt),
-            expected_rows=6,
-        )
-
-    return [item(dt) for dt in cfg.dtypes]
+    return Measured.per_dtype(cfg, "stream", run_stream_suite, expected_rows=6)
