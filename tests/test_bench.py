@@ -16,7 +16,7 @@ from io import StringIO
 
 import pytest
 import torch
-from moestream import bench, reference
+from moestream import bench, reference, testing
 from moestream.bench import report
 from moestream.bench.__main__ import main
 from moestream.bench.core import Impl, Unavailable
@@ -581,7 +581,7 @@ def test_register_a_suite():
                 cfg.device,
                 make,
                 reference=lambda i: 2 * i["x"].double() + i["y"].double(),
-                check=lambda out, ref, i: bench.Check(report_err(out, ref), 1e-6),
+                check=lambda out, ref, i: bench.Check(testing.rel_err(out, ref), 1e-6),
                 work=lambda i: bench.Work(bytes=3 * 4 * T),
                 impls=[
                     Impl("mine", lambda c, i: lambda: torch.add(i["y"], i["x"], alpha=2)),
@@ -599,12 +599,6 @@ def test_register_a_suite():
         assert rows["mine"][0]["bound"] == "memory"
     finally:
         bench.SUITES.pop("unit-axpy", None)
-
-
-def report_err(out, ref):
-    from moestream.testing import rel_err
-
-    return rel_err(out, ref)
 
 
 def test_memory_precheck_skips_cases_that_cannot_fit(monkeypatch):
