@@ -137,10 +137,6 @@ def measure_round_robin(
     names = list(impls)
     n_sets = max(len(c) for c in impls.values())
 
-    def call(name: str, i: int) -> None:
-        fns = impls[name]
-        fns[i % len(fns)]()
-
     pc = time.perf_counter
     synchronize(device)
     t0, untimed, done = pc(), 0.0, 0
@@ -150,7 +146,7 @@ def measure_round_robin(
                 t = pc()
                 before()
                 untimed += pc() - t
-            call(name, done)
+            impls[name][done % len(impls[name])]()
         done += 1
         if done < n_sets and pc() - t0 - untimed > policy.budget_s * len(names):
             # slow calls (a loop-over-experts backward on CPU takes seconds): one warm-up round,
@@ -165,16 +161,21 @@ def measure_round_robin(
     times: dict[str, list[float]] = {name: [] for name in names}
     if device.type == "cuda":
         stream = torch.cuda.current_stream(device)
-        events = {name: [] for name in names}
+        events = {
+            name: [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(reps)
+            ]
+            for name in names
+        }
         for i in range(reps):
             for name in names:
                 if before is not None:
                     before()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                fn, (start, end) = impls[name][i % len(impls[name])], events[name][i]
                 start.record(stream)
-                call(name, i)
+                fn()
                 end.record(stream)
-                events[name].append((start, end))
         torch.cuda.synchronize(device)
         times = {name: [s.elapsed_time(e) for s, e in ev] for name, ev in events.items()}
     else:
@@ -182,7 +183,8 @@ def measure_round_robin(
             for name in names:
                 if before is not None:
                     before()
+                fn = impls[name][i % len(impls[name])]
                 t = pc()
-                call(name, i)
+                fn()
                 times[name].append((pc() - t) * 1e3)
     return {name: Measurement(ts) for name, ts in times.items()}
