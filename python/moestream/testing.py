@@ -76,7 +76,7 @@ class ErrAcc:
         step = block_rows(o.shape[1] if o.dim() == 2 else 1)
         for s in range(0, o.shape[0], step):
             oc = o[s : s + step].to(torch.float64)
-            rc = r[s : s + step].to(torch.float64)
+            rc = r[s : s + step].to(device=oc.device, dtype=torch.float64)  # (tests compare with CPU refs)
             if not bool(torch.isfinite(oc).all()):
                 self.finite = False
             self.num += float((oc - rc).pow(2).sum())
@@ -152,6 +152,9 @@ def assert_accurate(out: Tensor, ref64: Tensor, ref_lowp: Tensor | None = None, 
         tol = RTOL.get(out.dtype, RTOL[torch.float32])
         assert err <= tol, f"{what} relative error {err:.3e} > {tol:.0e}"
     else:
+        assert torch.isfinite(ref_lowp.detach()).all(), (
+            f"{what} non-finite values in the low-precision reference"
+        )
         ref_err = rel_err(ref_lowp, ref64)
         tol = tolerance(out.dtype, ref_err)
         assert err <= tol, f"{what} relative error {err:.3e} > 2 x reference's {ref_err:.3e} at {out.dtype}"
