@@ -1,17 +1,14 @@
-"""Shared fixtures and the accuracy rules of DESIGN.md.
-
-- float32: within 1e-5 relative (norm-wise) of the float64 reference;
-- bfloat16 / float16: error against the float64 reference at most 2x what the reference itself
-  loses when run at that dtype;
-- index outputs: exact.
+"""Shared fixtures. The accuracy rules of DESIGN.md (float32 within 1e-5 relative of the float64
+reference; bfloat16 / float16 within 2x of what the reference itself loses at that dtype; index
+outputs exact) are :mod:`moestream.testing`'s, re-exported here: ``rel_err``, ``assert_accurate``.
 """
 
 from __future__ import annotations
 
+import moestream
 import pytest
 import torch
-
-import moestream
+from moestream.testing import assert_accurate, rel_err  # noqa: F401  (the tests' names)
 
 HAS_CUDA = torch.cuda.is_available() and moestream.with_cuda
 
@@ -33,28 +30,16 @@ def _seed(request):
     torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.detach().to(torch.float64).cpu()
-    ref = ref.detach().to(torch.float64).cpu()
-    assert x.shape == ref.shape, f"shape {tuple(x.shape)} != reference {tuple(ref.shape)}"
-    assert torch.isfinite(x).all(), "non-finite values in output"
-    denom = ref.norm().item()
-    diff = (x - ref).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
-def assert_accurate(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor | None = None, what: str = ""):
-    """out: our result; ref64: the reference in float64; ref_lowp: the reference run at out's dtype
-    (needed for bfloat16 / float16)."""
-    err = rel_err(out, ref64)
-    if out.dtype in (torch.float32, torch.float64) or ref_lowp is None:
-        tol = 1e-5 if out.dtype != torch.float64 else 1e-10
-        assert err <= tol, f"{what} relative error {err:.3e} > {tol:.0e}"
-    else:
-        ref_err = rel_err(ref_lowp, ref64)
-        # 2x of what the reference loses; a floor of one ulp-scale term keeps exact cases from failing on 0
-        tol = 2 * ref_err + torch.finfo(out.dtype).eps * 1e-3
-        assert err <= tol, f"{what} relative error {err:.3e} > 2 x reference's {ref_err:.3e} at {out.dtype}"
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): with several threads the kernels' and ATen's thread pools spin longer than
+    the work takes (x20 CPU time measured on a busy 2-core machine), and spinning OpenMP workers
+    starve the streaming engine's reader threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

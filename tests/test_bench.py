@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from io import StringIO
 
 import pytest
 import torch
-from moestream import bench, reference
+from moestream import bench, reference, testing
 from moestream.bench import report
 from moestream.bench.__main__ import main
 from moestream.bench.core import Impl, Unavailable
@@ -28,32 +29,19 @@ CLI = ["--quick", "--threads", "1", "--sets", "2", "--no-progress", "--device", 
 
 TINY_SHAPES = {
     "tiny-mixtral": Shape("tiny-mixtral", 48, 40, 4, 2, normalize=True, hf_family="mixtral"),
-    "tiny-deepseek": Shape(
-        "tiny-deepseek",
-        64,
-        24,
-        16,
-        4,
-        score="sigmoid",
-        router_bias=True,
+    # the routing and expert variants of the real models, at toy sizes
+    "tiny-deepseek": replace(
+        bench.get_shape("deepseek-v3"),
+        name="tiny-deepseek",
+        hidden=64,
+        intermediate=24,
+        num_experts=16,
+        top_k=4,
         num_groups=4,
         topk_groups=2,
-        normalize=True,
-        scale=2.5,
-        hf_family="deepseek_v3",
     ),
-    "tiny-gptoss": Shape(
-        "tiny-gptoss",
-        40,
-        24,
-        8,
-        2,
-        topk_first=True,
-        kind="gptoss",
-        layout="interleaved",
-        transpose_b=False,
-        expert_bias=True,
-        hf_family="gpt_oss",
+    "tiny-gptoss": replace(
+        bench.get_shape("gpt-oss-20b"), name="tiny-gptoss", hidden=40, intermediate=24, num_experts=8, top_k=2
     ),
     "tiny-nohf": Shape("tiny-nohf", 32, 16, 4, 2),
 }
@@ -593,7 +581,7 @@ def test_register_a_suite():
                 cfg.device,
                 make,
                 reference=lambda i: 2 * i["x"].double() + i["y"].double(),
-                check=lambda out, ref, i: bench.Check(report_err(out, ref), 1e-6),
+                check=lambda out, ref, i: bench.Check(testing.rel_err(out, ref), 1e-6),
                 work=lambda i: bench.Work(bytes=3 * 4 * T),
                 impls=[
                     Impl("mine", lambda c, i: lambda: torch.add(i["y"], i["x"], alpha=2)),
@@ -611,12 +599,6 @@ def test_register_a_suite():
         assert rows["mine"][0]["bound"] == "memory"
     finally:
         bench.SUITES.pop("unit-axpy", None)
-
-
-def report_err(out, ref):
-    from moestream.bench.oracle import rel_err
-
-    return rel_err(out, ref)
 
 
 def test_memory_precheck_skips_cases_that_cannot_fit(monkeypatch):
@@ -749,9 +731,13 @@ def test_ceilings_best_of_start_and_end(monkeypatch, tmp_path, capsys):
     rates = iter([50.0, 80.0])
     bws = iter([10.0, 7.0])
     monkeypatch.setattr(
-        _ceilings, "measure_matmul", lambda *a, **k: {"op": "torch.mm", "m": 1, "k": 1, "n": 1, "gflops": next(rates)}
+        _ceilings,
+        "measure_matmul",
+        lambda *a, **k: {"op": "torch.mm", "m": 1, "k": 1, "n": 1, "gflops": next(rates)},
     )
-    monkeypatch.setattr(_ceilings, "measure_bandwidth", lambda *a, **k: {"op": "copy", "bytes": 1, "gbps": next(bws)})
+    monkeypatch.setattr(
+        _ceilings, "measure_bandwidth", lambda *a, **k: {"op": "copy", "bytes": 1, "gbps": next(bws)}
+    )
     path = tmp_path / "c.json"
     args = ["--shape", "tiny", "--tokens", "8", "--op", "grouped_mm,gated_activation", "--json", str(path)]
     assert main(CLI + args) == 0

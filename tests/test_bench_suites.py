@@ -14,9 +14,9 @@ from io import StringIO
 import pytest
 import torch
 from moestream import bench
-from moestream.bench import report
+from moestream.bench import report, suite_model, suite_stream
 from moestream.bench.__main__ import main
-from moestream.bench.timing import TimingPolicy, measure
+from moestream.bench.timing import Measurement, TimingPolicy, measure
 
 CLI = ["--quick", "--threads", "1", "--no-progress", "--device", "cpu", "--shape", "tiny"]
 
@@ -90,97 +90,75 @@ def test_stream_suite_tiny_real_run(tmp_path):
 # plumbing with synthetic measurements
 
 
-def _fake_stream(device, dtype, shape, quick):
-    common = {"suite": "stream", "dtype": "float32", "shape": "x/6L", "device_type": "cpu"}
+def _times(median_ms):
+    """Five times around ``median_ms``: p10/p90 at -+16%, spread 0.16."""
+    return Measurement([median_ms * f for f in (0.8, 0.9, 1.0, 1.1, 1.2)])
+
+
+def _fake_stream(cfg, dtype):
+    make = suite_stream.StreamRows(cfg.shape.name, dtype, cfg.device, model="x/6L")
+    ours = [
+        make.streamer("disk", 1.5, "fake"),
+        make.decode(_times(10.0), bytes_per_token=16_000_000),
+    ]
+    suite_stream.judge(ours, 2.0)
     return [
-        dict(common, name="link_disk_read", gbps=2.0),
-        dict(common, name="streamer_disk", gbps=1.5, link_gbps=2.0, fraction_of_link=0.75),
-        dict(
-            common,
-            name="decode",
-            median_ms=10.0,
-            p10_ms=9.0,
-            p25_ms=9.5,
-            p75_ms=10.5,
-            p90_ms=11.0,
-            reps=4,
-            floor_ms=8.0,
-            ratio_to_floor=1.25,
-            bytes_per_token=16e6,
-            gbps=1.6,
-        ),
-        dict(
-            common,
-            name="decode_baseline",
-            baseline="accelerate.disk_offload",
-            median_ms=30.0,
-            p10_ms=29.0,
-            p25_ms=29.5,
-            p75_ms=30.5,
-            p90_ms=31.0,
-            reps=2,
-            speedup=3.0,
-        ),
+        make.link("disk O_DIRECT", 2.0, "fake"),
+        *ours,
+        make.baseline("accelerate.disk_offload", _times(30.0)),
     ]
 
 
-def _fake_model(device, dtype, quick, **kw):
+def _fake_model(cfg, dtype):
+    sizes = {"size": "bench", "layers": 1, "batch": 1, "seq": 128}
+
+    def row(phase, impl):
+        return suite_model.model_row("qwen3_moe", phase, impl, cfg, dtype, sizes, "small-models")
+
     rows = []
-    for impl, ms_, base in (
-        ("transformers eager", 40.0, True),
-        ("transformers grouped_mm", 20.0, True),
-        ("moestream patch_moe", 10.0, False),
-    ):
-        rows.append(
-            {
-                "op": "qwen3_moe forward",
-                "impl": impl,
-                "tokens": 128,
-                "median_ms": ms_,
-                "tokens_per_s": 128 / (ms_ / 1e3),
-                "speedup": 20.0 / ms_,
-                "baseline": base,
-                "rel_err": 1e-6,
-                "p10_ms": ms_ * 0.9,
-                "p25_ms": ms_ * 0.95,
-                "p75_ms": ms_ * 1.05,
-                "p90_ms": ms_ * 1.1,
-                "reps": 3,
-                "layers": 1,
-                "batch": 1,
-                "seq": 128,
-            }
-        )
-    rows.append(
-        {"op": "qwen3_moe train", "impl": "transformers grouped_mm", "tokens": 128, "median_ms": None,
-         "tokens_per_s": None, "speedup": None, "baseline": True, "reason": "RuntimeError: no kernel"}
-    )
+    for impl, median in (("hf-eager", 40.0), ("hf-grouped_mm", 20.0), ("moestream", 10.0)):
+        rows.append(row("forward", impl))
+        rows[-1].record(_times(median))
+        rows[-1].error = 1e-6
+    rows.append(row("train", "hf-grouped_mm"))
+    rows[-1].status, rows[-1].reason = bench.core.describe_failure(RuntimeError("no kernel"), "baseline")
     return rows
 
 
 @pytest.fixture
 def fakes(monkeypatch):
-    bm = importlib.import_module("moestream.integrations.bench_model")
-    bs = importlib.import_module("moestream.offload.bench_stream")
-
-    monkeypatch.setattr(bs, "run_stream_suite", _fake_stream)
-    monkeypatch.setattr(bm, "run_model_suite", _fake_model)
+    monkeypatch.setattr(suite_stream, "run_stream_suite", _fake_stream)
+    monkeypatch.setattr(suite_model, "run_model_suite", _fake_model)
 
 
 def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    rc, text = run_cli(CLI + ["--suite", "all", "--op", "decode,link,streamer,qwen3_moe_forward,"
-                              "qwen3_moe_train", "--json", str(a)])
+    rc, text = run_cli(
+        CLI
+        + [
+            "--suite",
+            "all",
+            "--op",
+            "decode,link,streamer,qwen3_moe_forward,qwen3_moe_train",
+            "--json",
+            str(a),
+        ]
+    )
     assert rc == 0, text
     data, stream = rows_of(a, "stream")
     _, model = rows_of(a, "model")
     assert set(data["meta"]["suites"]) >= {"ops", "moe", "model", "stream"}
     by = {(r["op"], r["impl"]): r for r in stream}
-    assert set(by) == {("link", "disk O_DIRECT"), ("streamer", "moestream (disk)"),
-                       ("decode", "moestream"), ("decode", "accelerate.disk_offload")}
+    assert set(by) == {
+        ("link", "disk O_DIRECT"),
+        ("streamer", "moestream (disk)"),
+        ("decode", "moestream"),
+        ("decode", "accelerate.disk_offload"),
+    }
     dec = by[("decode", "moestream")]
     assert dec["speedup"] == {"accelerate.disk_offload": pytest.approx(3.0)}
-    assert dec["ceiling_fraction"] == pytest.approx(0.8) and dec["spread"] == pytest.approx(0.1)
+    assert dec["ceiling_fraction"] == pytest.approx(0.8) and dec["spread"] == pytest.approx(0.16)
+    assert dec["params"]["floor_ms"] == pytest.approx(8.0) and dec["gbps"] == pytest.approx(1.6)
     assert dec["tokens_per_s"] == pytest.approx(100.0)
     assert by[("streamer", "moestream (disk)")]["ceiling_fraction"] == pytest.approx(0.75)
     mb = {(r["op"], r["impl"]): r for r in model}
@@ -214,19 +192,22 @@ def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):
 
 
 def test_missing_dependency_skips_and_a_crash_is_an_error(monkeypatch):
-    bm = importlib.import_module("moestream.integrations.bench_model")
-    bs = importlib.import_module("moestream.offload.bench_stream")
-
     def no_accelerate(*a, **k):
         raise ModuleNotFoundError("No module named 'accelerate'", name="accelerate")
 
     def crash(*a, **k):
         raise ValueError("boom")
 
-    monkeypatch.setattr(bs, "run_stream_suite", no_accelerate)
-    monkeypatch.setattr(bm, "run_model_suite", crash)
-    cfg = bench.BenchConfig(shape=bench.get_shape("tiny"), device="cpu", dtypes=[torch.float32],
-                            tokens=[4], quick=True, progress=False)
+    monkeypatch.setattr(suite_stream, "run_stream_suite", no_accelerate)
+    monkeypatch.setattr(suite_model, "run_model_suite", crash)
+    cfg = bench.BenchConfig(
+        shape=bench.get_shape("tiny"),
+        device="cpu",
+        dtypes=[torch.float32],
+        tokens=[4],
+        quick=True,
+        progress=False,
+    )
     res = bench.run(cfg, ["stream", "model"])
     reasons = {s["suite"]: s["reason"] for s in res.skipped}
     assert "accelerate" in reasons["stream"]
@@ -254,6 +235,7 @@ def test_slow_calls_warm_up_once():
             x = 0
             for _ in range(20000):
                 x += 1
+
         return f
 
     pol = TimingPolicy(budget_s=1e-6, warmup_s=0.0, min_reps=5, max_reps=10, slow_reps=3)

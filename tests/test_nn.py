@@ -11,14 +11,7 @@ from moestream import reference as R
 from moestream.nn import ROUTING_PRESETS, GroupedExperts, MoE, Router, Routing, SharedExpert
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tensors here are tiny: with several threads the kernels' and ATen's thread pools spin
-    # longer than the work takes (x20 CPU time measured on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 PRESETS = list(ROUTING_PRESETS)
@@ -83,29 +76,7 @@ def _ref_moe(moe: MoE, x: torch.Tensor, ids=None) -> torch.Tensor:
     ids = ref_ids if ids is None else ids
     w = w.double()
     ex = {k: (None if v is None else v.double()) for k, v in _expert_tensors(experts).items()}
-    args = dict(
-        kind=experts.activation,
-        layout=experts.layout,
-        transpose_b=experts.transpose_b,
-        alpha=experts.alpha,
-        limit=experts.limit,
-    )
-    if router.routing.weight_on_input:
-        T, k = ids.shape
-        xs = (x64.unsqueeze(1) * w.unsqueeze(-1)).reshape(T * k, -1)
-        y = R.moe_experts_loop(
-            xs,
-            ids.reshape(-1, 1),
-            torch.ones(T * k, 1, dtype=torch.float64, device=x.device),
-            ex["w1"],
-            ex["w2"],
-            ex["b1"],
-            ex["b2"],
-            **args,
-        )
-        y = y.view(T, k, -1).sum(1)
-    else:
-        y = R.moe_experts_loop(x64, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
+    y = _experts_loop(experts, x64, ids, w, ex, router.routing.weight_on_input)
     if moe.has_shared_expert:
         shared = moe.submodule("shared_expert")
         s = F.linear(
@@ -135,6 +106,23 @@ def _expert_tensors(experts: GroupedExperts) -> dict:
     return dict(
         w1=experts.gate_up_proj, w2=experts.down_proj, b1=experts.gate_up_proj_bias, b2=experts.down_proj_bias
     )
+
+
+def _expert_args(e: GroupedExperts) -> dict:
+    return dict(kind=e.activation, layout=e.layout, transpose_b=e.transpose_b, alpha=e.alpha, limit=e.limit)
+
+
+def _experts_loop(experts, x, ids, w, ex, weight_on_input: bool) -> torch.Tensor:
+    """The reference expert loop with ``experts``' settings and the tensors ``ex``; with
+    ``weight_on_input`` (Llama 4) the routing weight scales each slot's expert input."""
+    args = _expert_args(experts)
+    if not weight_on_input:
+        return R.moe_experts_loop(x, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
+    T, k = ids.shape
+    xs = (x.unsqueeze(1) * w.unsqueeze(-1)).reshape(T * k, -1)
+    ones = torch.ones(T * k, 1, dtype=x.dtype, device=x.device)
+    y = R.moe_experts_loop(xs, ids.reshape(-1, 1), ones, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
+    return y.view(T, k, -1).sum(1)
 
 
 def _family_moe(preset: str, H=24, I=20, E=8, k=2, device="cpu", dtype=torch.float32) -> MoE:
@@ -232,13 +220,7 @@ def test_grouped_experts_match_reference_loop(device, variant, dtype):
     out = experts(x, ids, w)
     assert out.dtype == dtype and out.shape == (T, H)
     ex = _expert_tensors(experts)
-    args = dict(
-        kind=experts.activation,
-        layout=experts.layout,
-        transpose_b=experts.transpose_b,
-        alpha=experts.alpha,
-        limit=experts.limit,
-    )
+    args = _expert_args(experts)
     d = {kk: (None if v is None else v.double()) for kk, v in ex.items()}
     ref64 = R.moe_experts_loop(x.double(), ids, w.double(), d["w1"], d["w2"], d["b1"], d["b2"], **args)
     ref_lowp = R.moe_experts_loop(x, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
@@ -257,13 +239,7 @@ def test_grouped_experts_gradients(device, variant):
     out = experts(x, ids, w)
     grads = torch.autograd.grad(out, [x, w, *experts.parameters()], gy)
     ex = _expert_tensors(experts)
-    args = dict(
-        kind=experts.activation,
-        layout=experts.layout,
-        transpose_b=experts.transpose_b,
-        alpha=experts.alpha,
-        limit=experts.limit,
-    )
+    args = _expert_args(experts)
     ref = R.moe_experts_loop(x, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
     ref_grads = torch.autograd.grad(ref, [x, w, *experts.parameters()], gy)
     for g, rg in zip(grads, ref_grads):
@@ -301,33 +277,8 @@ def _lowp_reference(moe: MoE, x: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
     router, experts = moe.submodule("router"), moe.submodule("experts")
     x2 = x.reshape(-1, moe.hidden_size)
     logits, w, _ = router(x2)
-    ex = _expert_tensors(experts)
-    args = dict(
-        kind=experts.activation,
-        layout=experts.layout,
-        transpose_b=experts.transpose_b,
-        alpha=experts.alpha,
-        limit=experts.limit,
-    )
-    if router.routing.weight_on_input:
-        T, k = ids.shape
-        xs = (x2.unsqueeze(1) * w.to(x.dtype).unsqueeze(-1)).reshape(T * k, -1)
-        y = (
-            R.moe_experts_loop(
-                xs,
-                ids.reshape(-1, 1),
-                torch.ones(T * k, 1, dtype=x.dtype, device=x.device),
-                ex["w1"],
-                ex["w2"],
-                ex["b1"],
-                ex["b2"],
-                **args,
-            )
-            .view(T, k, -1)
-            .sum(1)
-        )
-    else:
-        y = R.moe_experts_loop(x2, ids, w, ex["w1"], ex["w2"], ex["b1"], ex["b2"], **args)
+    on_input = router.routing.weight_on_input
+    y = _experts_loop(experts, x2, ids, w.to(x.dtype) if on_input else w, _expert_tensors(experts), on_input)
     if moe.has_shared_expert:
         s = moe.submodule("shared_expert")(x2)
         if moe.has_shared_expert_gate:

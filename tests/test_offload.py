@@ -12,19 +12,12 @@ import warnings
 import moestream as ms
 import pytest
 import torch
-from moestream import _C
+from moestream import _C, testing
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one intra-op thread is faster, and spinning OpenMP workers do not starve the
-    # engine's reader threads on a 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 LAYERS = 6  # more units than the 4 slots of prefetch=3, so every step streams
@@ -32,36 +25,7 @@ NEW_TOKENS = 32
 
 
 def tiny_config(family: str):
-    common = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": LAYERS, "num_attention_heads": 4}
-    if family == "llama":
-        return transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **common)
-    if family == "qwen2":
-        return transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=2, **common)
-    if family == "mistral":
-        return transformers.MistralConfig(
-            intermediate_size=64, num_key_value_heads=2, sliding_window=None, **common
-        )
-    if family == "gemma":  # tied embeddings
-        return transformers.GemmaConfig(intermediate_size=64, num_key_value_heads=1, head_dim=8, **common)
-    if family == "opt":  # model.decoder.layers, learned positions, biases
-        return transformers.OPTConfig(
-            ffn_dim=64, max_position_embeddings=128, word_embed_proj_dim=32, **common
-        )
-    if family == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(
-            intermediate_size=64,
-            moe_intermediate_size=16,
-            num_key_value_heads=2,
-            head_dim=8,
-            num_experts=4,
-            num_experts_per_tok=2,
-            **common,
-        )
-    if family == "mixtral":
-        return transformers.MixtralConfig(
-            intermediate_size=48, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common
-        )
-    raise KeyError(family)
+    return testing.family_config(family, "offload", layers=LAYERS)
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "opt", "gemma", "qwen3_moe"]

@@ -16,14 +16,7 @@ from moestream.offload import safetensors_io as sio
 from torch import nn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one intra-op thread is faster, and spinning OpenMP workers do not starve the
-    # engine's reader threads on a 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 KiB = 1024

@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
@@ -22,51 +21,19 @@ BUDGET = 300 * MB  # "300 MB"
 def _write_checkpoint(d: str) -> int:
     """A sharded transformers checkpoint of a Llama-shaped model (~1.2 GB float32, 18 layers of
     64 MiB), written layer by layer so this process never holds it either."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from moestream.testing import write_random_checkpoint
 
-    h, inter, layers, vocab = 1024, 4096, 18, 1024
-    LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=h,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        tie_word_embeddings=False,
-    ).save_pretrained(d)
-    g = torch.Generator().manual_seed(0)
-
-    def w(*shape):
-        return torch.empty(*shape).uniform_(-0.03, 0.03, generator=g)
-
-    weight_map = {}
-    rest = {
-        "model.embed_tokens.weight": w(vocab, h),
-        "model.norm.weight": 1 + w(h),
-        "lm_head.weight": w(vocab, h),
+    sizes = {
+        "vocab": 1024,
+        "hidden": 1024,
+        "inter": 4096,
+        "layers": 18,
+        "heads": 16,
+        "kv_heads": 16,
+        "tie_word_embeddings": False,
     }
-    save_file(rest, os.path.join(d, "model-rest.safetensors"))
-    weight_map.update(dict.fromkeys(rest, "model-rest.safetensors"))
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        sd = {p + f"self_attn.{k}_proj.weight": w(h, h) for k in "qkvo"}
-        sd.update(
-            {
-                p + "mlp.gate_proj.weight": w(inter, h),
-                p + "mlp.up_proj.weight": w(inter, h),
-                p + "mlp.down_proj.weight": w(h, inter),
-                p + "input_layernorm.weight": 1 + w(h),
-                p + "post_attention_layernorm.weight": 1 + w(h),
-            }
-        )
-        name = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
-        save_file(sd, os.path.join(d, name))
-        weight_map.update(dict.fromkeys(sd, name))
-        del sd
-    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+    layers, rest = write_random_checkpoint(d, "llama", sizes)
+    return sum(os.path.getsize(f) for f in layers + rest)
 
 
 _CHILD = textwrap.dedent(

@@ -15,23 +15,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-import _tiny_moe_models as tiny  # noqa: E402
-import moestream as ms  # noqa: E402
-from conftest import cuda, rel_err  # noqa: E402
+import moestream as ms
+from conftest import cuda, rel_err
+from moestream import testing as tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tensors here are tiny: with several threads the kernels' and ATen's thread pools spin
-    # longer than the work takes (x20 CPU time measured on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-FAMILIES = list(tiny.FAMILIES)
-SIZES = list(tiny.SIZES)
+FAMILIES = list(tiny.MOE_FAMILIES)
+SIZES = ["small", "odd"]
 # families whose ForCausalLM adds transformers' load-balancing loss when output_router_logits=True
 AUX_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
 
@@ -67,7 +59,7 @@ def _forward_backward(model, ids):
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float32_logits_loss_and_grads_match_transformers(family, size):
-    model = tiny.build(family, size)
+    model = tiny.build_model(family, size)
     ids = tiny.input_ids()
     ref, ref_grads = _forward_backward(model, ids)
     n_blocks = _moe_layers(model)
@@ -97,8 +89,8 @@ def test_float32_logits_loss_and_grads_match_transformers(family, size):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_within_bf16_tolerance(family):
     ids = tiny.input_ids()
-    model64 = tiny.build(family, "small").to(torch.float64)
-    model = tiny.build(family, "small").to(torch.bfloat16)
+    model64 = tiny.build_model(family, "small").to(torch.float64)
+    model = tiny.build_model(family, "small").to(torch.bfloat16)
     with torch.no_grad():
         ref64 = model64(ids).logits
         ref_bf16 = model(ids).logits
@@ -113,11 +105,11 @@ def test_bfloat16_within_bf16_tolerance(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_same_tokens(family):
-    model = tiny.build(family, "small")
+    model = tiny.build_model(family, "small")
     # (transformers 5.17 fails computing the aux loss while decoding, patched or not)
     model.config.output_router_logits = False
     ids = tiny.input_ids(batch=2, seq=7, seed=3)
-    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         ref = model.generate(ids, **kw)
         ms.patch_moe(model)
@@ -128,7 +120,7 @@ def test_greedy_generate_same_tokens(family):
 
 def test_train_mode_jitter_noise_matches_transformers():
     # Mixtral's router jitter draws the same random numbers in the same order
-    model = tiny.build("mixtral", "small")
+    model = tiny.build_model("mixtral", "small")
     model.config.router_jitter_noise = 0.1
     for layer in model.model.layers:
         layer.mlp.jitter_noise = 0.1
@@ -151,7 +143,7 @@ def test_train_mode_jitter_noise_matches_transformers():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_same_parameters_and_state_dict_keys(family):
-    model = tiny.build(family, "small")
+    model = tiny.build_model(family, "small")
     params = dict(model.named_parameters())
     sd = model.state_dict(keep_vars=True)
     mem = sum(p.numel() for p in model.parameters())
@@ -169,7 +161,7 @@ def test_same_parameters_and_state_dict_keys(family):
 def test_save_pretrained_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = tiny.build("qwen2_moe", "small")
+    model = tiny.build_model("qwen2_moe", "small")
     ids = tiny.input_ids()
     ms.patch_moe(model)
     with torch.no_grad():  # make the weights differ from any fresh init
@@ -190,7 +182,7 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_unpatch_keeps_changes_made_while_patched():
-    model = tiny.build("deepseek_v3", "small")
+    model = tiny.build_model("deepseek_v3", "small")
     ids = tiny.input_ids()
     ms.patch_moe(model)
     with torch.no_grad():
@@ -209,7 +201,7 @@ def test_unpatch_keeps_changes_made_while_patched():
 
 
 def test_patch_is_idempotent_and_counts():
-    model = tiny.build("mixtral", "small")
+    model = tiny.build_model("mixtral", "small")
     assert ms.patch_moe(model) == 2
     assert ms.patch_moe(model) == 0
     assert ms.unpatch_moe(model) == 2
@@ -217,26 +209,24 @@ def test_patch_is_idempotent_and_counts():
 
 
 def test_families_filter_and_errors():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = tiny.build("mixtral", "small")
+    model = tiny.build_model("mixtral", "small")
     with pytest.raises(
         ValueError, match="found no MoE block.*Mixtral.*Qwen2-MoE.*DeepSeek-V3.*GPT-OSS.*Llama 4"
     ):
         ms.patch_moe(model, families=["olmoe"])
     with pytest.raises(ValueError, match="unknown families"):
         ms.patch_moe(model, families=["mixtrall"])
-    dense = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-        )
+    dense = tiny.build_model(
+        "llama",
+        {"vocab": 32, "hidden": 16, "inter": 32, "layers": 1, "heads": 2},
+        experts_implementation=None,
     )
     with pytest.raises(ValueError, match="found no MoE block to patch in LlamaForCausalLM"):
         ms.patch_moe(dense)
 
 
 def test_unsupported_activation_is_refused():
-    model = tiny.build("mixtral", "small")
+    model = tiny.build_model("mixtral", "small")
     for layer in model.model.layers:
         layer.mlp.experts.act_fn = torch.nn.Tanh()
     with pytest.raises(ValueError, match="activation that moestream does not implement"):
@@ -249,7 +239,7 @@ def test_unsupported_activation_is_refused():
 
 
 def test_output_recorder_hooks_installed_before_patching_keep_working():
-    model = tiny.build("olmoe", "small")
+    model = tiny.build_model("olmoe", "small")
     ids = tiny.input_ids()
     ref = model(ids, output_router_logits=True)  # installs transformers' recorder hooks on the originals
     ms.patch_moe(model)
@@ -262,7 +252,7 @@ def test_output_recorder_hooks_installed_before_patching_keep_working():
 
 
 def test_output_recorder_hooks_installed_while_patched_survive_unpatch():
-    model = tiny.build("gpt_oss", "small")
+    model = tiny.build_model("gpt_oss", "small")
     ids = tiny.input_ids()
     ms.patch_moe(model)
     out = model(ids, output_router_logits=True)  # hooks installed on the patched routers
@@ -274,7 +264,7 @@ def test_output_recorder_hooks_installed_while_patched_survive_unpatch():
 
 
 def test_llama4_router_logits_recorded():
-    model = tiny.build("llama4", "small")
+    model = tiny.build_model("llama4", "small")
     ids = tiny.input_ids()
     ref = model.model(ids, output_router_logits=True)
     ms.patch_moe(model)
@@ -286,7 +276,7 @@ def test_llama4_router_logits_recorded():
 
 
 def test_deepcopy_and_pickle_patched_model():
-    model = tiny.build("qwen2_moe", "small")
+    model = tiny.build_model("qwen2_moe", "small")
     # (transformers' output-recorder hooks are closures that cannot be pickled, patched or not)
     model.config.output_router_logits = False
     ids = tiny.input_ids()
@@ -305,7 +295,7 @@ def test_deepcopy_and_pickle_patched_model():
 
 
 def test_torch_compile_patched_model():
-    model = tiny.build("mixtral", "small")
+    model = tiny.build_model("mixtral", "small")
     ids = tiny.input_ids()
     ms.patch_moe(model)
     with torch.no_grad():
@@ -321,7 +311,7 @@ def test_torch_compile_patched_model():
 
 def test_gradient_checkpointing():
     ids = tiny.input_ids()
-    model = tiny.build("deepseek_v3", "small").train()
+    model = tiny.build_model("deepseek_v3", "small").train()
     _, ref_grads = _forward_backward(model, ids)
     ms.patch_moe(model)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -337,7 +327,7 @@ def test_gradient_checkpointing():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_experts_implementation_moestream(family):
-    model = tiny.build(family, "odd")
+    model = tiny.build_model(family, "odd")
     ids = tiny.input_ids()
     ref, ref_grads = _forward_backward(model, ids)
     model.set_experts_implementation("moestream")
@@ -352,11 +342,11 @@ def test_import_registers_lazily():
     # importing moestream does not import transformers; transformers' experts registry gets
     # "moestream" as soon as it is loaded, whatever the import order
     code = (
-        "import sys, moestream\n"
-        "assert 'transformers.integrations.moe' not in sys.modules\n"
-        "from transformers import MixtralConfig, MixtralForCausalLM\n"
-        "cfg = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=1,\n"
-        "                    num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)\n"
+        "import sys, moestream, moestream.testing as t\n"
+        "assert 'transformers.integrations.moe' not in sys.modules and 'transformers' not in sys.modules\n"
+        "sizes = dict(vocab=32, hidden=16, inter=8, layers=1, heads=2, kv_heads=1, experts=4)\n"
+        "cfg = t.family_config('mixtral', sizes)\n"
+        "from transformers import MixtralForCausalLM\n"
         "m = MixtralForCausalLM._from_config(cfg, experts_implementation='moestream')\n"
         "assert m.config._experts_implementation == 'moestream'\n"
         "import torch; m(torch.tensor([[1, 2, 3]]))\n"
@@ -370,11 +360,7 @@ def test_experts_implementation_via_from_config_and_fallback_gate():
     import transformers.integrations.moe as hf_moe
 
     assert "moestream" in hf_moe.ALL_EXPERTS_FUNCTIONS
-    model_cls, cfg = tiny.FAMILIES["qwen3_moe"](tiny.SIZES["small"])
-    torch.manual_seed(0)
-    model = model_cls._from_config(
-        cfg, attn_implementation="eager", experts_implementation="moestream"
-    ).eval()
+    model = tiny.build_model("qwen3_moe", "small", experts_implementation="moestream")
     ids = tiny.input_ids()
     want = model(ids).logits
     model.set_experts_implementation("eager")
@@ -398,7 +384,7 @@ def test_experts_implementation_via_from_config_and_fallback_gate():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_patched_model_matches_transformers(family):
     ids = tiny.input_ids().cuda()
-    model = tiny.build(family, "odd").cuda()
+    model = tiny.build_model(family, "odd").cuda()
     ref, ref_grads = _forward_backward(model, ids)
     ms.patch_moe(model)
     out, grads = _forward_backward(model, ids)
@@ -406,8 +392,8 @@ def test_cuda_patched_model_matches_transformers(family):
     for name, g in grads.items():
         assert rel_err(g, ref_grads[name]) <= 1e-5, name
     # bfloat16 against float64, within 2x of what transformers itself loses
-    model64 = tiny.build(family, "odd").to("cuda", torch.float64)
-    model16 = tiny.build(family, "odd").to("cuda", torch.bfloat16)
+    model64 = tiny.build_model(family, "odd").to("cuda", torch.float64)
+    model16 = tiny.build_model(family, "odd").to("cuda", torch.bfloat16)
     with torch.no_grad():
         ref64 = model64(ids).logits
         ref16 = model16(ids).logits
@@ -425,7 +411,7 @@ def test_training_follows_transformers_loss_curve(family):
     ids = tiny.input_ids(batch=4, seq=16, seed=7)
 
     def train(patch: bool) -> list[float]:
-        model = tiny.build(family, "small").train()
+        model = tiny.build_model(family, "small").train()
         if patch:
             ms.patch_moe(model)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

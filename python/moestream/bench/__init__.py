@@ -32,7 +32,7 @@ from .core import (
     unregister_impl,
 )
 from .shapes import DEFAULT_SHAPE, SHAPES, Shape, get_shape, register_shape
-from .timing import Measurement, TimingPolicy, measure
+from .timing import Measurement, TimingPolicy, measure, measure_round_robin
 
 __all__ = [
     "DEFAULT_SHAPE",
@@ -58,6 +58,7 @@ __all__ = [
     "load_suites",
     "main",
     "measure",
+    "measure_round_robin",
     "register_impl",
     "register_shape",
     "register_suite",

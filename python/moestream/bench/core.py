@@ -18,6 +18,7 @@ machine's ceilings and the speedups against every baseline of the case.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import math
@@ -33,7 +34,7 @@ import torch
 from . import ceilings as _ceilings
 from .progress import Progress
 from .shapes import Shape
-from .timing import TimingPolicy, measure
+from .timing import Measurement, TimingPolicy, measure
 
 # ---------------------------------------------------------------------------------------------
 # errors
@@ -112,10 +113,13 @@ class Case:
 
 @dataclass
 class Row:
+    """One result: the row type of every suite (a case's implementation, or a row a
+    :class:`Measured` item makes), and one element of the JSON ``rows``."""
+
     suite: str
     op: str
     impl: str
-    role: str
+    role: str  # ours | baseline | ceiling
     shape: str
     tokens: int
     dtype: str
@@ -138,14 +142,21 @@ class Row:
     gflops: float | None = None
     gbps: float | None = None
     weight_gbps: float | None = None
-    bound: str = ""  # compute | weights | memory
-    ceiling: str = ""  # matmul | bandwidth
+    bound: str = ""  # compute | weights | memory | link
+    ceiling: str = ""  # matmul | bandwidth | link | budget
     ceiling_fraction: float | None = None
     matmul_fraction: float | None = None
     bandwidth_fraction: float | None = None
     speedup: dict[str, float] = field(default_factory=dict)  # baseline -> baseline_ms / median_ms
     tokens_per_s: float | None = None  # tokens / median time (model and decode rows)
     params: dict = field(default_factory=dict)
+
+    def record(self, m: Measurement, sets: int = 1) -> None:
+        """Status ok, with the measurement's median, quantiles, spread and repetitions."""
+        self.status = "ok"
+        self.median_ms, self.p10_ms, self.p25_ms = m.median_ms, m.p10_ms, m.p25_ms
+        self.p75_ms, self.p90_ms, self.spread = m.p75_ms, m.p90_ms, m.spread
+        self.reps, self.sets = m.reps, sets
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -172,6 +183,29 @@ class Measured:
     run: Callable[[], list[Row]]
     expected_rows: int = 1  # for the progress bar
     params: dict = field(default_factory=dict)
+
+    @classmethod
+    def per_dtype(
+        cls,
+        cfg: BenchConfig,
+        suite: str,
+        run: Callable[[BenchConfig, torch.dtype], list[Row]],
+        expected_rows: int,
+        **params,
+    ) -> list[Measured]:
+        """One item per dtype of the run; ``run(cfg, dtype)`` measures it and returns its rows."""
+        return [
+            cls(
+                suite,
+                f"{suite} {dtype_name(dt)}",
+                dt,
+                cfg.device,
+                functools.partial(run, cfg, dt),
+                expected_rows,
+                params,
+            )
+            for dt in cfg.dtypes
+        ]
 
 
 @dataclass
@@ -359,6 +393,15 @@ def _describe_exception(e: BaseException) -> tuple[str, str]:
     return "error", f"{type(e).__name__}: {first[:300]}"
 
 
+def describe_failure(e: BaseException, role: str) -> tuple[str, str]:
+    """-> (status, reason) of an implementation that raised ``e``: 'skipped' when something it
+    needs is absent, and for a baseline that cannot run here (absent, not our bug); else 'error'."""
+    status, reason = _describe_exception(e)
+    if role == "baseline" and status == "error":
+        status = "skipped"
+    return status, reason
+
+
 _BIG_CASE = 256 << 20
 
 
@@ -525,9 +568,7 @@ class Runner:
                 chk = case.check(out, ref, inputs0)
                 del out
             except Exception as e:  # noqa: BLE001
-                status, reason = _describe_exception(e)
-                if impl.role == "baseline" and status == "error":
-                    status = "skipped"  # a baseline that cannot run here is absent, not our bug
+                status, reason = describe_failure(e, impl.role)
                 row.status, row.reason = status, reason
                 if prog:
                     prog.advance(1, label, f"{status}: {reason}")
@@ -576,10 +617,7 @@ class Runner:
                         prog.advance(0.5, label, f"{row.status}: {row.reason}")
                     _free(case.device, True)
                     continue
-                row.status = "ok"
-                row.median_ms, row.p10_ms, row.p25_ms = meas.median_ms, meas.p10_ms, meas.p25_ms
-                row.p75_ms, row.p90_ms, row.spread = meas.p75_ms, meas.p90_ms, meas.spread
-                row.reps, row.sets = meas.reps, len(calls)
+                row.record(meas, len(calls))
                 self._rates(row, work, case.dtype)
                 self._rated.append((row, work, case.dtype))
                 del calls

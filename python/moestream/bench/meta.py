@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import platform
 import subprocess
 import sys
@@ -30,11 +31,11 @@ def gpu_name(device: torch.device) -> str | None:
 
 
 def transformers_version() -> str | None:
+    """The installed transformers' version, read from its metadata (importing it takes seconds)."""
     try:
-        import transformers
-    except Exception:  # noqa: BLE001
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return transformers.__version__
 
 
 def git_commit() -> tuple[str | None, bool | None]:

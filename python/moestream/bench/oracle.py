@@ -1,101 +1,21 @@
-"""The correctness gate: float64 results of ``moestream.reference`` and the error measure.
+"""The correctness gate's references: float64 results of ``moestream.reference``, computed in
+pieces (per expert, or per block of rows) so that no float64 copy of all expert weights is made.
 
 Every implementation's output is compared with the reference computed in float64 from the same
-(low-precision) inputs, as a norm-wise relative error ``||out - ref|| / ||ref||`` (the measure of
-``tests/conftest.py``). The float64 reference is computed in pieces (per expert, or per block of
-rows) with the reference ops, so it never holds a float64 copy of all expert weights.
-
-Tolerances (by the dtype of the output compared):
-
-- float32 (and the router's float32 weights whatever the logits' dtype): 1e-4. The tests hold the
-  native ops to 1e-5; the bench allows 10x because its shapes are much larger (long sums) and it
-  also gates baselines that compute in a different order (transformers' eager loop, torch.mm).
-- bfloat16 / float16: 5e-2. The reference itself loses about 4e-3 (bf16) / 5e-4 (fp16) on one
-  matmul at these sizes and ~1e-2 on the whole expert path (every intermediate rounded); 5e-2
-  still flags any real bug (a wrong expert, a missing weight or bias, a wrong activation gives
-  errors of order 1).
-- index outputs (permutation, offsets): exact. Router ids: at most 0.1% of rows may pick a
-  different expert set than the float64 reference (near-ties decided differently in float32).
+(low-precision) inputs with :func:`moestream.testing.rel_err` (index outputs exactly), within
+:data:`moestream.testing.BENCH_TOLERANCE`. Router ids: at most 0.1% of rows may pick a different
+expert set than the float64 reference (near-ties decided differently in float32).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
 from .. import pipeline, reference
+from ..testing import block_rows
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2, torch.float64: 1e-10}
 ROUTER_ID_MISMATCH = 1e-3  # fraction of rows whose chosen experts may differ from the float64 reference
-
-# float64 working set per block of rows (bytes)
-_BLOCK_BYTES = 64 << 20
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    return TOLERANCE[dtype]
-
-
-def _rows_per_block(width: int, itemsize: int = 8) -> int:
-    return max(1, _BLOCK_BYTES // max(1, width * itemsize))
-
-
-class ErrAcc:
-    """Accumulates ||out - ref||^2 and ||ref||^2 over pieces; non-finite outputs give inf."""
-
-    def __init__(self) -> None:
-        self.num = 0.0
-        self.den = 0.0
-        self.finite = True
-
-    def add(self, out: Tensor, ref: Tensor) -> None:
-        if out.shape != ref.shape:
-            raise ValueError(f"output shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
-        o = out.detach().reshape(-1, out.shape[-1] if out.dim() else 1)
-        r = ref.detach().reshape(-1, ref.shape[-1] if ref.dim() else 1)
-        step = _rows_per_block(o.shape[1] if o.dim() == 2 else 1)
-        for s in range(0, o.shape[0], step):
-            oc = o[s : s + step].to(torch.float64)
-            rc = r[s : s + step].to(torch.float64)
-            if not bool(torch.isfinite(oc).all()):
-                self.finite = False
-            self.num += float((oc - rc).pow(2).sum())
-            self.den += float(rc.pow(2).sum())
-
-    def value(self) -> float:
-        if not self.finite:
-            return math.inf
-        return math.sqrt(self.num / self.den) if self.den > 0 else math.sqrt(self.num)
-
-
-def rel_err(out: Tensor, ref: Tensor) -> float:
-    acc = ErrAcc()
-    acc.add(out, ref)
-    return acc.value()
-
-
-def compare(outputs: dict[str, Tensor | None], refs: dict[str, Tensor]) -> tuple[float, str]:
-    """Largest relative error over the named outputs -> (error, name of the worst output)."""
-    worst, which = 0.0, ""
-    for name, ref in refs.items():
-        out = outputs.get(name)
-        if out is None:
-            return math.inf, f"{name} missing"
-        e = rel_err(out, ref)
-        if not e <= worst:  # also catches nan
-            worst, which = e, name
-    return worst, which
-
-
-def mismatch_fraction(out: Tensor, ref: Tensor) -> float:
-    """Fraction of elements that differ (exact comparison, for index and data-movement outputs)."""
-    if out.shape != ref.shape:
-        return 1.0
-    if out.numel() == 0:
-        return 0.0
-    return float((out.detach() != ref.detach()).sum()) / out.numel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +33,7 @@ def router_topk64(logits: Tensor, k: int, bias: Tensor | None, **kw) -> tuple[Te
 def unpermute64(y_sorted: Tensor, perm: Tensor, weights: Tensor | None) -> Tensor:
     T, k = perm.shape
     out = torch.empty(T, y_sorted.shape[1], dtype=torch.float64, device=y_sorted.device)
-    step = max(1, _rows_per_block(y_sorted.shape[1]) // max(1, k))
+    step = max(1, block_rows(y_sorted.shape[1]) // max(1, k))
     for s in range(0, T, step):
         p = perm[s : s + step]
         rows = y_sorted[p.reshape(-1)].to(torch.float64)
@@ -141,7 +61,7 @@ def grouped_mm64(
 def gated_activation64(x: Tensor, kind: str, layout: str, alpha: float, limit: float) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty(x2.shape[0], x2.shape[1] // 2, dtype=torch.float64, device=x.device)
-    step = _rows_per_block(x2.shape[1])
+    step = block_rows(x2.shape[1])
     for s in range(0, x2.shape[0], step):
         out[s : s + step] = reference.gated_activation(f64(x2[s : s + step]), kind, layout, alpha, limit)
     return out.view(*x.shape[:-1], x.shape[-1] // 2)

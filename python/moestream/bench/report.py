@@ -28,22 +28,22 @@ def fmt_time(ms: float | None) -> str:
     return f"{ms / 1e3:.3g} s"
 
 
-def fmt_flops(gflops: float | None) -> str:
-    if gflops is None:
+def _fmt_rate(giga: float | None, unit: str) -> str:
+    """A rate given in giga-units per second, with the prefix that reads best (M, G or T)."""
+    if giga is None:
         return "-"
-    if gflops >= 1000:
-        return f"{gflops / 1e3:.3g} TFLOP/s"
-    if gflops >= 1:
-        return f"{gflops:.3g} GFLOP/s"
-    return f"{gflops * 1e3:.3g} MFLOP/s"
+    for scale, prefix in ((1e3, "T"), (1.0, "G")):
+        if giga >= scale:
+            return f"{giga / scale:.3g} {prefix}{unit}/s"
+    return f"{giga * 1e3:.3g} M{unit}/s"
+
+
+def fmt_flops(gflops: float | None) -> str:
+    return _fmt_rate(gflops, "FLOP")
 
 
 def fmt_gbps(gbps: float | None) -> str:
-    if gbps is None:
-        return "-"
-    if gbps >= 1:
-        return f"{gbps:.3g} GB/s"
-    return f"{gbps * 1e3:.3g} MB/s"
+    return _fmt_rate(gbps, "B")
 
 
 def fmt_pct(x: float | None) -> str:
@@ -302,6 +302,13 @@ def compare_rows(a: dict, b: dict) -> list[dict]:
     return out
 
 
+def _fmt_side(item: dict, side: str) -> str:
+    """One side of a compared row: its median time, or its bandwidth for a row without a time."""
+    if item[f"{side}_ms"] is None and f"{side}_gbps" in item:
+        return fmt_gbps(item[f"{side}_gbps"])
+    return fmt_time(item[f"{side}_ms"])
+
+
 def format_compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
     items = compare_rows(a, b)
     lines = []
@@ -326,8 +333,8 @@ def format_compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> st
                 shape,
                 str(tokens),
                 dtype,
-                fmt_gbps(it["old_gbps"]) if it["old_ms"] is None and "old_gbps" in it else fmt_time(it["old_ms"]),
-                fmt_gbps(it["new_gbps"]) if it["new_ms"] is None and "new_gbps" in it else fmt_time(it["new_ms"]),
+                _fmt_side(it, "old"),
+                _fmt_side(it, "new"),
                 change,
                 verdict,
             ]

@@ -88,7 +88,37 @@ class Shape:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def model_sizes(self) -> dict:
+        """The decoder's sizes in :mod:`moestream.testing`'s generic names."""
+        return {name: getattr(self, f) for name, f in _MODEL_SIZES.items()}
 
+    def expert_sizes(self) -> dict:
+        """The MoE layer's sizes and numerics in :mod:`moestream.testing`'s generic names."""
+        return {name: getattr(self, f) for name, f in _EXPERT_SIZES.items()}
+
+
+# moestream.testing's generic size names -> Shape fields
+_MODEL_SIZES = {
+    "vocab": "vocab_size",
+    "hidden": "hidden",
+    "inter": "intermediate",
+    "heads": "num_heads",
+    "kv_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "layers": "num_layers",
+}
+_EXPERT_SIZES = {
+    "hidden": "hidden",
+    "inter": "intermediate",
+    "experts": "num_experts",
+    "k": "top_k",
+    "norm": "normalize",
+    "groups": "num_groups",
+    "topk_groups": "topk_groups",
+    "scale": "scale",
+    "alpha": "alpha",
+    "limit": "limit",
+}
 SHAPES: dict[str, Shape] = {}
 
 
@@ -107,50 +137,29 @@ def get_shape(name: str) -> Shape:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}") from None
 
 
+def _model(layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
+    """The whole model's sizes (for the model / stream suites)."""
+    return {
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+    }
+
+
+def _renorm(family: str) -> dict:
+    """A softmax top-k router with renormalised weights, and the transformers family."""
+    return {"normalize": True, "hf_family": family}
+
+
+_LLAMA3 = {"num_kv_heads": 8, "head_dim": 128, "vocab_size": 128256}
+
 for _s in (
     # The CPU default: a scaled-down Qwen3-MoE layer that runs in seconds on a laptop.
-    Shape(
-        "qwen3-moe-small",
-        1024,
-        512,
-        32,
-        4,
-        normalize=True,
-        hf_family="qwen3_moe",
-        num_layers=8,
-        num_heads=16,
-        num_kv_heads=4,
-        head_dim=64,
-        vocab_size=32000,
-    ),
-    Shape(
-        "mixtral-8x7b",
-        4096,
-        14336,
-        8,
-        2,
-        normalize=True,
-        hf_family="mixtral",
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        vocab_size=32000,
-    ),
-    Shape(
-        "qwen3-30b-a3b",
-        2048,
-        768,
-        128,
-        8,
-        normalize=True,
-        hf_family="qwen3_moe",
-        num_layers=48,
-        num_heads=32,
-        num_kv_heads=4,
-        head_dim=128,
-        vocab_size=151936,
-    ),
+    Shape("qwen3-moe-small", 1024, 512, 32, 4, **_renorm("qwen3_moe"), **_model(8, 16, 4, 64, 32000)),
+    Shape("mixtral-8x7b", 4096, 14336, 8, 2, **_renorm("mixtral"), **_model(32, 32, 8, 128, 32000)),
+    Shape("qwen3-30b-a3b", 2048, 768, 128, 8, **_renorm("qwen3_moe"), **_model(48, 32, 4, 128, 151936)),
     Shape(
         "deepseek-v3",
         7168,
@@ -165,12 +174,8 @@ for _s in (
         scale=2.5,
         shared_experts=1,
         hf_family="deepseek_v3",
-        num_layers=61,
-        num_heads=128,
-        num_kv_heads=128,
-        head_dim=128,
-        vocab_size=129280,
         notes="MLA attention; the first 3 layers are dense",
+        **_model(61, 128, 128, 128, 129280),
     ),
     Shape(
         "gpt-oss-20b",
@@ -184,47 +189,12 @@ for _s in (
         transpose_b=False,
         expert_bias=True,
         hf_family="gpt_oss",
-        num_layers=24,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=64,
-        vocab_size=201088,
+        **_model(24, 64, 8, 64, 201088),
     ),
-    Shape(
-        "llama-3-8b",
-        4096,
-        14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-    ),
-    Shape(
-        "llama-3-70b",
-        8192,
-        28672,
-        num_layers=80,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-    ),
+    Shape("llama-3-8b", 4096, 14336, num_layers=32, num_heads=32, **_LLAMA3),
+    Shape("llama-3-70b", 8192, 28672, num_layers=80, num_heads=64, **_LLAMA3),
     # A toy shape for smoke tests and the test-suite: runs in milliseconds.
-    Shape(
-        "tiny",
-        64,
-        32,
-        8,
-        2,
-        normalize=True,
-        hf_family="qwen3_moe",
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        vocab_size=256,
-    ),
+    Shape("tiny", 64, 32, 8, 2, **_renorm("qwen3_moe"), **_model(2, 4, 2, 16, 256)),
 ):
     register_shape(_s)
 

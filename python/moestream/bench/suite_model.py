@@ -1,106 +1,164 @@
-"""Suite ``model``: whole small transformers MoE models (a Qwen3-MoE and a Mixtral, random weights),
-patched with moestream versus transformers' own experts implementations, forward and training step.
+"""Suite ``model``: whole small transformers MoE models, patched with :func:`moestream.patch_moe`
+versus transformers' own experts implementations, in the same run.
 
-The measuring is :func:`moestream.integrations.bench_model.run_model_suite` (its own harness times
-the implementations round-robin); this module turns its rows into the runner's rows: one
-(model phase, implementation) row per dtype, with the median and quantiles, tokens/s, the relative
-error of the logits against transformers eager, and the runner's speedups against the two
-transformers baselines. transformers is imported only when the suite runs.
+For each model (a Qwen3-MoE and a Mixtral with random weights, nothing downloaded: the families'
+``"bench"`` size in :data:`moestream.testing.FAMILIES`, small but shaped like the real thing) and
+each phase (``forward``: inference without autograd; ``train``: forward with the LM loss and
+backward), the implementations, timed round-robin so that load changes on the machine hit them
+alike:
 
-Sizes: the suite's own models (they are not the layer shapes of ``--shape``); with ``--shape tiny``
-toy sizes (smoke tests, seconds on CPU).
+- ``hf-eager``, ``hf-grouped_mm``: transformers with ``experts_implementation`` ``"eager"`` and
+  ``"grouped_mm"`` (the baselines);
+- ``hf-router+moestream``: ``"moestream"`` as transformers' experts implementation (transformers'
+  router, moestream's expert path);
+- ``moestream``: :func:`moestream.patch_moe`, the whole MoE block on moestream (fused router +
+  expert path).
+
+Rows: ``<model>_<phase>`` per dtype (tokens = batch x seq; the runner adds tokens/s and the speedups
+against the two baselines), ``error`` = relative error of the logits against transformers eager at
+the bench dtype, as a sanity gate. Sizes are the suite's own (not the layer shapes of ``--shape``);
+``--shape tiny`` runs the ``"bench-tiny"`` size (seconds on a CPU). transformers is imported only
+when the suite runs.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from .core import BenchConfig, Measured, Row, dtype_name, register_suite
+import moestream as ms
 
-# --shape tiny: the same models at toy sizes
-TINY = dict(
-    layers=1,
-    batch=1,
-    seq=32,
-    overrides=dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    ),
-)
+from .. import testing
+from .core import BenchConfig, Measured, Row, describe_failure, dtype_name, register_suite
+from .timing import TimingPolicy, measure_round_robin
 
-_IMPL_NAMES = {  # bench_model's labels -> short impl names for the table
-    "transformers eager": "hf-eager",
-    "transformers grouped_mm": "hf-grouped_mm",
-    "transformers router + moestream experts": "hf-router+moestream",
-    "moestream patch_moe": "moestream",
+MODELS = ("qwen3_moe", "mixtral")  # families of moestream.testing.FAMILIES
+# row impl -> transformers' experts implementation of the unpatched model (None: the patched model)
+IMPLS = {
+    "hf-eager": "eager",
+    "hf-grouped_mm": "grouped_mm",
+    "hf-router+moestream": "moestream",
+    "moestream": None,
 }
+BASELINES = ("hf-eager", "hf-grouped_mm")
+PHASES = ("forward", "train")
 
 
-def rows_from_model_suite(out: list[dict], shape_name: str, dtype: torch.dtype, device: torch.device) -> list[Row]:
-    """bench_model's row dicts -> runner rows (speedups are added by the runner)."""
-    rows = []
-    for d in out:
-        model, _, phase = d["op"].partition(" ")
-        params = {"model": model, "phase": phase}
-        params.update({k: d[k] for k in ("layers", "batch", "seq") if k in d})
-        row = Row(
-            suite="model",
-            op=d["op"].replace(" ", "_"),
-            impl=_IMPL_NAMES.get(d["impl"], d["impl"]),
-            role="baseline" if d.get("baseline") else "ours",
-            shape=shape_name,
-            tokens=int(d["tokens"]),
-            dtype=dtype_name(dtype),
-            device=str(device),
-            params=params,
-        )
-        if d.get("median_ms") is None:
-            row.status = "skipped"
-            row.reason = d.get("reason") or "did not run"
-            if row.role == "baseline":
-                row.reason = row.reason.splitlines()[0][:300]
-            else:
-                row.status, row.reason = "error", row.reason.splitlines()[0][:300]
-        else:
-            row.status = "ok"
-            row.median_ms = d["median_ms"]
-            for k in ("p10_ms", "p25_ms", "p75_ms", "p90_ms"):
-                setattr(row, k, d.get(k))
-            row.reps = int(d.get("reps") or 0)
-            row.sets = 1
-            if row.p10_ms is not None and row.median_ms > 0:
-                row.spread = (row.p90_ms - row.p10_ms) / (2 * row.median_ms)
-            row.tokens_per_s = d.get("tokens_per_s")
-            row.error = d.get("rel_err")
-        rows.append(row)
+def model_sizes(cfg: BenchConfig) -> dict:
+    """Size name, layers, batch and sequence length of this run."""
+    if cfg.shape.name == "tiny":
+        return {"size": "bench-tiny", "layers": 1, "batch": 1, "seq": 32}
+    if cfg.device.type == "cuda":
+        batch, seq = (4, 512) if cfg.quick else (8, 1024)
+    else:
+        batch, seq = (1, 128) if cfg.quick else (2, 256)
+    return {"size": "bench", "layers": 2 if cfg.quick else 4, "batch": batch, "seq": seq}
+
+
+def timing_policy(quick: bool) -> TimingPolicy:
+    """Whole-model calls take 0.05..2 s: three repetitions in quick mode; otherwise up to 20 within
+    7.5 s per implementation (30 s per model phase)."""
+    if quick:
+        return TimingPolicy.fixed(3)
+    return TimingPolicy(budget_s=7.5, warmup_s=1.0, min_reps=3, max_reps=20, slow_reps=3)
+
+
+def _phase_fn(model, ids, phase: str):
+    if phase == "forward":
+
+        def run():
+            with torch.no_grad():
+                return model(ids).logits
+
+    else:
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            return out.logits
+
+    return run
+
+
+def _with_experts(model, implementation: str, fn):
+    def run():
+        model.set_experts_implementation(implementation)
+        return fn()
+
+    return run
+
+
+def model_row(
+    family: str, phase: str, impl: str, cfg: BenchConfig, dtype: torch.dtype, sizes: dict, shape: str
+) -> Row:
+    params = {"model": family, "phase": phase, **{k: sizes[k] for k in ("layers", "batch", "seq")}}
+    return Row(
+        suite="model",
+        op=f"{family}_{phase}",
+        impl=impl,
+        role="baseline" if impl in BASELINES else "ours",
+        shape=shape,
+        tokens=sizes["batch"] * sizes["seq"],
+        dtype=dtype_name(dtype),
+        device=str(cfg.device),
+        params=params,
+    )
+
+
+def _bench_model(family: str, cfg: BenchConfig, dtype: torch.dtype, sizes: dict, shape: str) -> list[Row]:
+    model = testing.build_model(
+        family, sizes["size"], dtype, attn_implementation="sdpa", layers=sizes["layers"]
+    ).to(cfg.device)
+    patched = copy.deepcopy(model)
+    ms.patch_moe(patched)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (sizes["batch"], sizes["seq"]), generator=g).to(
+        cfg.device
+    )
+    policy = timing_policy(cfg.quick)
+    rows: list[Row] = []
+    for phase in PHASES:
+        model.train(phase == "train")
+        patched.train(phase == "train")
+        model.set_experts_implementation("eager")
+        with torch.no_grad():
+            ref = model(ids).logits.float()
+        fns, by_impl = {}, {}
+        for impl, experts in IMPLS.items():
+            row = by_impl[impl] = model_row(family, phase, impl, cfg, dtype, sizes, shape)
+            rows.append(row)
+            fn = (
+                _phase_fn(patched, ids, phase)
+                if experts is None
+                else _with_experts(model, experts, _phase_fn(model, ids, phase))
+            )
+            try:
+                out = fn().detach().float()  # also the first warm-up call
+                row.error = testing.rel_err(out, ref)
+                fns[impl] = [fn]
+            except Exception as e:  # noqa: BLE001  (e.g. grouped_mm unsupported for this dtype / device)
+                row.status, row.reason = describe_failure(e, row.role)
+        if fns:
+            for impl, m in measure_round_robin(fns, cfg.device, policy).items():
+                by_impl[impl].record(m)
+    return rows
+
+
+def run_model_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
+    """The suite's rows at ``dtype``: every (model, phase, implementation)."""
+    sizes = model_sizes(cfg)
+    shape = cfg.shape.name if sizes["size"] == "bench-tiny" else "small-models"
+    rows: list[Row] = []
+    for family in MODELS:
+        rows += _bench_model(family, cfg, dtype, sizes, shape)
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
 @register_suite("model")
 def model_suite(cfg: BenchConfig) -> list[Measured]:
-    tiny = cfg.shape.name == "tiny"
-
-    def item(dt: torch.dtype) -> Measured:
-        def run() -> list[Row]:
-            from moestream.integrations.bench_model import run_model_suite
-
-            kw = dict(TINY) if tiny else {}
-            out = run_model_suite(str(cfg.device), dt, cfg.quick, **kw)
-            return rows_from_model_suite(out, cfg.shape.name if tiny else "small-models", dt, cfg.device)
-
-        return Measured(
-            suite="model",
-            label=f"model {dtype_name(dt)}",
-            dtype=dt,
-            device=cfg.device,
-            run=run,
-            expected_rows=16,
-            params={"tiny": tiny},
-        )
-
-    return [item(dt) for dt in cfg.dtypes]
+    n_rows = len(MODELS) * len(PHASES) * len(IMPLS)
+    return Measured.per_dtype(cfg, "model", run_model_suite, n_rows, tiny=cfg.shape.name == "tiny")

@@ -22,8 +22,8 @@ import torch
 
 import moestream as ms
 
-from .. import reference
-from . import hf, oracle
+from .. import reference, testing
+from . import oracle
 from . import workloads as W
 from .core import BenchConfig, Case, Check, Impl, Work, register_suite
 
@@ -127,16 +127,29 @@ def _reference(backward: bool, kw: dict):
     return prepare
 
 
+def _hf_unavailable(case: Case) -> str | None:
+    """Why transformers' experts module of the shape's family cannot be a baseline here."""
+    if not case.shape.hf_family:
+        return f"no transformers experts module for shape {case.shape.name}"
+    return testing.experts_unavailable(case.shape.hf_family)
+
+
 def _transformers(implementation: str, backward: bool):
+    """transformers' experts module of the shape's family (``config._experts_implementation`` =
+    ``implementation``), built on the meta device and given the input set's weights (same storage),
+    in the family's own layout: [E, 2I, H] / [E, H, I] (Qwen3-MoE, Mixtral, DeepSeek-V3;
+    ``shape.transpose_b``), [E, H, 2I] / [E, I, H] plus biases (GPT-OSS)."""
+
     def prepare(case: Case, inp: dict):
-        mod = hf.build_experts(
-            case.shape,
-            implementation,
-            inp["w_gate_up"],
-            inp["w_down"],
-            inp["b_gate_up"],
-            inp["b_down"],
-            requires_grad=backward,
+        weights = {
+            "gate_up_proj": inp["w_gate_up"],
+            "down_proj": inp["w_down"],
+            "gate_up_proj_bias": inp["b_gate_up"],
+            "down_proj_bias": inp["b_down"],
+        }
+        sizes = {**case.shape.expert_sizes(), "layers": 1}
+        mod = testing.build_experts(
+            case.shape.hf_family, sizes, implementation, weights, requires_grad=backward
         )
         x, ids, rw = inp["x"], inp["ids"], inp["weights"]
         fn = lambda: mod(x, ids, rw)
@@ -159,7 +172,7 @@ def _experts_case(cfg: BenchConfig, dtype: torch.dtype, T: int, backward: bool) 
     s, dev = cfg.shape, cfg.device
     E, k, H, I = s.num_experts, s.top_k, s.hidden, s.intermediate
     kw = _kw(cfg)
-    tol = oracle.tolerance(dtype)
+    tol = testing.bench_tolerance(dtype)
 
     def ref(inp):
         if backward:
@@ -168,7 +181,7 @@ def _experts_case(cfg: BenchConfig, dtype: torch.dtype, T: int, backward: bool) 
 
     def check(out, r, inp):
         outs = out if isinstance(out, dict) else {"out": out}
-        err, which = oracle.compare(outs, r)
+        err, which = testing.worst_rel_err(outs, r)
         return Check(err, tol, which)
 
     def work(inp):
@@ -184,12 +197,13 @@ def _experts_case(cfg: BenchConfig, dtype: torch.dtype, T: int, backward: bool) 
             kind="matmul",
         )
 
-    hf_req = lambda case: hf.unavailable_reason(case.shape)
     impls = [
         Impl("moestream", _moestream(backward, kw)),
         Impl("reference", _reference(backward, kw), role="baseline"),
-        Impl("hf-eager", _transformers("eager", backward), role="baseline", requires=hf_req),
-        Impl("hf-grouped_mm", _transformers("grouped_mm", backward), role="baseline", requires=hf_req),
+        Impl("hf-eager", _transformers("eager", backward), role="baseline", requires=_hf_unavailable),
+        Impl(
+            "hf-grouped_mm", _transformers("grouped_mm", backward), role="baseline", requires=_hf_unavailable
+        ),
     ]
     el = W.itemsize(dtype)
     wb = E * W.expert_param_bytes(s, dtype)

@@ -15,18 +15,46 @@ Bytes counted are the minimum an implementation must read and write.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 import moestream as ms
 
-from .. import reference
+from .. import reference, testing
 from . import oracle
 from . import workloads as W
 from .core import BenchConfig, Case, Check, Impl, Unavailable, Work, register_suite
 
 
-def _tol(dtype: torch.dtype) -> float:
-    return oracle.tolerance(dtype)
+def _case(
+    cfg: BenchConfig,
+    op: str,
+    dtype: torch.dtype,
+    T: int,
+    make: Callable,
+    ref: Callable,
+    check: Callable,
+    work: Callable,
+    call: Callable,
+    est_bytes: int,
+    params: dict,
+    extra: tuple[Impl, ...] = (),
+) -> Case:
+    """A case of ``op`` whose implementations are moestream's op and the reference's op of that
+    name, each called as ``call(fn, inputs)``, then ``extra``."""
+    ours, base = getattr(ms, op), getattr(reference, op)
+    impls = [
+        Impl("moestream", lambda c, i: lambda: call(ours, i)),
+        Impl("reference", lambda c, i: lambda: call(base, i), role="baseline"),
+        *extra,
+    ]
+    return Case("ops", op, cfg.shape, T, dtype, cfg.device, make, ref, check, work, impls, est_bytes, params)
+
+
+def _rel_check(dtype: torch.dtype) -> Callable:
+    tol = testing.bench_tolerance(dtype)
+    return lambda out, r, inp: Check(testing.rel_err(out, r), tol)
 
 
 # router_topk --------------------------------------------------------------------------------
@@ -54,35 +82,18 @@ def _router_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
         if frac > oracle.ROUTER_ID_MISMATCH:
             return Check(frac, oracle.ROUTER_ID_MISMATCH, f"ids differ in {int(bad.sum())} of {T} rows")
         good = ~bad
-        return Check(oracle.rel_err(w[good], w64[good]), _tol(w.dtype), "weights")
+        return Check(testing.rel_err(w[good], w64[good]), testing.bench_tolerance(w.dtype), "weights")
 
     def work(inp):
-        el = W.itemsize(dtype)
-        nbytes = T * E * el + T * k * (4 + 8) + (E * 4 if s.router_bias else 0)
+        nbytes = T * E * W.itemsize(dtype) + T * k * (4 + 8) + (E * 4 if s.router_bias else 0)
         return Work(bytes=nbytes, kind="memory")
 
-    return Case(
-        "ops",
-        "router_topk",
-        s,
-        T,
-        dtype,
-        dev,
-        make,
-        ref,
-        check,
-        work,
-        impls=[
-            Impl("moestream", lambda c, i: lambda: ms.router_topk(i["logits"], k, bias=i["bias"], **kw)),
-            Impl(
-                "reference",
-                lambda c, i: lambda: reference.router_topk(i["logits"], k, bias=i["bias"], **kw),
-                role="baseline",
-            ),
-        ],
-        est_bytes=T * E * (W.itemsize(dtype) + 8) + T * k * 32,
-        params={"T": T, "E": E, "k": k, "routing": s.routing_desc()},
-    )
+    def call(f, i):
+        return f(i["logits"], k, bias=i["bias"], **kw)
+
+    est = T * E * (W.itemsize(dtype) + 8) + T * k * 32
+    params = {"T": T, "E": E, "k": k, "routing": s.routing_desc()}
+    return _case(cfg, "router_topk", dtype, T, make, ref, check, work, call, est, params)
 
 
 # permute / unpermute ------------------------------------------------------------------------
@@ -91,6 +102,7 @@ def _router_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
 def _permute_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     s, dev = cfg.shape, cfg.device
     E, k, H = s.num_experts, s.top_k, s.hidden
+    M, el = T * k, W.itemsize(dtype)
 
     def make(seed):
         g = W.generator(dev, seed)
@@ -102,38 +114,24 @@ def _permute_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
         return reference.permute(inp["x"], inp["ids"], E)
 
     def check(out, r, inp):
-        fr = max(oracle.mismatch_fraction(o, e) for o, e in zip(out, r))
+        fr = max(testing.mismatch_fraction(o, e) for o, e in zip(out, r))
         return Check(fr, 0.0, "x_sorted / perm / offsets must match exactly")
 
     def work(inp):
-        el = W.itemsize(dtype)
-        M = T * k
         return Work(bytes=T * H * el + M * 8 + M * H * el + M * 8 + E * 8, kind="memory")
 
-    return Case(
-        "ops",
-        "permute",
-        s,
-        T,
-        dtype,
-        dev,
-        make,
-        ref,
-        check,
-        work,
-        impls=[
-            Impl("moestream", lambda c, i: lambda: ms.permute(i["x"], i["ids"], E)),
-            Impl("reference", lambda c, i: lambda: reference.permute(i["x"], i["ids"], E), role="baseline"),
-        ],
-        est_bytes=(T + 2 * T * k) * H * W.itemsize(dtype) + T * k * 32,
-        params={"T": T, "M": T * k, "H": H},
-    )
+    def call(f, i):
+        return f(i["x"], i["ids"], E)
+
+    est = (T + 2 * M) * H * el + M * 32
+    params = {"T": T, "M": M, "H": H}
+    return _case(cfg, "permute", dtype, T, make, ref, check, work, call, est, params)
 
 
 def _unpermute_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     s, dev = cfg.shape, cfg.device
     E, k, H = s.num_experts, s.top_k, s.hidden
-    M = T * k
+    M, el = T * k, W.itemsize(dtype)
 
     def make(seed):
         g = W.generator(dev, seed)
@@ -144,35 +142,16 @@ def _unpermute_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     def ref(inp):
         return oracle.unpermute64(inp["y_sorted"], inp["perm"], inp["weights"])
 
-    def check(out, r, inp):
-        return Check(oracle.rel_err(out, r), _tol(dtype))
-
     def work(inp):
-        el = W.itemsize(dtype)
         return Work(bytes=M * H * el + M * (8 + 4) + T * H * el, kind="memory")
 
-    return Case(
-        "ops",
-        "unpermute",
-        s,
-        T,
-        dtype,
-        dev,
-        make,
-        ref,
-        check,
-        work,
-        impls=[
-            Impl("moestream", lambda c, i: lambda: ms.unpermute(i["y_sorted"], i["perm"], i["weights"])),
-            Impl(
-                "reference",
-                lambda c, i: lambda: reference.unpermute(i["y_sorted"], i["perm"], i["weights"]),
-                role="baseline",
-            ),
-        ],
-        est_bytes=M * H * W.itemsize(dtype) + T * H * (8 + W.itemsize(dtype)) + M * 32,
-        params={"T": T, "M": M, "H": H},
-    )
+    def call(f, i):
+        return f(i["y_sorted"], i["perm"], i["weights"])
+
+    check = _rel_check(dtype)
+    est = M * H * el + T * H * (8 + el) + M * 32
+    params = {"T": T, "M": M, "H": H}
+    return _case(cfg, "unpermute", dtype, T, make, ref, check, work, call, est, params)
 
 
 # grouped_mm ---------------------------------------------------------------------------------
@@ -192,7 +171,7 @@ def _torch_grouped_mm(case: Case, i: dict):
 def _grouped_mm_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     s, dev = cfg.shape, cfg.device
     E, k, H, N = s.num_experts, s.top_k, s.hidden, 2 * s.intermediate
-    M = T * k
+    M, el = T * k, W.itemsize(dtype)
     tb = s.transpose_b
 
     def make(seed):
@@ -207,11 +186,7 @@ def _grouped_mm_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     def ref(inp):
         return oracle.grouped_mm64(inp["a"], inp["b"], inp["offsets"], tb)
 
-    def check(out, r, inp):
-        return Check(oracle.rel_err(out, r), _tol(dtype))
-
     def work(inp):
-        el = W.itemsize(dtype)
         counts = torch.diff(inp["offsets"], prepend=inp["offsets"].new_zeros(1))
         hit = int((counts > 0).sum())
         wbytes = hit * H * N * el
@@ -222,30 +197,14 @@ def _grouped_mm_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
             kind="matmul",
         )
 
-    el = W.itemsize(dtype)
-    return Case(
-        "ops",
-        "grouped_mm",
-        s,
-        T,
-        dtype,
-        dev,
-        make,
-        ref,
-        check,
-        work,
-        impls=[
-            Impl("moestream", lambda c, i: lambda: ms.grouped_mm(i["a"], i["b"], i["offsets"], tb)),
-            Impl(
-                "reference",
-                lambda c, i: lambda: reference.grouped_mm(i["a"], i["b"], i["offsets"], tb),
-                role="baseline",
-            ),
-            Impl("torch._grouped_mm", _torch_grouped_mm, role="baseline"),
-        ],
-        est_bytes=E * H * N * el + M * H * el + M * N * (el + 8),
-        params={"T": T, "M": M, "K": H, "N": N, "E": E, "transpose_b": tb},
-    )
+    def call(f, i):
+        return f(i["a"], i["b"], i["offsets"], tb)
+
+    check = _rel_check(dtype)
+    est = E * H * N * el + M * H * el + M * N * (el + 8)
+    params = {"T": T, "M": M, "K": H, "N": N, "E": E, "transpose_b": tb}
+    extra = (Impl("torch._grouped_mm", _torch_grouped_mm, role="baseline"),)
+    return _case(cfg, "grouped_mm", dtype, T, make, ref, check, work, call, est, params, extra)
 
 
 # gated_activation ---------------------------------------------------------------------------
@@ -254,7 +213,7 @@ def _grouped_mm_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
 def _activation_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     s, dev = cfg.shape, cfg.device
     k, I = s.top_k, s.intermediate
-    M = T * k
+    M, el = T * k, W.itemsize(dtype)
     args = (s.kind, s.layout, s.alpha, s.limit)
 
     def make(seed):
@@ -265,33 +224,16 @@ def _activation_case(cfg: BenchConfig, dtype: torch.dtype, T: int) -> Case:
     def ref(inp):
         return oracle.gated_activation64(inp["x"], *args)
 
-    def check(out, r, inp):
-        return Check(oracle.rel_err(out, r), _tol(dtype))
-
     def work(inp):
-        el = W.itemsize(dtype)
         return Work(bytes=M * 2 * I * el + M * I * el, kind="memory")
 
-    return Case(
-        "ops",
-        "gated_activation",
-        s,
-        T,
-        dtype,
-        dev,
-        make,
-        ref,
-        check,
-        work,
-        impls=[
-            Impl("moestream", lambda c, i: lambda: ms.gated_activation(i["x"], *args)),
-            Impl(
-                "reference", lambda c, i: lambda: reference.gated_activation(i["x"], *args), role="baseline"
-            ),
-        ],
-        est_bytes=M * 3 * I * W.itemsize(dtype) + M * I * 8,
-        params={"T": T, "M": M, "I": I, "kind": s.kind, "layout": s.layout},
-    )
+    def call(f, i):
+        return f(i["x"], *args)
+
+    check = _rel_check(dtype)
+    est = M * 3 * I * el + M * I * 8
+    params = {"T": T, "M": M, "I": I, "kind": s.kind, "layout": s.layout}
+    return _case(cfg, "gated_activation", dtype, T, make, ref, check, work, call, est, params)
 
 
 OPS = {

@@ -1,5 +1,9 @@
 """Timing: warm-up, then an adaptive number of repetitions within a time budget.
 
+This is the bench tier's one timing loop (:func:`measure_round_robin`; :func:`measure` for one
+implementation): the ops and moe suites' rows, the machine's ceilings, whole models and streaming
+all go through it, and :class:`Measurement` is their one summary (median, quantiles, spread).
+
 On CUDA every call is bracketed by a pair of CUDA events on the current stream (the host does not
 wait between calls; one synchronisation at the end reads all events), so the time is the device's
 time from the first to the last kernel of the call, launch gaps included. On CPU every call is timed
@@ -11,8 +15,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,9 +37,15 @@ class TimingPolicy:
             return TimingPolicy(budget_s=0.5, warmup_s=0.05, min_reps=10, max_reps=5000)
         return TimingPolicy(budget_s=1.0, warmup_s=0.1, min_reps=5, max_reps=2000)
 
+    @staticmethod
+    def fixed(reps: int) -> TimingPolicy:
+        """One warm-up round, then exactly ``reps`` timed rounds (a decode loop's steps, a bandwidth
+        probe's repetitions)."""
+        return TimingPolicy(budget_s=1e9, warmup_s=0.0, min_reps=reps, max_reps=reps, slow_reps=reps)
+
 
 def quantile(sorted_xs: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile of an already sorted sequence."""
+    """Linear-interpolation quantile of an already sorted sequence (nan when empty)."""
     if not sorted_xs:
         return math.nan
     pos = (len(sorted_xs) - 1) * q
@@ -44,47 +54,41 @@ def quantile(sorted_xs: Sequence[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+QUANTILES = {"p10_ms": 0.1, "p25_ms": 0.25, "median_ms": 0.5, "p75_ms": 0.75, "p90_ms": 0.9}
+
+
 @dataclass
 class Measurement:
-    times_ms: list[float]
+    """The times of the timed calls (ms) and their quantiles (:data:`QUANTILES`)."""
 
-    def _q(self, q: float) -> float:
-        return quantile(sorted(self.times_ms), q)
+    times_ms: list[float]
+    p10_ms: float = field(init=False)
+    p25_ms: float = field(init=False)
+    median_ms: float = field(init=False)
+    p75_ms: float = field(init=False)
+    p90_ms: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        xs = sorted(self.times_ms)
+        for name, q in QUANTILES.items():
+            setattr(self, name, quantile(xs, q))
 
     @property
     def reps(self) -> int:
         return len(self.times_ms)
 
-    @property
-    def median_ms(self) -> float:
-        return self._q(0.5)
-
-    @property
-    def p10_ms(self) -> float:
-        return self._q(0.1)
-
-    @property
-    def p25_ms(self) -> float:
-        return self._q(0.25)
-
-    @property
-    def p75_ms(self) -> float:
-        return self._q(0.75)
-
-    @property
-    def p90_ms(self) -> float:
-        return self._q(0.9)
+    def _rel(self, lo: float, hi: float) -> float:
+        m = self.median_ms
+        return (hi - lo) / m if m > 0 else 0.0
 
     @property
     def spread(self) -> float:
         """Half the p10..p90 range relative to the median (0.03 = +-3%)."""
-        m = self.median_ms
-        return (self.p90_ms - self.p10_ms) / (2 * m) if m > 0 else 0.0
+        return self._rel(self.p10_ms, self.p90_ms) / 2
 
     @property
     def iqr_rel(self) -> float:
-        m = self.median_ms
-        return (self.p75_ms - self.p25_ms) / m if m > 0 else 0.0
+        return self._rel(self.p25_ms, self.p75_ms)
 
 
 def synchronize(device: torch.device) -> None:
@@ -104,47 +108,83 @@ def repetitions(per_call_s: float, policy: TimingPolicy) -> int:
     return max(1, min(policy.max_reps, reps))
 
 
-def measure(calls: Sequence[Callable[[], object]], device: torch.device, policy: TimingPolicy) -> Measurement:
-    """Time ``calls`` (one closure per input set, used round-robin): warm-up (every set at least
-    once unless one call already takes longer than the budget, then until ``warmup_s`` has
-    passed), then :func:`repetitions` timed calls, the count
-    estimated from the warm-up calls."""
-    if not calls:
-        raise ValueError("measure() needs at least one call")
-    n = len(calls)
+Calls = Sequence[Callable[[], object]]
+
+
+def measure(
+    calls: Calls, device: torch.device, policy: TimingPolicy, before: Callable[[], object] | None = None
+) -> Measurement:
+    """Time one implementation: ``calls`` holds one closure per input set, used round-robin (see
+    :func:`measure_round_robin`)."""
+    return measure_round_robin({"": calls}, device, policy, before)[""]
+
+
+def measure_round_robin(
+    impls: Mapping[str, Calls],
+    device: torch.device,
+    policy: TimingPolicy,
+    before: Callable[[], object] | None = None,
+) -> dict[str, Measurement]:
+    """The timing loop. Time several implementations round-robin, one call of each per round, so
+    that a change of load on the machine hits every implementation alike; each implementation's
+    calls (one closure per input set) rotate through the sets. Warm-up: rounds until every set was
+    used once and ``warmup_s`` has passed (one round only when a round already takes longer than
+    the budget); then :func:`repetitions` timed rounds, the count estimated from the warm-up as
+    if each implementation were timed alone. ``before()``, when given, runs before every call and
+    is not timed (e.g. evicting files from the page cache)."""
+    if not impls or not all(impls.values()):
+        raise ValueError("measure() needs at least one call per implementation")
+    names = list(impls)
+    n_sets = max(len(c) for c in impls.values())
+
+    pc = time.perf_counter
     synchronize(device)
-    t0 = time.perf_counter()
-    done = 0
-    while done < n or time.perf_counter() - t0 < policy.warmup_s:
-        calls[done % n]()
+    t0, untimed, done = pc(), 0.0, 0
+    while done < n_sets or pc() - t0 - untimed < policy.warmup_s:
+        for name in names:
+            if before is not None:
+                t = pc()
+                before()
+                untimed += pc() - t
+            impls[name][done % len(impls[name])]()
         done += 1
-        if done < n and time.perf_counter() - t0 > policy.budget_s:
-            # a slow call (a loop-over-experts backward on CPU takes seconds): one warm-up call,
+        if done < n_sets and pc() - t0 - untimed > policy.budget_s * len(names):
+            # slow calls (a loop-over-experts backward on CPU takes seconds): one warm-up round,
             # not one per input set; the timed calls still rotate through every set
-            synchronize(device)
             break
-        if device.type == "cuda" and done % n == 0:
+        if device.type == "cuda" and done % n_sets == 0:
             synchronize(device)  # keep the estimate honest: the host may run ahead of the device
     synchronize(device)
-    per_call = (time.perf_counter() - t0) / done
+    per_call = (pc() - t0 - untimed) / (done * len(names))
     reps = repetitions(per_call, policy)
 
-    times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in names}
     if device.type == "cuda":
         stream = torch.cuda.current_stream(device)
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
-        ]
-        for i, (start, end) in enumerate(events):
-            start.record(stream)
-            calls[i % n]()
-            end.record(stream)
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        pc = time.perf_counter
+        events = {
+            name: [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(reps)
+            ]
+            for name in names
+        }
         for i in range(reps):
-            t = pc()
-            calls[i % n]()
-            times.append((pc() - t) * 1e3)
-    return Measurement(times)
+            for name in names:
+                if before is not None:
+                    before()
+                fn, (start, end) = impls[name][i % len(impls[name])], events[name][i]
+                start.record(stream)
+                fn()
+                end.record(stream)
+        torch.cuda.synchronize(device)
+        times = {name: [s.elapsed_time(e) for s, e in ev] for name, ev in events.items()}
+    else:
+        for i in range(reps):
+            for name in names:
+                if before is not None:
+                    before()
+                fn = impls[name][i % len(impls[name])]
+                t = pc()
+                fn()
+                times[name].append((pc() - t) * 1e3)
+    return {name: Measurement(ts) for name, ts in times.items()}
