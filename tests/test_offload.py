@@ -13,6 +13,7 @@ import moestream as ms
 import pytest
 import torch
 from moestream import _C, testing
+from moestream.offload import get_state
 
 transformers = pytest.importorskip("transformers")
 
@@ -206,7 +207,7 @@ def test_memory_released_when_model_deleted(tmp_path):
     base, ids, ref = reference("llama", "cpu")
     model = copy.deepcopy(base)
     ms.offload(model, device="cpu", storage="disk", prefetch=2)  # temporary offload directory
-    state = model._moestream_offload
+    state = get_state(model)
     tmp = os.path.dirname(state.files[0])
     assert os.path.isdir(tmp)
     assert torch.equal(generate(model, ids), ref)

@@ -72,18 +72,6 @@ def offload(
     and slots are shared). Inference only: streamed parameters are views into reused slots during their block's forward;
     they are set to requires_grad=False. Do not call ``model.to()`` after offloading.
     """
-    opts = OffloadOptions(
-        device=device,
-        max_device_memory=max_device_memory,
-        storage=storage,
-        offload_dir=offload_dir,
-        prefetch=prefetch,
-        blocks=blocks,
-        num_readers=num_readers,
-        chunk_bytes=chunk_bytes,
-        pin=pin,
-        direct_io=direct_io,
-        progress=progress,
-    )
+    opts = OffloadOptions(**{k: v for k, v in locals().items() if k != "model"})  # every other argument
     install(model, opts)
     return model
