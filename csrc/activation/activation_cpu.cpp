@@ -13,9 +13,6 @@
 namespace moestream {
 namespace {
 
-using cpu::acc_t;
-using cpu::ActKind;
-using cpu::ActLayout;
 
 // Rows per parallel chunk: about 16K elements of work each, so small inputs stay on one thread.
 int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_len)); }
@@ -27,7 +24,7 @@ void load_gate_up(const scalar_t* xr, int64_t n, ActLayout layout, acc_t<scalar_
                   acc_t<scalar_t>* tmp, const acc_t<scalar_t>** g, const acc_t<scalar_t>** u) {
   using acc = acc_t<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, acc>;
-  if (layout == ActLayout::Concat) {
+  if (layout == ActLayout::kConcat) {
     if constexpr (same) {
       *g = reinterpret_cast<const acc*>(xr);
       *u = reinterpret_cast<const acc*>(xr) + n;
@@ -88,7 +85,7 @@ void backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* gx, int6
         dy = dybuf;
       }
       scalar_t* gxr = gx + r * 2 * n;
-      if (layout == ActLayout::Concat) {
+      if (layout == ActLayout::kConcat) {
         if constexpr (same) {
           cpu::act_bwd(kind, n, g, u, dy, gxr, gxr + n, acc(alpha), acc(limit));
         } else {

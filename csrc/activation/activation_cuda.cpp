@@ -9,7 +9,7 @@
 
 #include "activation/activation_cuda.h"
 #include "common/checks.h"
-#include "common/cuda_check.h"
+#include "common/cuda_error.h"
 
 namespace moestream {
 namespace {

@@ -6,11 +6,9 @@
 
 #include <cstdint>
 
-#include "common/cuda_types.h"
+#include "common/types.h"
 
 namespace moestream {
-
-enum class ActKind : int { kSwiglu = 0, kGeglu = 1, kGptoss = 2 };
 
 struct GatedActParams {
   const void* x = nullptr;  // [rows, 2 * inter], dtype

@@ -1,10 +1,13 @@
-// Argument checks and dtype dispatch shared by every host entry point.
+// Argument checks, dtype mapping and dtype dispatch shared by every host entry point (CPU and CUDA).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <string>
+
+#include "common/types.h"
 
 namespace moestream {
 
@@ -40,6 +43,38 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
                               const char* name_b) {
   MS_CHECK(a.device() == b.device(), op, name_a, " and ", name_b, " must be on the same device, got ", a.device(),
            " and ", b.device());
+}
+
+// All tensors of a CUDA op on the same CUDA device.
+inline void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  MS_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got device ", t.device());
+  MS_CHECK(t.device() == ref.device(), op, name, " must be on ", ref.device(), ", got ", t.device());
+}
+
+// MOESTREAM_CHECK_INPUTS=1 turns on value checks (ids / perm / offsets in range) that need a
+// device->host copy, i.e. a synchronisation. Off by default: CUDA ops never synchronise unless asked to.
+inline bool check_inputs_enabled() {
+  const char* v = std::getenv("MOESTREAM_CHECK_INPUTS");
+  return v != nullptr && std::string(v) == "1";
+}
+
+// Accumulation dtype of every kernel (AccType in common/types.h): float64 for float64, else float32.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The launchers' FloatKind of a tensor checked with check_float.
+inline FloatKind float_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return FloatKind::kFloat32;
+    case at::kDouble:
+      return FloatKind::kFloat64;
+    case at::kBFloat16:
+      return FloatKind::kBFloat16;
+    case at::kHalf:
+      return FloatKind::kFloat16;
+    default:
+      TORCH_CHECK(false, "moestream: unsupported floating dtype ", t);
+  }
 }
 
 }  // namespace moestream

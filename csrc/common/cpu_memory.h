@@ -11,6 +11,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "common/cpu_isa.h"
+
 namespace moestream {
 namespace cpu {
 
@@ -63,16 +65,9 @@ inline bool lowp_native(at::ScalarType t) {
   const char* forced = std::getenv("MOESTREAM_CPU_LOWP_GEMM");
   if (forced != nullptr && std::string(forced) == "native") return true;
   if (forced != nullptr && std::string(forced) == "float") return false;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool bf16_ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                              __builtin_cpu_supports("avx512dq");
-  static const bool fp16_ok = __builtin_cpu_supports("avx512fp16");
-#else
-  static const bool bf16_ok = false;  // not measured elsewhere: keep the predictable float32 path
-  static const bool fp16_ok = false;
-#endif
+  // not measured off x86: there the has_*() tests are false and the predictable float32 path runs
   if (!at::globalContext().userEnabledMkldnn()) return false;
-  return t == at::kBFloat16 ? bf16_ok : (t == at::kHalf ? fp16_ok : true);
+  return t == at::kBFloat16 ? has_avx512_bw_vl_dq() : (t == at::kHalf ? has_avx512_fp16() : true);
 }
 
 inline bool is_lowp(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }

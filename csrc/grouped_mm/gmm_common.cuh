@@ -9,45 +9,17 @@
 
 #include <cstdint>
 
+#include "common/cuda_utils.cuh"
+
 namespace moestream {
 namespace gmm {
 namespace detail {
 
 // ----------------------------------------------------------------------------------------------
-// element types
+// element types: acc_t (common/types.h), to_acc / from_acc (common/cuda_utils.cuh)
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_acc(double x) {
-  return static_cast<T>(x);
-}
+using dev::from_acc;
+using dev::to_acc;
 
 // Two floats -> one 32-bit register holding two 16-bit values (low half = first).
 template <typename T>

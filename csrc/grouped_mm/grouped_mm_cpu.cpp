@@ -11,15 +11,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_memory.h"
 #include "grouped_mm/grouped_mm_checks.h"
 
@@ -120,24 +118,7 @@ int64_t lowp_panel(int64_t K, int64_t N) {
 // are converted to float32 first (they are few). Accumulation is float32 in a fixed order.
 // Each kernel is compiled twice, for the baseline ISA and for AVX2+FMA+F16C, picked at run time.
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MS_X86_DISPATCH 1
-#define MS_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define MS_X86_DISPATCH 0
-#define MS_AVX2
-#endif
 #define MS_ALWAYS_INLINE __attribute__((always_inline)) inline
-
-bool cpu_has_avx2() {
-#if MS_X86_DISPATCH
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 template <typename scalar_t, bool kAvx2>
 struct ToFloat {
@@ -145,10 +126,10 @@ struct ToFloat {
     for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
   }
 };
-#if MS_X86_DISPATCH
+#if MS_HAVE_X86_SIMD
 template <>
 struct ToFloat<c10::BFloat16, true> {
-  static MS_AVX2 void run(const c10::BFloat16* s, float* d, int64_t n) {
+  static MS_TARGET_AVX2 void run(const c10::BFloat16* s, float* d, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
       const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
@@ -159,7 +140,7 @@ struct ToFloat<c10::BFloat16, true> {
 };
 template <>
 struct ToFloat<c10::Half, true> {
-  static MS_AVX2 void run(const c10::Half* s, float* d, int64_t n) {
+  static MS_TARGET_AVX2 void run(const c10::Half* s, float* d, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
       _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
@@ -175,8 +156,8 @@ void rows_to_float_default(const scalar_t* src, int64_t lds, int64_t R, int64_t 
   for (int64_t r = 0; r < R; ++r) ToFloat<scalar_t, false>::run(src + r * lds, dst + r * C, C);
 }
 template <typename scalar_t>
-MS_AVX2 void rows_to_float_avx2(const scalar_t* src, int64_t lds, int64_t R, int64_t C, float* dst) {
-  for (int64_t r = 0; r < R; ++r) ToFloat<scalar_t, MS_X86_DISPATCH == 1>::run(src + r * lds, dst + r * C, C);
+MS_TARGET_AVX2 void rows_to_float_avx2(const scalar_t* src, int64_t lds, int64_t R, int64_t C, float* dst) {
+  for (int64_t r = 0; r < R; ++r) ToFloat<scalar_t, MS_HAVE_X86_SIMD == 1>::run(src + r * lds, dst + r * C, C);
 }
 
 // A bf16 / fp16 2-D view -> float32 [R, C] at dst. Rows with contiguous columns go through the
@@ -191,10 +172,10 @@ void to_float_2d(const at::Tensor& src, float* dst) {
   const int64_t lds = R > 1 ? src.stride(0) : C;
   if (src.scalar_type() == at::kBFloat16) {
     auto p = src.const_data_ptr<c10::BFloat16>();
-    cpu_has_avx2() ? rows_to_float_avx2(p, lds, R, C, dst) : rows_to_float_default(p, lds, R, C, dst);
+    cpu::has_avx2() ? rows_to_float_avx2(p, lds, R, C, dst) : rows_to_float_default(p, lds, R, C, dst);
   } else {
     auto p = src.const_data_ptr<c10::Half>();
-    cpu_has_avx2() ? rows_to_float_avx2(p, lds, R, C, dst) : rows_to_float_default(p, lds, R, C, dst);
+    cpu::has_avx2() ? rows_to_float_avx2(p, lds, R, C, dst) : rows_to_float_default(p, lds, R, C, dst);
   }
 }
 
@@ -260,9 +241,10 @@ void small_nn_default(const float* a, int64_t rows, int64_t K, const scalar_t* b
   small_nn_body<scalar_t, false>(a, rows, K, b, ldk, bias, out, ldo, n0, n1, acc, bf);
 }
 template <typename scalar_t>
-MS_AVX2 void small_nn_avx2(const float* a, int64_t rows, int64_t K, const scalar_t* b, int64_t ldk, const float* bias,
-                           scalar_t* out, int64_t ldo, int64_t n0, int64_t n1, float* acc, float* bf) {
-  small_nn_body<scalar_t, MS_X86_DISPATCH == 1>(a, rows, K, b, ldk, bias, out, ldo, n0, n1, acc, bf);
+MS_TARGET_AVX2 void small_nn_avx2(const float* a, int64_t rows, int64_t K, const scalar_t* b, int64_t ldk,
+                                  const float* bias, scalar_t* out, int64_t ldo, int64_t n0, int64_t n1, float* acc,
+                                  float* bf) {
+  small_nn_body<scalar_t, MS_HAVE_X86_SIMD == 1>(a, rows, K, b, ldk, bias, out, ldo, n0, n1, acc, bf);
 }
 template <typename scalar_t>
 void small_nt_default(const float* a, int64_t rows, int64_t K, const scalar_t* bt, int64_t ldn, const float* bias,
@@ -270,9 +252,9 @@ void small_nt_default(const float* a, int64_t rows, int64_t K, const scalar_t* b
   small_nt_body<scalar_t, false>(a, rows, K, bt, ldn, bias, out, ldo, n0, n1, bf);
 }
 template <typename scalar_t>
-MS_AVX2 void small_nt_avx2(const float* a, int64_t rows, int64_t K, const scalar_t* bt, int64_t ldn, const float* bias,
-                           scalar_t* out, int64_t ldo, int64_t n0, int64_t n1, float* bf) {
-  small_nt_body<scalar_t, MS_X86_DISPATCH == 1>(a, rows, K, bt, ldn, bias, out, ldo, n0, n1, bf);
+MS_TARGET_AVX2 void small_nt_avx2(const float* a, int64_t rows, int64_t K, const scalar_t* bt, int64_t ldn,
+                                  const float* bias, scalar_t* out, int64_t ldo, int64_t n0, int64_t n1, float* bf) {
+  small_nt_body<scalar_t, MS_HAVE_X86_SIMD == 1>(a, rows, K, bt, ldn, bias, out, ldo, n0, n1, bf);
 }
 
 // out_s [rows, N] (few rows, out's stride(1) == 1) = a_s @ B (+ bias), B [K, N] a view of b's
@@ -287,7 +269,7 @@ void small_rows_gemm(const at::Tensor& a_s, const at::Tensor& B, const float* bi
   const scalar_t* bp = B.const_data_ptr<scalar_t>();
   scalar_t* op = o_s.data_ptr<scalar_t>();
   const int64_t ldo = o_s.stride(0);
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu::has_avx2();
   if (B.stride(1) == 1) {
     const int64_t ldk = B.stride(0);
     at::parallel_for(0, (N + 255) / 256, 1, [&](int64_t i0, int64_t i1) {

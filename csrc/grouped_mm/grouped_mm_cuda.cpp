@@ -11,7 +11,6 @@
 // decode GEMV for a few rows per group, mma.sync tensor cores for aligned bf16/fp16, SIMT
 // otherwise; float32 is computed in true float32 (FFMA, never TF32), float64 in float64.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -22,24 +21,12 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/cuda_error.h"
 #include "grouped_mm/grouped_mm_checks.h"
 #include "grouped_mm/grouped_mm_cuda.h"
 
 namespace moestream {
 namespace {
-
-gmm::DType gmm_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return gmm::DType::kFloat32;
-    case at::kDouble:
-      return gmm::DType::kFloat64;
-    case at::kBFloat16:
-      return gmm::DType::kBFloat16;
-    default:
-      return gmm::DType::kFloat16;
-  }
-}
 
 gmm::Impl requested_impl(const char* op) {
   const char* v = std::getenv("MOESTREAM_GMM_IMPL");
@@ -53,18 +40,13 @@ gmm::Impl requested_impl(const char* op) {
   return gmm::Impl::kAuto;
 }
 
-bool check_inputs_enabled() {
-  const char* v = std::getenv("MOESTREAM_CHECK_INPUTS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
 gmm::Device current_device() {
   int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  MS_CUDA_CHECK(cudaGetDevice(&dev), "grouped_mm");
   gmm::Device d;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
+  MS_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev), "grouped_mm");
+  MS_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev), "grouped_mm");
+  MS_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, dev), "grouped_mm");
   return d;
 }
 
@@ -99,10 +81,6 @@ void check_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* 
 at::Tensor rows_unit_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 int64_t leading_dim(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
-void check_launch(cudaError_t e, const char* op) {
-  MS_CHECK(e == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(e));
-}
-
 constexpr int64_t kSizeLimit = int64_t(1) << 30;
 
 // ---- grouped_mm ---------------------------------------------------------------------------------
@@ -129,14 +107,14 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
   const auto offs = offsets.contiguous();
   at::Tensor bias_acc;
   if (bias.has_value()) {
-    bias_acc = bias->to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+    bias_acc = bias->to(acc_dtype(a.scalar_type())).contiguous();
     // the tensor-core epilogue reads bias pairs as 8-byte vectors
     if (reinterpret_cast<uintptr_t>(bias_acc.const_data_ptr()) % 16 != 0) bias_acc = bias_acc.clone();
   }
   auto ws = at::empty({gmm::forward_workspace_ints(E)}, a.options().dtype(at::kInt));
 
   gmm::ForwardArgs p;
-  p.dtype = gmm_dtype(a.scalar_type());
+  p.dtype = float_kind(a.scalar_type());
   p.a = a.const_data_ptr();
   p.lda = leading_dim(a);
   p.b = b.const_data_ptr();
@@ -151,7 +129,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
   p.E = E;
   p.transpose_b = transpose_b;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(gmm::grouped_mm_forward(p, requested_impl(op), current_device(), ws.data_ptr<int>(), stream), op);
+  MS_CUDA_CHECK(gmm::grouped_mm_forward(p, requested_impl(op), current_device(), ws.data_ptr<int>(), stream), op);
   return out;
 }
 
@@ -177,7 +155,7 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   const auto dy = rows_unit_stride(grad_out_in);
   const auto offs = offsets.contiguous();
   gmm::WeightGradArgs p;
-  p.dtype = gmm_dtype(a.scalar_type());
+  p.dtype = float_kind(a.scalar_type());
   p.a = a.const_data_ptr();
   p.lda = leading_dim(a);
   p.dy = dy.const_data_ptr();
@@ -191,7 +169,7 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   p.E = E;
   p.transpose_b = transpose_b;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(gmm::grouped_mm_weight_grad(p, requested_impl(op), current_device(), stream), op);
+  MS_CUDA_CHECK(gmm::grouped_mm_weight_grad(p, requested_impl(op), current_device(), stream), op);
   return out;
 }
 
@@ -215,7 +193,7 @@ at::Tensor grouped_bias_grad_cuda(const at::Tensor& grad_out_in, const at::Tenso
   const auto dy = rows_unit_stride(grad_out_in);
   const auto offs = offsets.contiguous();
   gmm::BiasGradArgs p;
-  p.dtype = gmm_dtype(dy.scalar_type());
+  p.dtype = float_kind(dy.scalar_type());
   p.dy = dy.const_data_ptr();
   p.ldd = leading_dim(dy);
   p.offsets = offs.const_data_ptr();
@@ -224,7 +202,7 @@ at::Tensor grouped_bias_grad_cuda(const at::Tensor& grad_out_in, const at::Tenso
   p.M = M;
   p.N = N;
   p.E = E;
-  check_launch(gmm::grouped_bias_grad(p, c10::cuda::getCurrentCUDAStream()), op);
+  MS_CUDA_CHECK(gmm::grouped_bias_grad(p, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }
 

@@ -34,7 +34,6 @@ namespace moestream {
 namespace gmm {
 namespace {
 
-using detail::AccOf;
 using detail::TileCoord;
 
 // ================================================================================================
@@ -361,7 +360,7 @@ struct FwdParams {
   const T* a;
   int64_t lda;
   const T* b;
-  const typename AccOf<T>::type* bias;
+  const acc_t<T>* bias;
   T* out;
   int64_t ldo;
   int64_t N, K;
@@ -586,7 +585,7 @@ struct SimtCfg<double> {
 // divisions in the loop. Bounds are checked per element (any shape, any alignment).
 template <typename T, bool RC, int BO, int BK, int NT>
 struct SimtLoader {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   static constexpr int N = BO * BK / NT;
   static constexpr int kStep = RC ? NT / BK : NT / BO;  // o step (RC) or k step per element
   static_assert(N * NT == BO * BK && (RC ? NT % BK : NT % BO) == 0, "loader mapping");
@@ -633,10 +632,10 @@ struct SimtLoader {
 // k in [k_begin, k_end); one k-slab in shared memory, the next one prefetched into registers while
 // the current one is multiplied.
 template <typename T, bool A_RC, bool B_RC>
-__device__ __forceinline__ void simt_mainloop(typename AccOf<T>::type (&acc)[SimtCfg<T>::TM][SimtCfg<T>::TN],
+__device__ __forceinline__ void simt_mainloop(acc_t<T> (&acc)[SimtCfg<T>::TM][SimtCfg<T>::TN],
                                               const Operand<T>& A, const Operand<T>& B, int64_t k_begin,
                                               int64_t k_end) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   using C = SimtCfg<T>;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, TM = C::TM, TN = C::TN, NT = C::kThreads;
   constexpr int TX = BN / TN, TY = BM / TM;
@@ -680,9 +679,9 @@ __device__ __forceinline__ void simt_mainloop(typename AccOf<T>::type (&acc)[Sim
 }
 
 template <typename T>
-__device__ __forceinline__ void simt_epilogue(const typename AccOf<T>::type (&acc)[SimtCfg<T>::TM][SimtCfg<T>::TN],
+__device__ __forceinline__ void simt_epilogue(const acc_t<T> (&acc)[SimtCfg<T>::TM][SimtCfg<T>::TN],
                                               T* out, int64_t ldo, int64_t row0, int64_t row_end, int64_t col0,
-                                              int64_t col_end, const typename AccOf<T>::type* bias) {
+                                              int64_t col_end, const acc_t<T>* bias) {
   using C = SimtCfg<T>;
   constexpr int TX = C::BN / C::TN, TY = C::BM / C::TM;
   const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
@@ -690,7 +689,7 @@ __device__ __forceinline__ void simt_epilogue(const typename AccOf<T>::type (&ac
   for (int j = 0; j < C::TN; ++j) {
     const int64_t col = col0 + tx + j * TX;
     if (col >= col_end) continue;
-    const typename AccOf<T>::type bj = bias != nullptr ? bias[col] : 0;
+    const acc_t<T> bj = bias != nullptr ? bias[col] : 0;
 #pragma unroll
     for (int i = 0; i < C::TM; ++i) {
       const int64_t row = row0 + ty + i * TY;
@@ -702,7 +701,7 @@ __device__ __forceinline__ void simt_epilogue(const typename AccOf<T>::type (&ac
 template <typename T, bool B_RC>
 __global__ void __launch_bounds__(SimtCfg<T>::kThreads, 2) simt_forward_kernel(FwdParams<T> p) {
   using C = SimtCfg<T>;
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   const int n_tiles = static_cast<int>((p.N + C::BN - 1) / C::BN);
   const int total = __ldg(p.mtile_start + p.E + 1) * n_tiles;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -726,7 +725,7 @@ __global__ void __launch_bounds__(SimtCfg<T>::kThreads, 2) simt_forward_kernel(F
 template <typename T>
 __global__ void __launch_bounds__(SimtCfg<T>::kThreads, 2) simt_wgrad_kernel(WgParams<T> p) {
   using C = SimtCfg<T>;
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   const int64_t g = p.g_base + blockIdx.y;
   const int tiles_m = static_cast<int>((p.MO + C::BM - 1) / C::BM);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x % tiles_m) * C::BM;
@@ -945,7 +944,7 @@ template <typename T>
 __global__ void __launch_bounds__(256) bias_grad_kernel(const T* __restrict__ dy, int64_t ldd,
                                                         const void* __restrict__ offsets, bool i64, T* __restrict__ out,
                                                         int64_t M, int64_t N, int64_t g_base) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   __shared__ Acc red[8][33];
   const int64_t g = g_base + blockIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -1005,11 +1004,11 @@ cudaError_t prepare(int threads, int smem, int* blocks_per_sm) {
   return cudaSuccess;
 }
 
-int elem_size(DType d) {
+int elem_size(FloatKind d) {
   switch (d) {
-    case DType::kFloat64:
+    case FloatKind::kFloat64:
       return 8;
-    case DType::kFloat32:
+    case FloatKind::kFloat32:
       return 4;
     default:
       return 2;
@@ -1048,7 +1047,7 @@ FwdParams<T> fwd_params(const ForwardArgs& p, const int* ws) {
   k.a = static_cast<const T*>(p.a);
   k.lda = p.lda;
   k.b = static_cast<const T*>(p.b);
-  k.bias = static_cast<const typename AccOf<T>::type*>(p.bias);
+  k.bias = static_cast<const acc_t<T>*>(p.bias);
   k.out = static_cast<T*>(p.out);
   k.ldo = p.ldo;
   k.N = p.N;
@@ -1162,13 +1161,13 @@ struct FwdChoice {
 };
 
 FwdChoice choose_forward(const ForwardArgs& p, Impl requested, const Device& dev) {
-  const bool half = p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16;
+  const bool half = p.dtype == FloatKind::kBFloat16 || p.dtype == FloatKind::kFloat16;
   const int vec = 16 / elem_size(p.dtype);
   const bool vec_ok = p.K % vec == 0 && p.N % vec == 0 && p.lda % vec == 0 && p.ldo % vec == 0 && aligned16(p.a) &&
                       aligned16(p.b) && aligned16(p.out);
   const bool sm80 = dev.cc_major >= 8;
   const bool mma_ok = half && vec_ok && sm80;
-  const bool gemv_ok = p.dtype != DType::kFloat64 && vec_ok && sm80 &&
+  const bool gemv_ok = p.dtype != FloatKind::kFloat64 && vec_ok && sm80 &&
                        tiles_fit(p.M, p.E, gemv_rows(p.M, p.E), ceil_div(p.N, 4 * vec));
   const int64_t E1 = p.E > 0 ? p.E : 1;
   const FwdKernel mma_kernel = ceil_div(p.M, E1) <= kSmallTileMaxAvgRows ? FwdKernel::kMmaSmall : FwdKernel::kMmaLarge;
@@ -1294,20 +1293,20 @@ cudaError_t grouped_mm_forward(const ForwardArgs& p, Impl requested, const Devic
   if (!forward_shape_supported(p.M, p.N, p.K, p.E)) return cudaErrorInvalidValue;
   const FwdChoice c = choose_forward(p, requested, dev);
   switch (p.dtype) {
-    case DType::kFloat32:
+    case FloatKind::kFloat32:
       return forward_typed<float>(p, c.kernel, dev, workspace, stream);
-    case DType::kFloat64:
+    case FloatKind::kFloat64:
       return forward_typed<double>(p, c.kernel, dev, workspace, stream);
-    case DType::kBFloat16:
+    case FloatKind::kBFloat16:
       return forward_typed<__nv_bfloat16>(p, c.kernel, dev, workspace, stream);
-    case DType::kFloat16:
+    case FloatKind::kFloat16:
       return forward_typed<__half>(p, c.kernel, dev, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 Impl weight_grad_impl(const WeightGradArgs& p, Impl requested, const Device& dev) {
-  const bool half = p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16;
+  const bool half = p.dtype == FloatKind::kBFloat16 || p.dtype == FloatKind::kFloat16;
   const bool aligned = p.K % 8 == 0 && p.N % 8 == 0 && p.lda % 8 == 0 && p.ldd % 8 == 0 && aligned16(p.a) &&
                        aligned16(p.dy) && aligned16(p.out);
   const bool mma_ok = half && aligned && dev.cc_major >= 8;
@@ -1320,13 +1319,13 @@ cudaError_t grouped_mm_weight_grad(const WeightGradArgs& p, Impl requested, cons
   if (p.E <= 0 || p.K <= 0 || p.N <= 0) return cudaSuccess;
   const Impl impl = weight_grad_impl(p, requested, dev);
   switch (p.dtype) {
-    case DType::kFloat32:
+    case FloatKind::kFloat32:
       return weight_grad_typed<float>(p, impl, stream);
-    case DType::kFloat64:
+    case FloatKind::kFloat64:
       return weight_grad_typed<double>(p, impl, stream);
-    case DType::kBFloat16:
+    case FloatKind::kBFloat16:
       return weight_grad_typed<__nv_bfloat16>(p, impl, stream);
-    case DType::kFloat16:
+    case FloatKind::kFloat16:
       return weight_grad_typed<__half>(p, impl, stream);
   }
   return cudaErrorInvalidValue;
@@ -1349,13 +1348,13 @@ cudaError_t grouped_bias_grad(const BiasGradArgs& p, cudaStream_t stream) {
     return cudaSuccess;
   };
   switch (p.dtype) {
-    case DType::kFloat32:
+    case FloatKind::kFloat32:
       return run(static_cast<float*>(nullptr));
-    case DType::kFloat64:
+    case FloatKind::kFloat64:
       return run(static_cast<double*>(nullptr));
-    case DType::kBFloat16:
+    case FloatKind::kBFloat16:
       return run(static_cast<__nv_bfloat16*>(nullptr));
-    case DType::kFloat16:
+    case FloatKind::kFloat16:
       return run(static_cast<__half*>(nullptr));
   }
   return cudaErrorInvalidValue;

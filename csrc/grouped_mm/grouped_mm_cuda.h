@@ -15,10 +15,10 @@
 
 #include <cstdint>
 
+#include "common/types.h"
+
 namespace moestream {
 namespace gmm {
-
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 // Kernel families. kAuto picks by dtype, alignment and shape among gemv (a few rows per group),
 // mma (bf16/fp16, aligned, sm_80+) and simt (everything else); it does not pick kWgmma (sm_90a,
@@ -36,7 +36,7 @@ struct Device {
 };
 
 struct ForwardArgs {
-  DType dtype = DType::kFloat32;
+  FloatKind dtype = FloatKind::kFloat32;
   const void* a = nullptr;
   int64_t lda = 0;
   const void* b = nullptr;
@@ -65,7 +65,7 @@ cudaError_t grouped_mm_forward(const ForwardArgs& p, Impl requested, const Devic
                                cudaStream_t stream);
 
 struct WeightGradArgs {
-  DType dtype = DType::kFloat32;
+  FloatKind dtype = FloatKind::kFloat32;
   const void* a = nullptr;  // [M, K], leading dimension lda
   int64_t lda = 0;
   const void* dy = nullptr;  // [M, N], leading dimension ldd
@@ -85,7 +85,7 @@ cudaError_t grouped_mm_weight_grad(const WeightGradArgs& p, Impl requested, cons
                                    cudaStream_t stream);
 
 struct BiasGradArgs {
-  DType dtype = DType::kFloat32;
+  FloatKind dtype = FloatKind::kFloat32;
   const void* dy = nullptr;  // [M, N], leading dimension ldd
   int64_t ldd = 0;
   const void* offsets = nullptr;

@@ -296,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   auto perm = checked_perm(perm_in, N, op);
   auto gy = grad_y_in.contiguous();
   auto ys = y_sorted_in.contiguous();
-  const auto acc_type = ys.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_dtype(ys.scalar_type());
   const bool want_gw = weights.has_value() && needs_weights_grad;
   auto grad_ys = cpu::empty_large({N, H}, ys.options());
   const std::vector<int64_t> gw_shape = want_gw ? std::vector<int64_t>{T, k} : std::vector<int64_t>{0};

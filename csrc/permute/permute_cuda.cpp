@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cuda_check.h"
+#include "common/cuda_error.h"
 #include "permute/permute_cuda.h"
 
 namespace moestream {

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 
 namespace moestream {
 namespace {
@@ -232,17 +233,11 @@ inline void sigmoid_row_impl(const acc_t* x, acc_t* s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s[i] = sigmoid(x[i]);
 }
 
-// The float32 row functions are also compiled for AVX2 and picked at load time (function
-// multiversioning through ifunc, Linux only), since the build itself targets baseline x86-64.
+// The float32 row functions are also compiled for AVX2 and picked at load time (MS_AVX2_CLONES,
+// common/cpu_isa.h), since the build itself targets baseline x86-64.
 // FMA is left out on purpose: without contraction both versions round identically, so results do
 // not depend on the CPU. Measured on one core, 1M logits, baseline -> with the AVX2 clone: softmax
 // top-1 6.4 -> 5.0 ms (E = 64) and 4.8 -> 3.2 ms (E = 1024); z-loss 3.0 -> 2.5 ms (E = 1024).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define MS_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MS_AVX2_CLONES
-#endif
-
 MS_AVX2_CLONES void softmax_row_f32(const float* x, float* p, int64_t n) { softmax_row_impl(x, p, n); }
 MS_AVX2_CLONES float logsumexp_row_f32(const float* x, float* tmp, int64_t n) { return logsumexp_row_impl(x, tmp, n); }
 MS_AVX2_CLONES void sigmoid_row_f32(const float* x, float* s, int64_t n) { sigmoid_row_impl(x, s, n); }
@@ -356,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> router_topk_cpu(const at::Tensor& logits, int
            "k must be <= topk_groups * E / num_groups = ", topk_groups * (E / num_groups),
            " (experts left after group selection), got k = ", k);
   at::Tensor bias_acc;
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     check_same_device(logits, b, op, "logits", "bias");
@@ -474,7 +469,7 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights, const at::Te
   MS_CHECK(grad_weights.size(0) == T && grad_weights.size(1) == k, op, "grad_weights must have the shape of ids [", T,
            ", ", k, "], got ", shape_str(grad_weights));
   const Score sc = parse_score(score, op);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   const at::Tensor id = ids.contiguous();
   const at::Tensor gw = grad_weights.to(acc).contiguous();
@@ -584,7 +579,7 @@ at::Tensor router_aux_loss_cpu(const at::Tensor& logits, const at::Tensor& ids, 
   const char* op = "router_aux_loss";
   check_loss_inputs(logits, ids, mask, op);
   const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   const at::Tensor id = ids.contiguous();
   const at::Tensor m = mask_acc(mask, acc);
@@ -640,7 +635,7 @@ at::Tensor router_aux_loss_backward_cpu(const at::Tensor& grad, const at::Tensor
   check_loss_inputs(logits, ids, mask, op);
   const double g = scalar_grad(grad, logits, op);
   const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   const at::Tensor id = ids.contiguous();
   const at::Tensor m = mask_acc(mask, acc);
@@ -668,7 +663,7 @@ at::Tensor router_z_loss_cpu(const at::Tensor& logits) {
   check_dim(logits, 2, op, "logits");
   check_float(logits, op, "logits");
   const int64_t T = logits.size(0), E = logits.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   at::Tensor out = at::empty({}, logits.options().dtype(acc));
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_z_loss_cpu", [&] {

@@ -11,7 +11,7 @@
 #include <string>
 
 #include "common/checks.h"
-#include "common/cuda_check.h"
+#include "common/cuda_error.h"
 #include "router/router_cuda.h"
 
 namespace moestream {
