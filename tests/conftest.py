@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moestream
+from moestream._tuning import tuning
 
 HAS_CUDA = torch.cuda.is_available() and moestream.with_cuda
 
@@ -58,9 +59,12 @@ def assert_accurate(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tens
 
 
 @pytest.fixture(autouse=True)
-def _cuda_value_checks(request, monkeypatch):
-    # On CUDA, index and offset *values* are validated only with MOESTREAM_CHECK_INPUTS=1 (it costs a
-    # host sync); the bad-input tests assert those messages, so they run with the checks on.
+def _cuda_value_checks(request):
+    # On CUDA, index and offset *values* are validated only with the tuning key check_inputs (it
+    # costs a host sync); the bad-input tests assert those messages, so they run with the checks on.
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("device") == "cuda" and "bad_input" in request.node.name:
-        monkeypatch.setenv("MOESTREAM_CHECK_INPUTS", "1")
+        with tuning(check_inputs=True):
+            yield
+    else:
+        yield

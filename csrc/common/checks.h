@@ -4,7 +4,6 @@
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "common/types.h"
@@ -49,13 +48,6 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 inline void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
   MS_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got device ", t.device());
   MS_CHECK(t.device() == ref.device(), op, name, " must be on ", ref.device(), ", got ", t.device());
-}
-
-// MOESTREAM_CHECK_INPUTS=1 turns on value checks (ids / perm / offsets in range) that need a
-// device->host copy, i.e. a synchronisation. Off by default: CUDA ops never synchronise unless asked to.
-inline bool check_inputs_enabled() {
-  const char* v = std::getenv("MOESTREAM_CHECK_INPUTS");
-  return v != nullptr && std::string(v) == "1";
 }
 
 // Accumulation dtype of every kernel (AccType in common/types.h): float64 for float64, else float32.

@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -19,36 +18,21 @@
 #include "common/checks.h"
 #include "common/cpu_isa.h"
 #include "common/cpu_memory.h"
+#include "common/tuning.h"
 #include "grouped_mm/grouped_mm_checks.h"
 
 namespace moestream {
 namespace {
 
 // ----------------------------------------------------------------------------------------------
-// tuning knobs and CPU capabilities
+// tuning
 //
-// The MOESTREAM_CPU_* environment variables below exist for benchmarking the alternatives; they
-// are read at each call (a few getenv look-ups, nothing next to a GEMM) so that one process can
-// time them side by side. Unset, the measured defaults apply.
-
-std::string env_str(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr ? std::string() : std::string(v);
-}
+// The tuning keys cpu_gmm_schedule, cpu_panel_kb, cpu_small_rows and cpu_lowp_gemm
+// (common/tuning.h) exist for benchmarking the alternatives; each op reads them once per call.
+// Unchanged, the measured defaults apply.
 
 using cpu::is_lowp;
 using cpu::lowp_native;
-
-// Scheduling of grouped_mm's groups (MOESTREAM_CPU_GMM_SCHEDULE=split|serial overrides):
-//  - split: the used rows are cut into one contiguous range per thread (so every thread gets the
-//    same FLOPs whatever the group sizes); each thread runs single-threaded GEMMs on the pieces of
-//    the groups inside its range.
-//  - serial: one group after the other, each GEMM multi-threaded by the BLAS.
-// See choose_split() for the measurements behind the default.
-int gmm_schedule() {
-  const std::string x = env_str("MOESTREAM_CPU_GMM_SCHEDULE");
-  return x == "split" ? 1 : (x == "serial" ? 2 : 0);
-}
 
 // ----------------------------------------------------------------------------------------------
 // argument checks
@@ -98,11 +82,9 @@ std::vector<Segment> segments_in(const std::vector<int64_t>& ends, int64_t p0, i
 // Column panel width of the float32 copy of b[g] in the low-precision path: the panel
 // (K x width floats) is converted right before the GEMM reads it, so it should still be in L2.
 // 128 KiB to 4 MiB panels timed within noise of each other on the 2-core test machine (bf16,
-// M=4096, K=512/1024, N=1024); 512 KiB is a middle that fits common L2 sizes.
-// MOESTREAM_CPU_PANEL_KB overrides.
-int64_t lowp_panel(int64_t K, int64_t N) {
-  const std::string e = env_str("MOESTREAM_CPU_PANEL_KB");
-  const int64_t kb = e.empty() ? 512 : std::atoll(e.c_str());
+// M=4096, K=512/1024, N=1024); 512 KiB is a middle that fits common L2 sizes (the default of the
+// tuning key cpu_panel_kb).
+int64_t lowp_panel(int64_t K, int64_t N, int64_t kb) {
   const int64_t budget = (kb * 1024) / 4;  // floats
   int64_t w = std::max<int64_t>(64, (budget / std::max<int64_t>(K, 1)) / 64 * 64);
   return std::min(w, N);
@@ -300,6 +282,8 @@ struct GmmArgs {
   bool transpose_b;
   bool via_float;  // low precision through float32 buffers
   int64_t K, N;
+  int64_t panel;                       // lowp_panel(): column width of the float32 panels of b[g]
+  int64_t small_rows_n, small_rows_k;  // small_rows_limit() for N- and K-contiguous weights
 };
 
 // Largest group (rows) that takes the small-row kernels instead of float32 conversion + SGEMM.
@@ -309,11 +293,10 @@ struct GmmArgs {
 //   small, K contiguous     0.14  0.21  0.40  0.90  1.2   1.4-1.5
 //   convert + SGEMM, N c.   0.54  0.65  0.73  0.80  0.93  1.06-1.18
 //   convert + SGEMM, K c.   0.32  0.41  0.61  0.75  0.87  0.96-1.0
-// MOESTREAM_CPU_SMALL_ROWS caps both (0 disables the small kernels; benchmarking).
-int64_t small_rows_limit(bool n_contiguous) {
+// The tuning key cpu_small_rows caps both (0 disables the small kernels; benchmarking).
+int64_t small_rows_limit(bool n_contiguous, int64_t cap) {
   const int64_t limit = n_contiguous ? 8 : 4;
-  const std::string e = env_str("MOESTREAM_CPU_SMALL_ROWS");
-  return e.empty() ? limit : std::min<int64_t>(std::atoll(e.c_str()), limit);
+  return cap < 0 ? limit : std::min<int64_t>(cap, limit);
 }
 
 void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tensor& b_buf, at::Tensor& c_buf) {
@@ -332,8 +315,7 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
   }
   const int64_t K = x.K, N = x.N;
   auto B = x.transpose_b ? b_g.t() : b_g;  // [K, N]
-  const bool small = B.stride(1) == 1 ? rows <= small_rows_limit(true)
-                                       : (B.stride(0) == 1 && rows <= small_rows_limit(false));
+  const bool small = B.stride(1) == 1 ? rows <= x.small_rows_n : (B.stride(0) == 1 && rows <= x.small_rows_k);
   if (small) {
     const float* bias = x.bias.defined() ? x.bias.const_data_ptr<float>() + s.g * N : nullptr;
     if (x.a.scalar_type() == at::kBFloat16) {
@@ -346,7 +328,7 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
   // bf16 / fp16 through float32: a's rows once, then b[g] panel by panel.
   auto af = a_buf.narrow(0, 0, rows * K).view({rows, K});
   to_float_2d(a_s, af.data_ptr<float>());
-  const int64_t w = lowp_panel(K, N);
+  const int64_t w = x.panel;
   for (int64_t n0 = 0; n0 < N; n0 += w) {
     const int64_t nb = std::min(w, N - n0);
     auto cf = c_buf.narrow(0, 0, rows * nb).view({rows, nb});
@@ -369,6 +351,11 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
   }
 }
 
+// Scheduling of grouped_mm's groups (the tuning key cpu_gmm_schedule="split" | "serial" overrides):
+//  - split: the used rows are cut into one contiguous range per thread (so every thread gets the
+//    same FLOPs whatever the group sizes); each thread runs single-threaded GEMMs on the pieces of
+//    the groups inside its range.
+//  - serial: one group after the other, each GEMM multi-threaded by the BLAS.
 // Default schedule. Measured with 2 threads on a 2-core AMD EPYC (AVX2) shared with other jobs,
 // 32 groups, ms as min / median of 20 interleaved repetitions:
 //                                        split        serial       dense at::mm (same FLOPs, f32)
@@ -380,9 +367,9 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
 // for tiny groups each thread streams its own experts' weights. Serial stays for small work (no
 // parallel region to pay for) and for few groups with few rows (one expert at decode: cutting 4
 // rows over the threads would make every thread read all of b; the BLAS splits the columns).
-bool choose_split(int64_t used_rows, int64_t groups, int64_t K, int64_t N, int64_t nthreads) {
-  const int s = gmm_schedule();
-  if (s != 0) return s == 1;
+bool choose_split(int64_t used_rows, int64_t groups, int64_t K, int64_t N, int64_t nthreads,
+                  GmmSchedule forced) {
+  if (forced != GmmSchedule::kAuto) return forced == GmmSchedule::kSplit;
   if (nthreads <= 1 || used_rows < 2 * nthreads) return false;
   if (static_cast<double>(used_rows) * K * N < 1e6) return false;
   return groups >= nthreads || used_rows >= 16 * nthreads;
@@ -403,6 +390,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   if (used < M) out.narrow(0, used, M - used).zero_();
   if (used == 0 || N == 0) return out;
 
+  const KernelTuning tune = tuning();
   GmmArgs x;
   x.a = a_in;
   x.b = b_in;
@@ -411,18 +399,21 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   x.K = K;
   x.N = N;
   x.via_float = is_lowp(a_in.scalar_type()) && !lowp_native(a_in.scalar_type());
+  x.panel = lowp_panel(K, N, tune.cpu_panel_kb);
+  x.small_rows_n = small_rows_limit(true, tune.cpu_small_rows);
+  x.small_rows_k = small_rows_limit(false, tune.cpu_small_rows);
   if (bias.has_value()) x.bias = bias->to(x.via_float ? at::kFloat : a_in.scalar_type()).contiguous();
 
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
   int64_t groups = 0;
   for (int64_t g = 0; g < E; ++g) groups += ends[g] > (g ? ends[g - 1] : 0);
-  const bool split = choose_split(used, groups, K, N, nthreads);
+  const bool split = choose_split(used, groups, K, N, nthreads, tune.cpu_gmm_schedule);
   const int64_t parts = split ? std::min(nthreads, used) : 1;
 
   // Buffers of the float32 path, sized for the largest segment a part can meet.
   auto alloc_bufs = [&](int64_t max_rows, at::Tensor& ab, at::Tensor& bb, at::Tensor& cb) {
     if (!x.via_float) return;
-    const int64_t w = lowp_panel(K, N);
+    const int64_t w = x.panel;
     auto opts = a_in.options().dtype(at::kFloat);
     ab = at::empty({max_rows * K}, opts);
     bb = at::empty({K * w}, opts);

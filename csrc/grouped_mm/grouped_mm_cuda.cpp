@@ -3,11 +3,12 @@
 //
 // Offsets live on the device and are not read by the host (no synchronisation), so their values
 // (non-negative, non-decreasing, offsets[-1] <= rows) cannot be validated here: the kernels clamp
-// them so malformed offsets give wrong groups but never out-of-bounds accesses. Set
-// MOESTREAM_CHECK_INPUTS=1 to validate them anyway (one device-to-host copy and sync per call).
+// them so malformed offsets give wrong groups but never out-of-bounds accesses. The tuning key
+// check_inputs (initially MOESTREAM_CHECK_INPUTS=1) validates them anyway (one device-to-host copy
+// and sync per call).
 //
-// MOESTREAM_GMM_IMPL = auto | simt | mma | wgmma | gemv forces a kernel family where it applies
-// (dtype, alignment, device); elsewhere the generic SIMT kernel runs. Read on every call. auto:
+// The tuning key gmm_impl = auto | simt | mma | wgmma | gemv (common/tuning.h) forces a kernel
+// family where it applies (dtype, alignment, device); elsewhere the generic SIMT kernel runs. auto:
 // decode GEMV for a few rows per group, mma.sync tensor cores for aligned bf16/fp16, SIMT
 // otherwise; float32 is computed in true float32 (FFMA, never TF32), float64 in float64.
 #include <ATen/ATen.h>
@@ -16,29 +17,16 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "common/checks.h"
 #include "common/cuda_error.h"
+#include "common/tuning.h"
 #include "grouped_mm/grouped_mm_checks.h"
 #include "grouped_mm/grouped_mm_cuda.h"
 
 namespace moestream {
 namespace {
-
-gmm::Impl requested_impl(const char* op) {
-  const char* v = std::getenv("MOESTREAM_GMM_IMPL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return gmm::Impl::kAuto;
-  if (std::strcmp(v, "simt") == 0) return gmm::Impl::kSimt;
-  if (std::strcmp(v, "mma") == 0) return gmm::Impl::kMma;
-  if (std::strcmp(v, "wgmma") == 0) return gmm::Impl::kWgmma;
-  if (std::strcmp(v, "gemv") == 0) return gmm::Impl::kGemv;
-  MS_CHECK(false, op, "environment variable MOESTREAM_GMM_IMPL must be one of auto, simt, mma, wgmma, gemv, got '",
-           v, "'");
-  return gmm::Impl::kAuto;
-}
 
 gmm::Device current_device() {
   int dev = 0;
@@ -55,13 +43,13 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   MS_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got device ", t.device());
 }
 
-// offsets [E] int32|int64; values are validated only with MOESTREAM_CHECK_INPUTS=1 (host sync).
+// offsets [E] int32|int64; values are validated only with the tuning key check_inputs (host sync).
 void check_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* op, const char* rows_of) {
   check_dim(offsets, 1, op, "offsets");
   check_index(offsets, op, "offsets");
   MS_CHECK(offsets.size(0) == E, op, "offsets must have one entry per group (", E, "), got shape ",
            shape_str(offsets));
-  if (!check_inputs_enabled() || E == 0) return;
+  if (!tuning().check_inputs || E == 0) return;
   const auto o = offsets.to(at::kCPU, at::kLong).contiguous();
   const int64_t* ends = o.const_data_ptr<int64_t>();
   int64_t prev = 0;
@@ -88,7 +76,7 @@ constexpr int64_t kSizeLimit = int64_t(1) << 30;
 at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets, bool transpose_b,
                            const c10::optional<at::Tensor>& bias) {
   // a [M, K] rows sorted by group, b [E, K, N] ([E, N, K] if transpose_b), offsets [E] int32|int64
-  // cumulative row ends (offsets[-1] <= M; values not checked without MOESTREAM_CHECK_INPUTS=1),
+  // cumulative row ends (offsets[-1] <= M; values not checked without the tuning key check_inputs),
   // bias [E, N] (optional) -> out [M, N] in a's dtype; rows past offsets[-1] are zero.
   constexpr const char* op = "grouped_mm";
   check_cuda(a_in, op, "a");
@@ -129,7 +117,8 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
   p.E = E;
   p.transpose_b = transpose_b;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  MS_CUDA_CHECK(gmm::grouped_mm_forward(p, requested_impl(op), current_device(), ws.data_ptr<int>(), stream), op);
+  const gmm::Impl impl = tuning().gmm_impl;
+  MS_CUDA_CHECK(gmm::grouped_mm_forward(p, impl, current_device(), ws.data_ptr<int>(), stream), op);
   return out;
 }
 
@@ -169,7 +158,7 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   p.E = E;
   p.transpose_b = transpose_b;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  MS_CUDA_CHECK(gmm::grouped_mm_weight_grad(p, requested_impl(op), current_device(), stream), op);
+  MS_CUDA_CHECK(gmm::grouped_mm_weight_grad(p, tuning().gmm_impl, current_device(), stream), op);
   return out;
 }
 

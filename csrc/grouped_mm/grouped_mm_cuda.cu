@@ -11,7 +11,7 @@
 //                 aligned pointers.
 //   * wgmma     : forward only, sm_90a: 128x256x64 tiles, two warpgroups issuing asynchronous
 //                 wgmma.mma_async from 128B-swizzled shared memory fed by cp.async. Chosen only when
-//                 MOESTREAM_GMM_IMPL=wgmma (auto keeps mma.sync until the wgmma kernel has been
+//                 the tuning key gmm_impl="wgmma" (auto keeps mma.sync until the wgmma kernel has been
 //                 validated on hardware; see forward_impl).
 //   * simt      : shared-memory tiled FMA GEMM with register blocking for every dtype and shape.
 //                 float32 is true float32 (FFMA, no TF32); float64 accumulates in float64.
@@ -1258,21 +1258,6 @@ cudaError_t weight_grad_typed(const WeightGradArgs& p, Impl impl, cudaStream_t s
 
 // ================================================================================================
 // public entry points
-
-const char* impl_name(Impl impl) {
-  switch (impl) {
-    case Impl::kSimt:
-      return "simt";
-    case Impl::kMma:
-      return "mma";
-    case Impl::kWgmma:
-      return "wgmma";
-    case Impl::kGemv:
-      return "gemv";
-    default:
-      return "auto";
-  }
-}
 
 int64_t forward_workspace_ints(int64_t E) { return 2 * (E + 2); }
 

@@ -15,19 +15,19 @@
 
 #include <cstdint>
 
+#include "common/tuning.h"
 #include "common/types.h"
 
 namespace moestream {
 namespace gmm {
 
-// Kernel families. kAuto picks by dtype, alignment and shape among gemv (a few rows per group),
-// mma (bf16/fp16, aligned, sm_80+) and simt (everything else); it does not pick kWgmma (sm_90a,
-// forward only), which runs only when requested. A requested family that does not apply to the
-// call (dtype, alignment, device, binary) falls back: kWgmma -> kMma -> kSimt, kGemv -> kSimt,
-// kMma -> kSimt. The weight gradient has mma and simt kernels only.
-enum class Impl : int { kAuto = 0, kSimt = 1, kMma = 2, kWgmma = 3, kGemv = 4 };
-
-const char* impl_name(Impl impl);
+// Kernel families (the tuning key gmm_impl, common/tuning.h). kAuto picks by dtype, alignment and
+// shape among gemv (a few rows per group), mma (bf16/fp16, aligned, sm_80+) and simt (everything
+// else); it does not pick kWgmma (sm_90a, forward only), which runs only when requested. A
+// requested family that does not apply to the call (dtype, alignment, device, binary) falls back:
+// kWgmma -> kMma -> kSimt, kGemv -> kSimt, kMma -> kSimt. The weight gradient has mma and simt
+// kernels only.
+using Impl = GmmImpl;
 
 struct Device {
   int sm_count = 1;   // multiprocessors of the current device

@@ -8,8 +8,8 @@
 //  - unpermute / unpermute_backward: perm entries outside [0, N) contribute nothing (and get a zero
 //    weight gradient). perm must be a permutation as permute returns it: should it repeat a row,
 //    unpermute_backward gives that row the contribution of the last (token, slot) naming it.
-// Set MOESTREAM_CHECK_INPUTS=1 to check these values up front (this synchronises) and raise a
-// RuntimeError naming the argument instead.
+// The tuning key check_inputs (initially MOESTREAM_CHECK_INPUTS=1) checks these values up front
+// (this synchronises) and raises a RuntimeError naming the argument instead.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,14 +21,15 @@
 
 #include "common/checks.h"
 #include "common/cuda_error.h"
+#include "common/tuning.h"
 #include "permute/permute_cuda.h"
 
 namespace moestream {
 namespace {
 
-// Values of an index tensor within [0, bound): only with MOESTREAM_CHECK_INPUTS=1 (synchronises).
+// Values of an index tensor within [0, bound): only with the tuning key check_inputs (synchronises).
 void check_index_range(const at::Tensor& idx, int64_t bound, const char* op, const char* name, const char* what) {
-  if (!check_inputs_enabled() || idx.numel() == 0) return;
+  if (!tuning().check_inputs || idx.numel() == 0) return;
   const int64_t lo = idx.min().item<int64_t>();
   const int64_t hi = idx.max().item<int64_t>();
   MS_CHECK(lo >= 0 && hi < bound, op, name, " values must be in [0, ", bound, ") (", what, "), got values in [", lo,
@@ -153,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
            H, "], got ", shape_str(grad_y));
   MS_CHECK(T * k < INT_MAX, op, "perm must have fewer than 2^31 - 1 entries, got shape ", shape_str(perm));
   check_index_range(p64, N, op, "perm", "rows of y_sorted");
-  if (check_inputs_enabled() && p64.numel() > 0) {
+  if (tuning().check_inputs && p64.numel() > 0) {
     MS_CHECK(std::get<0>(at::_unique(p64.reshape({-1}))).numel() == p64.numel(), op,
              "perm must not repeat a row of y_sorted");
   }
