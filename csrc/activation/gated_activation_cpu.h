@@ -13,30 +13,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <type_traits>
 
-#include "common/checks.h"
 #include "common/cpu_isa.h"
 #include "common/types.h"
 
 namespace moestream {
 namespace cpu {
-
-inline ActKind parse_kind(const std::string& kind, const char* op) {
-  if (kind == "swiglu") return ActKind::kSwiglu;
-  if (kind == "geglu") return ActKind::kGeglu;
-  if (kind == "gptoss") return ActKind::kGptoss;
-  MS_CHECK(false, op, "kind must be one of \"swiglu\", \"geglu\", \"gptoss\", got \"", kind, "\"");
-  return ActKind::kSwiglu;
-}
-
-inline ActLayout parse_layout(const std::string& layout, const char* op) {
-  if (layout == "concat") return ActLayout::kConcat;
-  if (layout == "interleaved") return ActLayout::kInterleaved;
-  MS_CHECK(false, op, "layout must be one of \"concat\", \"interleaved\", got \"", layout, "\"");
-  return ActLayout::kConcat;
-}
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 helpers

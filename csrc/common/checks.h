@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <string_view>
 
 #include "common/types.h"
 
@@ -21,6 +22,19 @@ inline std::string shape_str(const at::Tensor& t) {
     s += std::to_string(t.size(i));
   }
   return s + "]";
+}
+
+// The position of `value` in names, which name the values of an enum in order; otherwise the
+// error "moestream.<op>: <what> must be one of "a", "b", got "value"".
+template <size_t N>
+int parse_choice(std::string_view value, const char* const (&names)[N], const char* op, const char* what) {
+  std::string list;
+  for (size_t i = 0; i < N; ++i) {
+    if (value == names[i]) return static_cast<int>(i);
+    list += (i ? ", \"" : "\"") + std::string(names[i]) + "\"";
+  }
+  MS_CHECK(false, op, what, " must be one of ", list, ", got \"", std::string(value), "\"");
+  return 0;
 }
 
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
@@ -44,10 +58,9 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
            " and ", b.device());
 }
 
-// All tensors of a CUDA op on the same CUDA device.
-inline void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+// For the CUDA entry points, after the shared <op>_checks.h have put every tensor on t's device.
+inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   MS_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got device ", t.device());
-  MS_CHECK(t.device() == ref.device(), op, name, " must be on ", ref.device(), ", got ", t.device());
 }
 
 // Accumulation dtype of every kernel (AccType in common/types.h): float64 for float64, else float32.

@@ -33,6 +33,7 @@
 #include <numeric>
 #include <vector>
 
+#include "activation/activation_checks.h"
 #include "activation/gated_activation_cpu.h"
 #include "common/checks.h"
 #include "common/cpu_isa.h"
@@ -638,8 +639,8 @@ at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at:
                            const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
                            c10::string_view kind, c10::string_view layout, bool transpose_b, double alpha,
                            double limit) {
-  const ActKind act_kind = cpu::parse_kind(std::string(kind), kOp);
-  const ActLayout act_layout = cpu::parse_layout(std::string(layout), kOp);
+  const ActKind act_kind = parse_act_kind(kind, kOp);
+  const ActLayout act_layout = parse_act_layout(layout, kOp);
   const ExpertsDims d =
       check_moe_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, transpose_b);
   const int64_t T = d.T, H = d.H, k = d.k, E = d.E;

@@ -35,31 +35,6 @@ using cpu::is_lowp;
 using cpu::lowp_native;
 
 // ----------------------------------------------------------------------------------------------
-// argument checks
-
-// offsets [E] int32|int64 -> host copy, checked to be non-negative, non-decreasing and <= M.
-std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* op,
-                                  const char* rows_of) {
-  check_dim(offsets, 1, op, "offsets");
-  check_index(offsets, op, "offsets");
-  MS_CHECK(offsets.size(0) == E, op, "offsets must have one entry per group (", E, "), got shape ",
-           shape_str(offsets));
-  auto o = offsets.to(at::kLong).contiguous();
-  std::vector<int64_t> ends(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + E);
-  int64_t prev = 0;
-  for (int64_t g = 0; g < E; ++g) {
-    MS_CHECK(ends[g] >= prev, op, "offsets do not add up: they must be non-negative, non-decreasing cumulative row "
-             "ends, got offsets[", g, "] = ", ends[g], (g ? " after offsets[" + std::to_string(g - 1) + "] = " +
-             std::to_string(prev) : std::string()));
-    prev = ends[g];
-  }
-  MS_CHECK(E == 0 || ends[E - 1] <= M, op, "offsets do not add up: offsets[-1] = ", E ? ends[E - 1] : 0,
-           " exceeds the ", M, " rows of ", rows_of);
-  return ends;
-}
-
-
-// ----------------------------------------------------------------------------------------------
 // grouped_mm
 
 struct Segment {
@@ -383,7 +358,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   constexpr const char* op = "grouped_mm";
   const GmmDims d = check_grouped_mm_args(a_in, b_in, offsets, transpose_b, bias);
   const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
-  const auto ends = read_offsets(offsets, E, M, op, "a");
+  const auto ends = check_offsets(offsets, E, M, op, "a", /*read_values=*/true);
   const int64_t used = E ? ends[E - 1] : 0;
 
   auto out = cpu::empty_large({M, N}, a_in.options());
@@ -459,7 +434,7 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
   constexpr const char* op = "grouped_mm_weight_grad";
   const GmmDims d = check_grouped_mm_weight_grad_args(a, grad_out, offsets);
   const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
-  const auto ends = read_offsets(offsets, E, M, op, "a");
+  const auto ends = check_offsets(offsets, E, M, op, "a", /*read_values=*/true);
 
   auto out = transpose_b ? cpu::empty_large({E, N, K}, a.options()) : cpu::empty_large({E, K, N}, a.options());
   const bool via_float = is_lowp(a.scalar_type()) && !lowp_native(a.scalar_type());
@@ -571,12 +546,9 @@ at::Tensor grouped_bias_grad_cpu(const at::Tensor& grad_out_in, const at::Tensor
   // grad_out [M, N], offsets [E] -> grad_bias [E, N] in grad_out's dtype: per-group row sums,
   // accumulated in float32 (float64 for float64) in row order.
   constexpr const char* op = "grouped_bias_grad";
-  check_dim(grad_out_in, 2, op, "grad_out");
-  check_float(grad_out_in, op, "grad_out");
-  check_same_device(grad_out_in, offsets, op, "grad_out", "offsets");
-  check_dim(offsets, 1, op, "offsets");
-  const int64_t M = grad_out_in.size(0), N = grad_out_in.size(1), E = offsets.size(0);
-  const auto ends = read_offsets(offsets, E, M, op, "grad_out");
+  const GmmDims d = check_grouped_bias_grad_args(grad_out_in, offsets);
+  const int64_t M = d.M, N = d.N, E = d.E;
+  const auto ends = check_offsets(offsets, E, M, op, "grad_out", /*read_values=*/true);
   auto dy = grad_out_in.contiguous();
   auto out = at::empty({E, N}, dy.options());
   if (E == 0 || N == 0) return out;

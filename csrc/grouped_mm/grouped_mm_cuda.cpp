@@ -38,32 +38,6 @@ gmm::Device current_device() {
   return d;
 }
 
-
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  MS_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got device ", t.device());
-}
-
-// offsets [E] int32|int64; values are validated only with the tuning key check_inputs (host sync).
-void check_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* op, const char* rows_of) {
-  check_dim(offsets, 1, op, "offsets");
-  check_index(offsets, op, "offsets");
-  MS_CHECK(offsets.size(0) == E, op, "offsets must have one entry per group (", E, "), got shape ",
-           shape_str(offsets));
-  if (!tuning().check_inputs || E == 0) return;
-  const auto o = offsets.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* ends = o.const_data_ptr<int64_t>();
-  int64_t prev = 0;
-  for (int64_t g = 0; g < E; ++g) {
-    MS_CHECK(ends[g] >= prev, op,
-             "offsets do not add up: they must be non-negative, non-decreasing cumulative row ends, got offsets[", g,
-             "] = ", ends[g],
-             (g ? " after offsets[" + std::to_string(g - 1) + "] = " + std::to_string(prev) : std::string()));
-    prev = ends[g];
-  }
-  MS_CHECK(ends[E - 1] <= M, op, "offsets do not add up: offsets[-1] = ", ends[E - 1], " exceeds the ", M,
-           " rows of ", rows_of);
-}
-
 // A 2-D operand as (pointer, leading dimension) with unit stride along columns; copies only when
 // the rows are not unit-stride.
 at::Tensor rows_unit_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
@@ -79,13 +53,13 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
   // cumulative row ends (offsets[-1] <= M; values not checked without the tuning key check_inputs),
   // bias [E, N] (optional) -> out [M, N] in a's dtype; rows past offsets[-1] are zero.
   constexpr const char* op = "grouped_mm";
-  check_cuda(a_in, op, "a");
   const GmmDims d = check_grouped_mm_args(a_in, b_in, offsets, transpose_b, bias);
+  check_cuda(a_in, op, "a");
   const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
   MS_CHECK(gmm::forward_shape_supported(M, N, K, E), op, "sizes too large for the CUDA kernels: a ", shape_str(a_in),
            ", b ", shape_str(b_in), " (each of M, N, K and E must be below 2^30)");
   c10::cuda::CUDAGuard guard(a_in.device());
-  check_offsets(offsets, E, M, op, "a");
+  check_offsets(offsets, E, M, op, "a", tuning().check_inputs);
 
   auto out = at::empty({M, N}, a_in.options());
   if (M == 0 || N == 0) return out;
@@ -129,13 +103,13 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   // a [M, K], grad_out [M, N] (same dtype), offsets [E] -> grad_b [E, K, N] (a_g^T dy_g), or
   // [E, N, K] (dy_g^T a_g) if transpose_b; groups without rows get zero blocks. Deterministic.
   constexpr const char* op = "grouped_mm_weight_grad";
-  check_cuda(a_in, op, "a");
   const GmmDims d = check_grouped_mm_weight_grad_args(a_in, grad_out_in, offsets);
+  check_cuda(a_in, op, "a");
   const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
   MS_CHECK(M < kSizeLimit && K < kSizeLimit && N < kSizeLimit, op, "sizes too large for the CUDA kernels: a ",
            shape_str(a_in), ", grad_out ", shape_str(grad_out_in), " (each must be below 2^30)");
   c10::cuda::CUDAGuard guard(a_in.device());
-  check_offsets(offsets, E, M, op, "a");
+  check_offsets(offsets, E, M, op, "a", tuning().check_inputs);
 
   auto out = transpose_b ? at::empty({E, N, K}, a_in.options()) : at::empty({E, K, N}, a_in.options());
   if (E == 0 || K == 0 || N == 0) return out;
@@ -168,14 +142,11 @@ at::Tensor grouped_bias_grad_cuda(const at::Tensor& grad_out_in, const at::Tenso
   // grad_out [M, N], offsets [E] -> grad_bias [E, N] in grad_out's dtype: per-group row sums,
   // float32 (float64) accumulation in a fixed order (deterministic).
   constexpr const char* op = "grouped_bias_grad";
-  check_dim(grad_out_in, 2, op, "grad_out");
-  check_float(grad_out_in, op, "grad_out");
+  const GmmDims d = check_grouped_bias_grad_args(grad_out_in, offsets);
   check_cuda(grad_out_in, op, "grad_out");
-  check_same_device(grad_out_in, offsets, op, "grad_out", "offsets");
-  check_dim(offsets, 1, op, "offsets");
-  const int64_t M = grad_out_in.size(0), N = grad_out_in.size(1), E = offsets.size(0);
+  const int64_t M = d.M, N = d.N, E = d.E;
   c10::cuda::CUDAGuard guard(grad_out_in.device());
-  check_offsets(offsets, E, M, op, "grad_out");
+  check_offsets(offsets, E, M, op, "grad_out", tuning().check_inputs);
 
   auto out = at::empty({E, N}, grad_out_in.options());
   if (E == 0 || N == 0) return out;

@@ -19,18 +19,12 @@
 
 #include "common/checks.h"
 #include "common/cpu_isa.h"
+#include "router/router_checks.h"
 
 namespace moestream {
 namespace {
 
-enum class Score { Softmax, Sigmoid };
-
-Score parse_score(std::string_view score, const char* op) {
-  if (score == "softmax") return Score::Softmax;
-  if (score == "sigmoid") return Score::Sigmoid;
-  MS_CHECK(false, op, "score must be \"softmax\" or \"sigmoid\", got \"", std::string(score), "\"");
-  return Score::Softmax;
-}
+using Score = RouterScore;
 
 // Token chunk of the loss reductions. Partial sums are formed per chunk and combined in chunk
 // order, so the result does not depend on the number of threads.
@@ -276,7 +270,7 @@ void router_topk_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>*
       // scores: what the weights are taken from (unless topk_first) and what selection starts from
       const acc_t* base = lg.data();
       if (!topk_first) {
-        if (score == Score::Softmax) {
+        if (score == Score::kSoftmax) {
           softmax_row(lg.data(), s.data(), E);
         } else {
           sigmoid_row(lg.data(), s.data(), E);
@@ -306,7 +300,7 @@ void router_topk_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>*
       select_topk(choice, E, k, id, scratch.data());
       if (topk_first) {
         for (int64_t j = 0; j < k; ++j) w[j] = lg[id[j]];
-        if (score == Score::Softmax) {
+        if (score == Score::kSoftmax) {
           softmax_row(w.data(), w.data(), k);
         } else {
           for (int64_t j = 0; j < k; ++j) w[j] = sigmoid(w[j]);
@@ -334,31 +328,11 @@ std::tuple<at::Tensor, at::Tensor> router_topk_cpu(const at::Tensor& logits, int
                                                    bool topk_first, const std::optional<at::Tensor>& bias,
                                                    int64_t num_groups, int64_t topk_groups, bool normalize,
                                                    double scale) {
-  const char* op = "router_topk";
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
-  const int64_t T = logits.size(0), E = logits.size(1);
-  // selection keys hold the expert index in 32 bits
-  MS_CHECK(E < (int64_t(1) << 31), op, "logits must have fewer than 2^31 experts, got E = ", E);
-  MS_CHECK(k >= 1 && k <= E, op, "k must be in [1, E] with E = logits.size(1) = ", E, ", got k = ", k);
-  const Score sc = parse_score(score, op);
-  MS_CHECK(num_groups >= 1, op, "num_groups must be >= 1, got ", num_groups);
-  MS_CHECK(E % num_groups == 0, op, "num_groups must divide the number of experts E = ", E,
-           ", got num_groups = ", num_groups);
-  MS_CHECK(topk_groups >= 1 && topk_groups <= num_groups, op, "topk_groups must be in [1, num_groups = ", num_groups,
-           "], got ", topk_groups);
-  MS_CHECK(k <= topk_groups * (E / num_groups), op,
-           "k must be <= topk_groups * E / num_groups = ", topk_groups * (E / num_groups),
-           " (experts left after group selection), got k = ", k);
-  at::Tensor bias_acc;
+  const RouterDims d = check_router_topk_args(logits, k, score, bias, num_groups, topk_groups);
+  const int64_t T = d.T, E = d.E;
+  const Score sc = d.score;
   const auto acc = acc_dtype(logits.scalar_type());
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    check_same_device(logits, b, op, "logits", "bias");
-    check_float(b, op, "bias");
-    MS_CHECK(b.dim() == 1 && b.size(0) == E, op, "bias must have shape [E] = [", E, "], got ", shape_str(b));
-    bias_acc = b.to(acc).contiguous();
-  }
+  const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor lg = logits.contiguous();
   at::Tensor weights = at::empty({T, k}, logits.options().dtype(acc));
   at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kLong));
@@ -390,11 +364,11 @@ void router_topk_backward_kernel(const at::opmath_type<scalar_t>* grad_w, const 
       const index_t* id = ids + t * k;
       const acc_t* dw = grad_w + t * k;
       // g: the weights before normalisation and scaling, recomputed from the logits
-      const bool full_softmax = score == Score::Softmax && !topk_first;
+      const bool full_softmax = score == Score::kSoftmax && !topk_first;
       if (full_softmax) {
         softmax_row(lg.data(), p.data(), E);
         for (int64_t j = 0; j < k; ++j) g[j] = p[id[j]];
-      } else if (score == Score::Sigmoid) {
+      } else if (score == Score::kSigmoid) {
         for (int64_t j = 0; j < k; ++j) g[j] = sigmoid(lg[id[j]]);
       } else {
         for (int64_t j = 0; j < k; ++j) g[j] = lg[id[j]];
@@ -419,7 +393,7 @@ void router_topk_backward_kernel(const at::opmath_type<scalar_t>* grad_w, const 
         for (int64_t j = 0; j < k; ++j) c += g[j] * dg[j];
         for (int64_t e = 0; e < E; ++e) out[e] = -p[e] * c;
         for (int64_t j = 0; j < k; ++j) out[id[j]] += g[j] * dg[j];
-      } else if (score == Score::Sigmoid) {
+      } else if (score == Score::kSigmoid) {
         std::fill(out.begin(), out.end(), acc_t(0));
         for (int64_t j = 0; j < k; ++j) out[id[j]] += dg[j] * g[j] * (acc_t(1) - g[j]);
       } else {
@@ -435,45 +409,19 @@ void router_topk_backward_kernel(const at::opmath_type<scalar_t>* grad_w, const 
   });
 }
 
-// Every entry of ids [T, k] (contiguous) lies in [0, E).
-void check_ids_range(const at::Tensor& ids, int64_t E, const char* op) {
-  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "check_ids_range", [&] {
-    const index_t* p = ids.const_data_ptr<index_t>();
-    const int64_t n = ids.numel();
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t v = static_cast<int64_t>(p[i]);
-      if (v < 0 || v >= E) {
-        const int64_t k = ids.size(1);
-        MS_CHECK(false, op, "ids must lie in [0, E) with E = logits.size(1) = ", E, ", got ids[", i / k, ", ", i % k,
-                 "] = ", v);
-      }
-    }
-  });
-}
-
 // grad_weights [T, k] float, logits [T, E] float, ids [T, k] int32|int64 in [0, E)
 // -> grad_logits [T, E] in logits' dtype.
 at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& ids,
                                     std::string_view score, bool topk_first, bool normalize, double scale) {
   const char* op = "router_topk_backward";
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
-  check_dim(grad_weights, 2, op, "grad_weights");
-  check_float(grad_weights, op, "grad_weights");
-  check_dim(ids, 2, op, "ids");
-  check_index(ids, op, "ids");
-  check_same_device(logits, grad_weights, op, "logits", "grad_weights");
-  check_same_device(logits, ids, op, "logits", "ids");
-  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  MS_CHECK(ids.size(0) == T, op, "ids must have T = logits.size(0) = ", T, " rows, got shape ", shape_str(ids));
-  MS_CHECK(grad_weights.size(0) == T && grad_weights.size(1) == k, op, "grad_weights must have the shape of ids [", T,
-           ", ", k, "], got ", shape_str(grad_weights));
-  const Score sc = parse_score(score, op);
+  const RouterDims d = check_router_topk_backward_args(grad_weights, logits, ids, score);
+  const int64_t T = d.T, E = d.E, k = d.k;
+  const Score sc = d.score;
   const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   const at::Tensor id = ids.contiguous();
   const at::Tensor gw = grad_weights.to(acc).contiguous();
-  check_ids_range(id, E, op);
+  check_router_ids_range(id, E, op);
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_topk_backward_cpu", [&] {
@@ -489,25 +437,6 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights, const at::Te
 
 // ---------------------------------------------------------------------------------------------
 // load-balancing loss
-
-void check_loss_inputs(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& mask,
-                       const char* op) {
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
-  check_dim(ids, 2, op, "ids");
-  check_index(ids, op, "ids");
-  check_same_device(logits, ids, op, "logits", "ids");
-  const int64_t T = logits.size(0);
-  MS_CHECK(ids.size(0) == T, op, "ids must have T = logits.size(0) = ", T, " rows, got shape ", shape_str(ids));
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    check_same_device(logits, m, op, "logits", "mask");
-    MS_CHECK(m.dim() == 1 && m.size(0) == T, op, "mask must have shape [T] = [", T, "], got ", shape_str(m));
-    const auto d = m.scalar_type();
-    MS_CHECK(at::isFloatingType(d) || at::isIntegralType(d, /*includeBool=*/true), op,
-             "mask must be a float, integer or bool tensor, got ", d);
-  }
-}
 
 // Per-expert sums that both directions need: counts[e] = sum of mask[t] over the (t, s) with
 // ids[t, s] == e, and total = sum of mask. Chunk partials combined in chunk order.
@@ -577,13 +506,13 @@ at::Tensor mask_acc(const std::optional<at::Tensor>& mask, at::ScalarType acc) {
 // (no tokens), like the reference.
 at::Tensor router_aux_loss_cpu(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& mask) {
   const char* op = "router_aux_loss";
-  check_loss_inputs(logits, ids, mask, op);
-  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
+  const RouterDims d = check_router_aux_loss_args(logits, ids, mask, op);
+  const int64_t T = d.T, E = d.E, k = d.k;
   const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   const at::Tensor id = ids.contiguous();
   const at::Tensor m = mask_acc(mask, acc);
-  check_ids_range(id, E, op);
+  check_router_ids_range(id, E, op);
   at::Tensor out = at::empty({}, logits.options().dtype(acc));
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_aux_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -622,9 +551,7 @@ void aux_loss_backward_kernel(double grad, const scalar_t* logits, const index_t
 }
 
 double scalar_grad(const at::Tensor& grad, const at::Tensor& logits, const char* op) {
-  check_float(grad, op, "grad");
-  check_same_device(logits, grad, op, "logits", "grad");
-  MS_CHECK(grad.numel() == 1, op, "grad must be a scalar, got shape ", shape_str(grad));
+  check_router_scalar_grad(grad, logits, op);
   return grad.to(at::kDouble).item<double>();
 }
 
@@ -632,14 +559,14 @@ double scalar_grad(const at::Tensor& grad, const at::Tensor& logits, const char*
 at::Tensor router_aux_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& ids,
                                         const std::optional<at::Tensor>& mask) {
   const char* op = "router_aux_loss_backward";
-  check_loss_inputs(logits, ids, mask, op);
+  const RouterDims d = check_router_aux_loss_args(logits, ids, mask, op);
   const double g = scalar_grad(grad, logits, op);
-  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
+  const int64_t T = d.T, E = d.E, k = d.k;
   const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   const at::Tensor id = ids.contiguous();
   const at::Tensor m = mask_acc(mask, acc);
-  check_ids_range(id, E, op);
+  check_router_ids_range(id, E, op);
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_aux_loss_backward_cpu", [&] {
@@ -660,8 +587,7 @@ at::Tensor router_aux_loss_backward_cpu(const at::Tensor& grad, const at::Tensor
 // (NaN for T = 0, the mean of nothing, like the reference).
 at::Tensor router_z_loss_cpu(const at::Tensor& logits) {
   const char* op = "router_z_loss";
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
+  check_router_logits(logits, op);
   const int64_t T = logits.size(0), E = logits.size(1);
   const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
@@ -693,8 +619,7 @@ at::Tensor router_z_loss_cpu(const at::Tensor& logits) {
 // grad scalar, logits [T, E] -> grad_logits [T, E] = grad * 2 * lse_t / T * softmax(logits_t).
 at::Tensor router_z_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& logits) {
   const char* op = "router_z_loss_backward";
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
+  check_router_logits(logits, op);
   const double g = scalar_grad(grad, logits, op);
   const int64_t T = logits.size(0), E = logits.size(1);
   const at::Tensor lg = logits.contiguous();
