@@ -1,7 +1,8 @@
-// sm_90a warpgroup MMA (wgmma) helpers of the grouped-matmul kernels: shared-memory matrix
-// descriptors, fences, commit/wait, and wgmma.mma_async with both operands in shared memory.
-// Everything compiles to nothing unless the target is sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); the host
-// only selects the wgmma kernel on compute capability 9.0 when its binary was built for sm_90a.
+// sm_90a warpgroup MMA (wgmma) helpers of the grouped-matmul wgmma forward (gmm_sm90_wgmma.cu):
+// shared-memory matrix descriptors, fences, commit/wait, and wgmma.mma_async with both operands in
+// shared memory. Everything compiles to nothing unless the target is sm_90a
+// (__CUDA_ARCH_FEAT_SM90_ALL); the host only selects the wgmma kernel on compute capability 9.0 when
+// its binary was built for sm_90a.
 #pragma once
 
 #include <cuda_bf16.h>
