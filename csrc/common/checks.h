@@ -87,3 +87,7 @@ inline FloatKind float_kind(at::ScalarType t) {
 // float32, float64, bfloat16, float16
 #define MS_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// The four float dtypes (scalar_t) times int32 / int64 (index_t).
+#define MS_DISPATCH_FLOATS_AND_INDEX(TYPE, INDEX_TYPE, NAME, ...) \
+  MS_DISPATCH_FLOATS(TYPE, NAME, [&] { AT_DISPATCH_INDEX_TYPES(INDEX_TYPE, NAME, __VA_ARGS__); })

@@ -17,14 +17,10 @@ namespace {
 
 constexpr int kGemvThreads = 256;
 
-// transpose_b, b[g] is [N, K]: warp w owns NC columns; lanes split K in 16-byte pieces and the
-// partial dot products are reduced with a fixed xor-shuffle tree.
-template <typename T, int R, int NC>
-__global__ void __launch_bounds__(kGemvThreads, 2) gemv_nk_kernel(FwdParams<T> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr int VEC = 16 / sizeof(T);
-  constexpr int NS = (kGemvThreads / 32) * NC;  // columns per item
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+// Walks this CTA's work items (up to R rows of a group by NS columns from n0) and calls
+// item(t, n0, nrows) for each; the items of the tail rows past offsets[-1] are zeroed here.
+template <typename T, int R, int NS, typename Item>
+__device__ __forceinline__ void for_each_item(const FwdParams<T>& p, int tid, Item&& item) {
   const int n_tiles = static_cast<int>((p.N + NS - 1) / NS);
   const int total = __ldg(p.mtile_start + p.E + 1) * n_tiles;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -38,6 +34,19 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_nk_kernel(FwdParams<T> p
       }
       continue;
     }
+    item(t, n0, nrows);
+  }
+}
+
+// transpose_b, b[g] is [N, K]: warp w owns NC columns; lanes split K in 16-byte pieces and the
+// partial dot products are reduced with a fixed xor-shuffle tree.
+template <typename T, int R, int NC>
+__global__ void __launch_bounds__(kGemvThreads, 2) gemv_nk_kernel(FwdParams<T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int NS = (kGemvThreads / 32) * NC;  // columns per item
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for_each_item<T, R, NS>(p, tid, [&](const TileCoord& t, int64_t n0, int nrows) {
     const T* bg = p.b + static_cast<int64_t>(t.g) * p.K * p.N;
     const T* arow = p.a + static_cast<int64_t>(t.row_begin) * p.lda;
     const int64_t c0 = n0 + warp * NC;
@@ -99,7 +108,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_nk_kernel(FwdParams<T> p
           p.out[(t.row_begin + r) * p.ldo + c0 + j] = detail::from_acc<T>(acc[r][j] + bj);
         }
       }
-  }
+  });
 #endif
 }
 
@@ -117,19 +126,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kn_kernel(FwdParams<T> p
   __shared__ float s_red[kWarps][R][NS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int kk = tid / TN, nn = tid % TN;
-  const int n_tiles = static_cast<int>((p.N + NS - 1) / NS);
-  const int total = __ldg(p.mtile_start + p.E + 1) * n_tiles;
-  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const TileCoord t = detail::decode_tile(tile, n_tiles, p.E, R, INT_MAX / 2, p.row_bounds, p.mtile_start);
-    const int64_t n0 = static_cast<int64_t>(t.n_tile) * NS;
-    const int nrows = min(R, t.row_end - t.row_begin);
-    if (t.g >= p.E) {
-      for (int i = tid; i < R * NS; i += kGemvThreads) {
-        const int r = i / NS, c = i % NS;
-        if (r < nrows && n0 + c < p.N) p.out[(t.row_begin + r) * p.ldo + n0 + c] = detail::from_acc<T>(0.f);
-      }
-      continue;
-    }
+  for_each_item<T, R, NS>(p, tid, [&](const TileCoord& t, int64_t n0, int nrows) {
     const T* bg = p.b + static_cast<int64_t>(t.g) * p.K * p.N;
     const T* arow = p.a + static_cast<int64_t>(t.row_begin) * p.lda;
     const int64_t col = n0 + nn * VEC;
@@ -197,7 +194,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kn_kernel(FwdParams<T> p
       }
     }
     __syncthreads();
-  }
+  });
 #endif
 }
 

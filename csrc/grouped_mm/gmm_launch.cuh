@@ -31,20 +31,17 @@ template <auto Kernel>
 cudaError_t prepare(int threads, int smem, int* blocks_per_sm) {
   if (smem > 48 * 1024) {
     int dev = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e != cudaSuccess) return e;
+    MS_CUDA_TRY(cudaGetDevice(&dev));
     const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
     if (bit == 0 || !(KernelState<Kernel>::attr_set.load() & bit)) {
-      e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return e;
+      MS_CUDA_TRY(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       KernelState<Kernel>::attr_set.fetch_or(bit);
     }
   }
   if (blocks_per_sm != nullptr) {
     int occ = KernelState<Kernel>::occupancy.load();
     if (occ == 0) {
-      cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, Kernel, threads, smem);
-      if (e != cudaSuccess) return e;
+      MS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, Kernel, threads, smem));
       occ = occ < 1 ? 1 : occ;
       KernelState<Kernel>::occupancy.store(occ);
     }
@@ -87,10 +84,8 @@ template <typename T, auto Kernel>
 cudaError_t launch_persistent(const ForwardArgs& p, const Device& dev, int* ws, cudaStream_t stream, int bm,
                               int64_t n_tiles, int threads, int smem) {
   int occ = 1;
-  cudaError_t e = prepare<Kernel>(threads, smem, &occ);
-  if (e != cudaSuccess) return e;
-  e = run_schedule(p, bm, ws, stream);
-  if (e != cudaSuccess) return e;
+  MS_CUDA_TRY(prepare<Kernel>(threads, smem, &occ));
+  MS_CUDA_TRY(run_schedule(p, bm, ws, stream));
   const int64_t bound = max_mtiles(p.M, p.E, bm) * n_tiles;
   int64_t grid = static_cast<int64_t>(dev.sm_count > 0 ? dev.sm_count : 1) * occ;
   grid = grid < bound ? grid : bound;
@@ -129,14 +124,12 @@ constexpr int64_t kMaxGridY = 65535;
 template <typename T, auto Kernel>
 cudaError_t launch_per_group(WgParams<T> k, int64_t E, int64_t tiles, int threads, int smem, cudaStream_t stream) {
   if (tiles > static_cast<int64_t>(INT_MAX)) return cudaErrorInvalidConfiguration;
-  cudaError_t e = prepare<Kernel>(threads, smem, nullptr);
-  if (e != cudaSuccess) return e;
+  MS_CUDA_TRY(prepare<Kernel>(threads, smem, nullptr));
   for (int64_t g0 = 0; g0 < E; g0 += kMaxGridY) {
     k.g_base = g0;
     const int64_t ng = E - g0 < kMaxGridY ? E - g0 : kMaxGridY;
     Kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(ng)), threads, smem, stream>>>(k);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
+    MS_CUDA_LAUNCH_CHECK();
   }
   return cudaSuccess;
 }

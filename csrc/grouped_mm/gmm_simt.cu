@@ -22,10 +22,7 @@ __global__ void __launch_bounds__(SimtCfg<T>::kThreads, 2) simt_forward_kernel(F
     const Operand<T> A{p.a, p.lda, t.row_begin, t.row_end};
     const Operand<T> B{bg, B_RC ? p.K : p.N, n0, p.N};
     Acc acc[C::TM][C::TN];
-#pragma unroll
-    for (int i = 0; i < C::TM; ++i)
-#pragma unroll
-      for (int j = 0; j < C::TN; ++j) acc[i][j] = 0;
+    simt_zero<T>(acc);
     simt_mainloop<T, true, B_RC>(acc, A, B, 0, real ? p.K : 0);
     const Acc* bias = (real && p.bias != nullptr) ? p.bias + static_cast<int64_t>(t.g) * p.N : nullptr;
     simt_epilogue<T>(acc, p.out, p.ldo, t.row_begin, t.row_end, n0, p.N, bias);

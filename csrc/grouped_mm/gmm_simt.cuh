@@ -79,6 +79,15 @@ struct SimtLoader {
   }
 };
 
+// Zeroes one thread's accumulators of a SIMT tile.
+template <typename T>
+__device__ __forceinline__ void simt_zero(acc_t<T> (&acc)[SimtCfg<T>::TM][SimtCfg<T>::TN]) {
+#pragma unroll
+  for (int i = 0; i < SimtCfg<T>::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < SimtCfg<T>::TN; ++j) acc[i][j] = 0;
+}
+
 // acc[i][j] += sum_k A(o_a = A.o_begin + ty + i * TY, k) * B(k, o_b = B.o_begin + tx + j * TX) over
 // k in [k_begin, k_end); one k-slab in shared memory, the next one prefetched into registers while
 // the current one is multiplied.

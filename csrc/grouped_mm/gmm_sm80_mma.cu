@@ -25,12 +25,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) mma_forward_ke
     const Operand<T> A{p.a, p.lda, t.row_begin, t.row_end};
     const Operand<T> B{bg, B_RC ? p.K : p.N, n0, p.N};
     float acc[Cfg::MI][Cfg::NI][4];
-#pragma unroll
-    for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < Cfg::NI; ++ni)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) acc[mi][ni][v] = 0.f;
+    mma_zero<Cfg>(acc);
     mma_mainloop<T, Cfg, true, B_RC>(acc, smem, A, B, 0, real ? p.K : 0);
     const float* bias = (real && p.bias != nullptr) ? p.bias + static_cast<int64_t>(t.g) * p.N : nullptr;
     mma_epilogue<T, Cfg>(acc, smem, p.out, p.ldo, t.row_begin, t.row_end, n0, static_cast<int>(p.N), bias);

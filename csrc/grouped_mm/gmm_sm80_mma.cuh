@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "grouped_mm/gmm_common.cuh"
 
@@ -39,45 +40,40 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Four 8x8 b16 matrices from shared memory, transposed (.trans) when kTrans.
+#define MS_LDMATRIX_X4(SUFFIX)                                                                \
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4" SUFFIX ".shared.b16 {%0, %1, %2, %3}, [%4];\n" \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                               \
+               : "r"(addr))
+template <bool kTrans>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  if constexpr (kTrans)
+    MS_LDMATRIX_X4(".trans");
+  else
+    MS_LDMATRIX_X4("");
 #endif
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-}
+#undef MS_LDMATRIX_X4
 
-// d += a * b for one m16n8k16 tile, fp32 accumulation.
+// d += a * b for one m16n8k16 tile, fp32 accumulation; TYPE is the PTX type of a and b.
+#define MS_MMA16816(TYPE)                                                                             \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                 \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"               \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    MS_MMA16816("bf16");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "mma16816: bfloat16 or float16");
+    MS_MMA16816("f16");
+  }
 #endif
 }
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
+#undef MS_MMA16816
 
 // ----------------------------------------------------------------------------------------------
 // tensor-core (mma.sync) GEMM tile
@@ -221,6 +217,17 @@ struct FragAddr {
   }
 };
 
+// Zeroes one thread's accumulators of a Cfg tile.
+template <class Cfg>
+__device__ __forceinline__ void mma_zero(float (&acc)[Cfg::MI][Cfg::NI][4]) {
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::NI; ++ni)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[mi][ni][v] = 0.f;
+}
+
 // acc += A[o_a-tile, k_begin:k_end] * B[k_begin:k_end, o_b-tile]. Ends with all cp.async groups
 // drained and a barrier, so the caller may reuse the shared memory.
 template <typename T, class Cfg, bool A_RC, bool B_RC>
@@ -264,19 +271,11 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
       uint32_t af[Cfg::MI][4];
       uint32_t bf[Cfg::NI][2];
 #pragma unroll
-      for (int mi = 0; mi < Cfg::MI; ++mi) {
-        if constexpr (A_RC)
-          detail::ldmatrix_x4(af[mi], fa(sa, mi, j));
-        else
-          detail::ldmatrix_x4_trans(af[mi], fa(sa, mi, j));
-      }
+      for (int mi = 0; mi < Cfg::MI; ++mi) detail::ldmatrix_x4<!A_RC>(af[mi], fa(sa, mi, j));
 #pragma unroll
       for (int nj = 0; nj < Cfg::NI / 2; ++nj) {
         uint32_t r[4];
-        if constexpr (B_RC)
-          detail::ldmatrix_x4(r, fb(sb, nj, j));
-        else
-          detail::ldmatrix_x4_trans(r, fb(sb, nj, j));
+        detail::ldmatrix_x4<!B_RC>(r, fb(sb, nj, j));
         bf[2 * nj][0] = r[0];
         bf[2 * nj][1] = r[1];
         bf[2 * nj + 1][0] = r[2];

@@ -10,27 +10,38 @@ namespace gmm {
 namespace detail {
 namespace {
 
+// The output tile of this CTA: group g = g_base + blockIdx.y, the BM x BN tile blockIdx.x of its
+// [MO, NO] block (column-major over tiles), and the group's rows [start, end). I: the index type the
+// kernel keeps m0 and n0 in.
+template <typename I, typename T>
+struct WgTile {
+  int64_t g, start, end;
+  I m0, n0;
+  Operand<T> A, B;
+};
+
+template <typename I, int BM, int BN, typename T>
+__device__ __forceinline__ WgTile<I, T> wgrad_tile(const WgParams<T>& p) {
+  WgTile<I, T> w;
+  w.g = p.g_base + blockIdx.y;
+  const int tiles_m = static_cast<int>((p.MO + BM - 1) / BM);
+  w.m0 = static_cast<I>(blockIdx.x % tiles_m) * BM;
+  w.n0 = static_cast<I>(blockIdx.x / tiles_m) * BN;
+  detail::group_rows(p.offsets, p.i64, w.g, p.M, w.start, w.end);
+  w.A = Operand<T>{p.pa, p.lda, w.m0, p.MO};
+  w.B = Operand<T>{p.pb, p.ldb, w.n0, p.NO};
+  return w;
+}
+
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) mma_wgrad_kernel(WgParams<T> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) char smem[];
-  const int64_t g = p.g_base + blockIdx.y;
-  const int tiles_m = static_cast<int>((p.MO + Cfg::BM - 1) / Cfg::BM);
-  const int m0 = static_cast<int>(blockIdx.x % tiles_m) * Cfg::BM;
-  const int n0 = static_cast<int>(blockIdx.x / tiles_m) * Cfg::BN;
-  int64_t start, end;
-  detail::group_rows(p.offsets, p.i64, g, p.M, start, end);
-  const Operand<T> A{p.pa, p.lda, m0, p.MO};
-  const Operand<T> B{p.pb, p.ldb, n0, p.NO};
+  const WgTile<int, T> w = wgrad_tile<int, Cfg::BM, Cfg::BN>(p);
   float acc[Cfg::MI][Cfg::NI][4];
-#pragma unroll
-  for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < Cfg::NI; ++ni)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) acc[mi][ni][v] = 0.f;
-  mma_mainloop<T, Cfg, false, false>(acc, smem, A, B, start, end);
-  mma_epilogue<T, Cfg>(acc, smem, p.out + g * p.MO * p.NO, p.NO, m0, static_cast<int>(p.MO), n0,
+  mma_zero<Cfg>(acc);
+  mma_mainloop<T, Cfg, false, false>(acc, smem, w.A, w.B, w.start, w.end);
+  mma_epilogue<T, Cfg>(acc, smem, p.out + w.g * p.MO * p.NO, p.NO, w.m0, static_cast<int>(p.MO), w.n0,
                        static_cast<int>(p.NO), nullptr);
 #endif
 }
@@ -38,22 +49,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) mma_wgrad_kern
 template <typename T>
 __global__ void __launch_bounds__(SimtCfg<T>::kThreads, 2) simt_wgrad_kernel(WgParams<T> p) {
   using C = SimtCfg<T>;
-  using Acc = acc_t<T>;
-  const int64_t g = p.g_base + blockIdx.y;
-  const int tiles_m = static_cast<int>((p.MO + C::BM - 1) / C::BM);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x % tiles_m) * C::BM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x / tiles_m) * C::BN;
-  int64_t start, end;
-  detail::group_rows(p.offsets, p.i64, g, p.M, start, end);
-  const Operand<T> A{p.pa, p.lda, m0, p.MO};
-  const Operand<T> B{p.pb, p.ldb, n0, p.NO};
-  Acc acc[C::TM][C::TN];
-#pragma unroll
-  for (int i = 0; i < C::TM; ++i)
-#pragma unroll
-    for (int j = 0; j < C::TN; ++j) acc[i][j] = 0;
-  simt_mainloop<T, false, false>(acc, A, B, start, end);
-  simt_epilogue<T>(acc, p.out + g * p.MO * p.NO, p.NO, m0, p.MO, n0, p.NO, nullptr);
+  const WgTile<int64_t, T> w = wgrad_tile<int64_t, C::BM, C::BN>(p);
+  acc_t<T> acc[C::TM][C::TN];
+  simt_zero<T>(acc);
+  simt_mainloop<T, false, false>(acc, w.A, w.B, w.start, w.end);
+  simt_epilogue<T>(acc, p.out + w.g * p.MO * p.NO, p.NO, w.m0, p.MO, w.n0, p.NO, nullptr);
 }
 
 // ================================================================================================
@@ -118,22 +118,11 @@ cudaError_t bias_grad(const BiasGradArgs& p, cudaStream_t stream) {
       bias_grad_kernel<T><<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(ng)), dim3(32, 8), 0,
                             stream>>>(static_cast<const T*>(p.dy), p.ldd, p.offsets, p.offsets_int64,
                                       static_cast<T*>(p.out), p.M, p.N, g0);
-      const cudaError_t e = cudaGetLastError();
-      if (e != cudaSuccess) return e;
+      MS_CUDA_LAUNCH_CHECK();
     }
     return cudaSuccess;
   };
-  switch (p.dtype) {
-    case FloatKind::kFloat32:
-      return run(static_cast<float*>(nullptr));
-    case FloatKind::kFloat64:
-      return run(static_cast<double*>(nullptr));
-    case FloatKind::kBFloat16:
-      return run(static_cast<__nv_bfloat16*>(nullptr));
-    case FloatKind::kFloat16:
-      return run(static_cast<__half*>(nullptr));
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_float(p.dtype, run);
 }
 
 }  // namespace detail

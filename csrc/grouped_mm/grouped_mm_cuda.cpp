@@ -43,6 +43,18 @@ gmm::Device current_device() {
 at::Tensor rows_unit_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 int64_t leading_dim(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
+// The fields every argument struct shares; dtype is the operands'.
+void set_group_args(gmm::GroupArgs& p, at::ScalarType dtype, const at::Tensor& offs, const at::Tensor& out,
+                    const GmmDims& d) {
+  p.dtype = float_kind(dtype);
+  p.offsets = offs.const_data_ptr();
+  p.offsets_int64 = offs.scalar_type() == at::kLong;
+  p.out = out.data_ptr();
+  p.M = d.M;
+  p.N = d.N;
+  p.E = d.E;
+}
+
 constexpr int64_t kSizeLimit = int64_t(1) << 30;
 
 // ---- grouped_mm ---------------------------------------------------------------------------------
@@ -76,19 +88,13 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
   auto ws = at::empty({gmm::forward_workspace_ints(E)}, a.options().dtype(at::kInt));
 
   gmm::ForwardArgs p;
-  p.dtype = float_kind(a.scalar_type());
+  set_group_args(p, a.scalar_type(), offs, out, d);
   p.a = a.const_data_ptr();
   p.lda = leading_dim(a);
   p.b = b.const_data_ptr();
-  p.offsets = offs.const_data_ptr();
-  p.offsets_int64 = offs.scalar_type() == at::kLong;
   p.bias = bias_acc.defined() ? bias_acc.const_data_ptr() : nullptr;
-  p.out = out.data_ptr();
   p.ldo = N;
-  p.M = M;
-  p.N = N;
   p.K = K;
-  p.E = E;
   p.transpose_b = transpose_b;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const gmm::Impl impl = tuning().gmm_impl;
@@ -118,18 +124,12 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   const auto dy = rows_unit_stride(grad_out_in);
   const auto offs = offsets.contiguous();
   gmm::WeightGradArgs p;
-  p.dtype = float_kind(a.scalar_type());
+  set_group_args(p, a.scalar_type(), offs, out, d);
   p.a = a.const_data_ptr();
   p.lda = leading_dim(a);
   p.dy = dy.const_data_ptr();
   p.ldd = leading_dim(dy);
-  p.offsets = offs.const_data_ptr();
-  p.offsets_int64 = offs.scalar_type() == at::kLong;
-  p.out = out.data_ptr();
-  p.M = M;
-  p.N = N;
   p.K = K;
-  p.E = E;
   p.transpose_b = transpose_b;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   MS_CUDA_CHECK(gmm::grouped_mm_weight_grad(p, tuning().gmm_impl, current_device(), stream), op);
@@ -153,15 +153,9 @@ at::Tensor grouped_bias_grad_cuda(const at::Tensor& grad_out_in, const at::Tenso
   const auto dy = rows_unit_stride(grad_out_in);
   const auto offs = offsets.contiguous();
   gmm::BiasGradArgs p;
-  p.dtype = float_kind(dy.scalar_type());
+  set_group_args(p, dy.scalar_type(), offs, out, d);
   p.dy = dy.const_data_ptr();
   p.ldd = leading_dim(dy);
-  p.offsets = offs.const_data_ptr();
-  p.offsets_int64 = offs.scalar_type() == at::kLong;
-  p.out = out.data_ptr();
-  p.M = M;
-  p.N = N;
-  p.E = E;
   MS_CUDA_CHECK(gmm::grouped_bias_grad(p, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }

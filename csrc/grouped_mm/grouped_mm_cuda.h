@@ -35,17 +35,22 @@ struct Device {
   int cc_minor = 0;
 };
 
-struct ForwardArgs {
+// What every entry point takes: the dtype of the operands and of out, the offsets and the sizes.
+struct GroupArgs {
   FloatKind dtype = FloatKind::kFloat32;
+  const void* offsets = nullptr;
+  bool offsets_int64 = true;
+  void* out = nullptr;
+  int64_t M = 0, N = 0, E = 0;
+};
+
+struct ForwardArgs : GroupArgs {
   const void* a = nullptr;
   int64_t lda = 0;
   const void* b = nullptr;
-  const void* offsets = nullptr;
-  bool offsets_int64 = true;
   const void* bias = nullptr;
-  void* out = nullptr;
   int64_t ldo = 0;
-  int64_t M = 0, N = 0, K = 0, E = 0;
+  int64_t K = 0;
   bool transpose_b = false;
 };
 
@@ -64,16 +69,13 @@ Impl forward_impl(const ForwardArgs& p, Impl requested, const Device& dev);
 cudaError_t grouped_mm_forward(const ForwardArgs& p, Impl requested, const Device& dev, int* workspace,
                                cudaStream_t stream);
 
-struct WeightGradArgs {
-  FloatKind dtype = FloatKind::kFloat32;
+// out: dense [E, K, N], or [E, N, K] when transpose_b.
+struct WeightGradArgs : GroupArgs {
   const void* a = nullptr;  // [M, K], leading dimension lda
   int64_t lda = 0;
   const void* dy = nullptr;  // [M, N], leading dimension ldd
   int64_t ldd = 0;
-  const void* offsets = nullptr;
-  bool offsets_int64 = true;
-  void* out = nullptr;  // dense [E, K, N], or [E, N, K] when transpose_b
-  int64_t M = 0, N = 0, K = 0, E = 0;
+  int64_t K = 0;
   bool transpose_b = false;
 };
 
@@ -84,14 +86,10 @@ Impl weight_grad_impl(const WeightGradArgs& p, Impl requested, const Device& dev
 cudaError_t grouped_mm_weight_grad(const WeightGradArgs& p, Impl requested, const Device& dev,
                                    cudaStream_t stream);
 
-struct BiasGradArgs {
-  FloatKind dtype = FloatKind::kFloat32;
+// out: dense [E, N] in dy's dtype.
+struct BiasGradArgs : GroupArgs {
   const void* dy = nullptr;  // [M, N], leading dimension ldd
   int64_t ldd = 0;
-  const void* offsets = nullptr;
-  bool offsets_int64 = true;
-  void* out = nullptr;  // dense [E, N] in dy's dtype
-  int64_t M = 0, N = 0, E = 0;
 };
 
 // out[g] = sum of dy's rows of group g, float32 (float64) accumulation in a fixed order.

@@ -424,13 +424,11 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights, const at::Te
   check_router_ids_range(id, E, op);
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
-  MS_DISPATCH_FLOATS(lg.scalar_type(), "router_topk_backward_cpu", [&] {
+  MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_topk_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    AT_DISPATCH_INDEX_TYPES(id.scalar_type(), "router_topk_backward_cpu_ids", [&] {
-      router_topk_backward_kernel<scalar_t, index_t>(gw.const_data_ptr<acc_t>(), lg.const_data_ptr<scalar_t>(),
-                                                     id.const_data_ptr<index_t>(), T, E, k, sc, topk_first, normalize,
-                                                     scale, grad_logits.mutable_data_ptr<scalar_t>());
-    });
+    router_topk_backward_kernel<scalar_t, index_t>(gw.const_data_ptr<acc_t>(), lg.const_data_ptr<scalar_t>(),
+                                                   id.const_data_ptr<index_t>(), T, E, k, sc, topk_first, normalize,
+                                                   scale, grad_logits.mutable_data_ptr<scalar_t>());
   });
   return grad_logits;
 }
@@ -514,13 +512,11 @@ at::Tensor router_aux_loss_cpu(const at::Tensor& logits, const at::Tensor& ids, 
   const at::Tensor m = mask_acc(mask, acc);
   check_router_ids_range(id, E, op);
   at::Tensor out = at::empty({}, logits.options().dtype(acc));
-  MS_DISPATCH_FLOATS(lg.scalar_type(), "router_aux_loss_cpu", [&] {
+  MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_aux_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    AT_DISPATCH_INDEX_TYPES(id.scalar_type(), "router_aux_loss_cpu_ids", [&] {
-      *out.mutable_data_ptr<acc_t>() =
-          aux_loss_kernel<scalar_t, index_t>(lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
-                                             m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k);
-    });
+    *out.mutable_data_ptr<acc_t>() =
+        aux_loss_kernel<scalar_t, index_t>(lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
+                                           m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k);
   });
   return out;
 }
@@ -569,13 +565,11 @@ at::Tensor router_aux_loss_backward_cpu(const at::Tensor& grad, const at::Tensor
   check_router_ids_range(id, E, op);
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
-  MS_DISPATCH_FLOATS(lg.scalar_type(), "router_aux_loss_backward_cpu", [&] {
+  MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_aux_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    AT_DISPATCH_INDEX_TYPES(id.scalar_type(), "router_aux_loss_backward_cpu_ids", [&] {
-      aux_loss_backward_kernel<scalar_t, index_t>(g, lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
-                                                  m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k,
-                                                  grad_logits.mutable_data_ptr<scalar_t>());
-    });
+    aux_loss_backward_kernel<scalar_t, index_t>(g, lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
+                                                m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k,
+                                                grad_logits.mutable_data_ptr<scalar_t>());
   });
   return grad_logits;
 }
