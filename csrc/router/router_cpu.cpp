@@ -495,23 +495,32 @@ at::opmath_type<scalar_t> aux_loss_kernel(const scalar_t* logits, const index_t*
   return loss * static_cast<acc_t>(E);
 }
 
-at::Tensor mask_acc(const std::optional<at::Tensor>& mask, at::ScalarType acc) {
-  return mask.has_value() ? mask->to(acc).contiguous() : at::Tensor();
+// The checked inputs of router_aux_loss and its backward, contiguous, the mask in the accumulation
+// dtype (undefined without one), the ids range checked.
+struct AuxLossInputs {
+  RouterDims d;
+  at::Tensor lg, id, m;
+};
+
+AuxLossInputs aux_loss_inputs(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& mask,
+                              const char* op) {
+  AuxLossInputs in;
+  in.d = check_router_aux_loss_args(logits, ids, mask, op);
+  in.lg = logits.contiguous();
+  in.id = ids.contiguous();
+  if (mask.has_value()) in.m = mask->to(acc_dtype(logits.scalar_type())).contiguous();
+  check_router_ids_range(in.id, in.d.E, op);
+  return in;
 }
 
 // logits [T, E] float, ids [T, k] int32|int64 in [0, E), mask [T] (optional; float, int or bool)
 // -> scalar float32 (float64 for float64 logits) E * sum_e f_e P_e. NaN when the mask sums to 0
 // (no tokens), like the reference.
 at::Tensor router_aux_loss_cpu(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& mask) {
-  const char* op = "router_aux_loss";
-  const RouterDims d = check_router_aux_loss_args(logits, ids, mask, op);
-  const int64_t T = d.T, E = d.E, k = d.k;
-  const auto acc = acc_dtype(logits.scalar_type());
-  const at::Tensor lg = logits.contiguous();
-  const at::Tensor id = ids.contiguous();
-  const at::Tensor m = mask_acc(mask, acc);
-  check_router_ids_range(id, E, op);
-  at::Tensor out = at::empty({}, logits.options().dtype(acc));
+  const AuxLossInputs in = aux_loss_inputs(logits, ids, mask, "router_aux_loss");
+  const int64_t T = in.d.T, E = in.d.E, k = in.d.k;
+  const at::Tensor &lg = in.lg, &id = in.id, &m = in.m;
+  at::Tensor out = at::empty({}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_aux_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     *out.mutable_data_ptr<acc_t>() =
@@ -555,14 +564,10 @@ double scalar_grad(const at::Tensor& grad, const at::Tensor& logits, const char*
 at::Tensor router_aux_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& ids,
                                         const std::optional<at::Tensor>& mask) {
   const char* op = "router_aux_loss_backward";
-  const RouterDims d = check_router_aux_loss_args(logits, ids, mask, op);
+  const AuxLossInputs in = aux_loss_inputs(logits, ids, mask, op);
   const double g = scalar_grad(grad, logits, op);
-  const int64_t T = d.T, E = d.E, k = d.k;
-  const auto acc = acc_dtype(logits.scalar_type());
-  const at::Tensor lg = logits.contiguous();
-  const at::Tensor id = ids.contiguous();
-  const at::Tensor m = mask_acc(mask, acc);
-  check_router_ids_range(id, E, op);
+  const int64_t T = in.d.T, E = in.d.E, k = in.d.k;
+  const at::Tensor &lg = in.lg, &id = in.id, &m = in.m;
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
   MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_aux_loss_backward_cpu", [&] {
