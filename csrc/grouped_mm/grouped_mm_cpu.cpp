@@ -3,7 +3,6 @@
 // at::cpu::mm_out / addmm_out, which bypass the dispatcher); what this file decides is how the
 // groups are spread over threads and how bfloat16 / float16 are fed to the BLAS.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
@@ -553,7 +552,7 @@ at::Tensor grouped_bias_grad_cpu(const at::Tensor& grad_out_in, const at::Tensor
   auto out = at::empty({E, N}, dy.options());
   if (E == 0 || N == 0) return out;
   MS_DISPATCH_FLOATS(dy.scalar_type(), "moestream.grouped_bias_grad", [&] {
-    bias_grad_kernel<scalar_t, at::opmath_type<scalar_t>>(dy.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    bias_grad_kernel<scalar_t, acc_t<scalar_t>>(dy.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                                           ends, N);
   });
   return out;

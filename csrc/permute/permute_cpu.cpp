@@ -5,7 +5,6 @@
 // each chunk walks its pairs in order. The resulting order, (expert, token, slot), is unique, so it
 // does not depend on the chunking or on the number of threads.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -155,7 +154,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& perm_i
   if (T == 0 || H == 0) return out;
 
   MS_DISPATCH_FLOATS(ys.scalar_type(), "moestream.unpermute", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     at::Tensor w;
     if (weights.has_value()) w = weights->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     unpermute_kernel<scalar_t, acc_t>(ys.const_data_ptr<scalar_t>(), perm.const_data_ptr<int64_t>(),
@@ -257,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   }
 
   MS_DISPATCH_FLOATS(ys.scalar_type(), "moestream.unpermute_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     at::Tensor w;
     if (weights.has_value()) w = weights->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     unpermute_backward_kernel<scalar_t, acc_t>(gy.const_data_ptr<scalar_t>(), ys.const_data_ptr<scalar_t>(),

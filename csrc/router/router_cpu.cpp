@@ -2,7 +2,6 @@
 // auxiliary loss and the router z-loss with their backwards. Numerics follow
 // python/moestream/reference.py: math in float32 (float64 for float64 logits), ties to the lower
 // expert id, NaN ranked above every number (as torch.sort does), fixed reduction order.
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -252,10 +251,10 @@ inline void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
 // router_topk
 
 template <typename scalar_t>
-void router_topk_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>* bias, int64_t T, int64_t E, int64_t k,
+void router_topk_kernel(const scalar_t* logits, const acc_t<scalar_t>* bias, int64_t T, int64_t E, int64_t k,
                         Score score, bool topk_first, int64_t num_groups, int64_t topk_groups, bool normalize,
-                        double scale, at::opmath_type<scalar_t>* weights, int64_t* ids) {
-  using acc_t = at::opmath_type<scalar_t>;
+                        double scale, acc_t<scalar_t>* weights, int64_t* ids) {
+  using acc_t = moestream::acc_t<scalar_t>;
   const int64_t group_size = E / num_groups;
   const int64_t group_top = std::min<int64_t>(2, group_size);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -338,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> router_topk_cpu(const at::Tensor& logits, int
   at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kLong));
   if (T == 0) return {weights, ids};
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_topk_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     router_topk_kernel<scalar_t>(lg.const_data_ptr<scalar_t>(),
                                  bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr, T, E, k, sc,
                                  topk_first, num_groups, topk_groups, normalize, scale,
@@ -351,10 +350,10 @@ std::tuple<at::Tensor, at::Tensor> router_topk_cpu(const at::Tensor& logits, int
 // router_topk_backward
 
 template <typename scalar_t, typename index_t>
-void router_topk_backward_kernel(const at::opmath_type<scalar_t>* grad_w, const scalar_t* logits, const index_t* ids,
+void router_topk_backward_kernel(const acc_t<scalar_t>* grad_w, const scalar_t* logits, const index_t* ids,
                                  int64_t T, int64_t E, int64_t k, Score score, bool topk_first, bool normalize,
                                  double scale, scalar_t* grad_logits) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = moestream::acc_t<scalar_t>;
   const acc_t scale_a = static_cast<acc_t>(scale);
   const acc_t eps = static_cast<acc_t>(1e-20);
   at::parallel_for(0, T, row_grain(E), [&](int64_t begin, int64_t end) {
@@ -425,7 +424,7 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights, const at::Te
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
   MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_topk_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     router_topk_backward_kernel<scalar_t, index_t>(gw.const_data_ptr<acc_t>(), lg.const_data_ptr<scalar_t>(),
                                                    id.const_data_ptr<index_t>(), T, E, k, sc, topk_first, normalize,
                                                    scale, grad_logits.mutable_data_ptr<scalar_t>());
@@ -466,9 +465,9 @@ void expert_counts(const index_t* ids, const acc_t* mask, int64_t T, int64_t E, 
 }
 
 template <typename scalar_t, typename index_t>
-at::opmath_type<scalar_t> aux_loss_kernel(const scalar_t* logits, const index_t* ids,
-                                          const at::opmath_type<scalar_t>* mask, int64_t T, int64_t E, int64_t k) {
-  using acc_t = at::opmath_type<scalar_t>;
+acc_t<scalar_t> aux_loss_kernel(const scalar_t* logits, const index_t* ids,
+                                          const acc_t<scalar_t>* mask, int64_t T, int64_t E, int64_t k) {
+  using acc_t = moestream::acc_t<scalar_t>;
   std::vector<acc_t> counts(E);
   acc_t total;
   expert_counts(ids, mask, T, E, k, counts.data(), &total);
@@ -522,7 +521,7 @@ at::Tensor router_aux_loss_cpu(const at::Tensor& logits, const at::Tensor& ids, 
   const at::Tensor &lg = in.lg, &id = in.id, &m = in.m;
   at::Tensor out = at::empty({}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_aux_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     *out.mutable_data_ptr<acc_t>() =
         aux_loss_kernel<scalar_t, index_t>(lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
                                            m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k);
@@ -532,9 +531,9 @@ at::Tensor router_aux_loss_cpu(const at::Tensor& logits, const at::Tensor& ids, 
 
 template <typename scalar_t, typename index_t>
 void aux_loss_backward_kernel(double grad, const scalar_t* logits, const index_t* ids,
-                              const at::opmath_type<scalar_t>* mask, int64_t T, int64_t E, int64_t k,
+                              const acc_t<scalar_t>* mask, int64_t T, int64_t E, int64_t k,
                               scalar_t* grad_logits) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = moestream::acc_t<scalar_t>;
   std::vector<acc_t> f(E);
   acc_t total;
   expert_counts(ids, mask, T, E, k, f.data(), &total);
@@ -571,7 +570,7 @@ at::Tensor router_aux_loss_backward_cpu(const at::Tensor& grad, const at::Tensor
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
   MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_aux_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     aux_loss_backward_kernel<scalar_t, index_t>(g, lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
                                                 m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k,
                                                 grad_logits.mutable_data_ptr<scalar_t>());
@@ -592,7 +591,7 @@ at::Tensor router_z_loss_cpu(const at::Tensor& logits) {
   const at::Tensor lg = logits.contiguous();
   at::Tensor out = at::empty({}, logits.options().dtype(acc));
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_z_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     const scalar_t* x = lg.const_data_ptr<scalar_t>();
     const int64_t nchunks = (T + kLossChunk - 1) / kLossChunk;
     std::vector<acc_t> part(nchunks, acc_t(0));
@@ -625,7 +624,7 @@ at::Tensor router_z_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_z_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     const scalar_t* x = lg.const_data_ptr<scalar_t>();
     scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
     const acc_t coef = static_cast<acc_t>(2.0 * g) / static_cast<acc_t>(T);
