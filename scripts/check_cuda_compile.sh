@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Compiles each csrc/**/*.cu for sm_80 and sm_90a with plain nvcc (no torch headers needed).
+# Compiles each csrc/**/*.cu for sm_80 and sm_90a with plain nvcc (no torch headers needed), with
+# the kernels that builds leave out by default compiled in (MOESTREAM_GMM_WGMMA=1), and the files
+# that switch on that define once more without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-$(command -v nvcc || true)}"
@@ -16,10 +18,11 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 jobs=$(nproc 2>/dev/null || echo 2)
-printf '%s\n' "${files[@]}" | xargs -P "$jobs" -I{} sh -c \
-  '"$0" -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a -c "$1" -o "$2/$(echo "$1" | tr / _).o" || { echo "FAILED: $1"; exit 255; }' \
-  "$NVCC" {} "$out"
-echo "check_cuda_compile: ${#files[@]} CUDA files compiled for sm_80 and sm_90a"
+mapfile -t optional < <(grep -l 'MOESTREAM_GMM_WGMMA' "${files[@]}" | sort)
+{ printf '1 %s\n' "${files[@]}"; printf '0 %s\n' "${optional[@]}"; } | xargs -P "$jobs" -L1 sh -c \
+  '"$0" -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc -DMOESTREAM_GMM_WGMMA="$2" -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a -c "$3" -o "$1/$(echo "$3" | tr / _).$2.o" || { echo "FAILED: $3 (MOESTREAM_GMM_WGMMA=$2)"; exit 255; }' \
+  "$NVCC" "$out"
+echo "check_cuda_compile: ${#files[@]} CUDA files compiled for sm_80 and sm_90a (${#optional[@]} of them also without the optional kernels)"
 
 # The host glue (csrc/**/*_cuda.cpp: op registration, device guards, streams, the streaming engine's
 # CUDA side) includes torch's CUDA headers. A CPU build of torch ships them too, all but one header

@@ -8,6 +8,7 @@ from __future__ import annotations
 import moestream
 import pytest
 import torch
+from moestream._tuning import tuning
 from moestream.testing import assert_accurate, rel_err  # noqa: F401  (the tests' names)
 
 HAS_CUDA = torch.cuda.is_available() and moestream.with_cuda
@@ -43,9 +44,12 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _cuda_value_checks(request, monkeypatch):
-    # On CUDA, index and offset *values* are validated only with MOESTREAM_CHECK_INPUTS=1 (it costs a
-    # host sync); the bad-input tests assert those messages, so they run with the checks on.
+def _cuda_value_checks(request):
+    # On CUDA, index and offset *values* are validated only with the tuning key check_inputs (it
+    # costs a host sync); the bad-input tests assert those messages, so they run with the checks on.
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("device") == "cuda" and "bad_input" in request.node.name:
-        monkeypatch.setenv("MOESTREAM_CHECK_INPUTS", "1")
+        with tuning(check_inputs=True):
+            yield
+    else:
+        yield

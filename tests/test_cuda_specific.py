@@ -10,6 +10,7 @@ import torch
 
 import moestream as ms
 from moestream import reference as ref
+from moestream._tuning import tuning
 
 from conftest import assert_accurate, cuda
 
@@ -20,9 +21,10 @@ DEV = "cuda"
 
 
 @pytest.fixture(autouse=True)
-def _no_input_checks(monkeypatch):
+def _no_input_checks():
     # the default: CUDA ops validate values lazily and never synchronise
-    monkeypatch.delenv("MOESTREAM_CHECK_INPUTS", raising=False)
+    with tuning(check_inputs=False):
+        yield
 
 
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +128,7 @@ def test_unpermute_large_matches_cpu():
     )
 
 
-def test_permute_out_of_range_ids_are_dropped_safely(monkeypatch):
+def test_permute_out_of_range_ids_are_dropped_safely():
     T, k, E, H = 700, 2, 8, 16
     x = torch.randn(T, H, device=DEV)
     ids = torch.randint(0, E, (T, k), device=DEV)
@@ -143,8 +145,7 @@ def test_permute_out_of_range_ids_are_dropped_safely(monkeypatch):
         assert rows.numel() == offsets[e].item() - lo
         assert bool(((rows >= lo) & (rows < offsets[e])).all())
     torch.cuda.synchronize()
-    monkeypatch.setenv("MOESTREAM_CHECK_INPUTS", "1")
-    with pytest.raises(RuntimeError, match="ids"):
+    with tuning(check_inputs=True), pytest.raises(RuntimeError, match="ids"):
         ms.permute(x, ids, E)
 
 

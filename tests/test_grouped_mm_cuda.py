@@ -1,12 +1,12 @@
 """CUDA kernels of grouped_mm, grouped_mm_weight_grad, grouped_bias_grad and moe_experts.
 
-Every kernel family is forced in turn through MOESTREAM_GMM_IMPL (auto, simt, mma, gemv, wgmma;
-a family that does not apply to a call falls back to the SIMT kernel) and compared with
-moestream.reference on fresh random data: float32 / bfloat16 / float16, both weight layouts, bias,
-group sizes 0, 1, 7, 129 and 1000, rows past offsets[-1], decode shapes (a few rows per expert),
-large K / N, M up to 16384, 64-bit row offsets, misaligned inputs. Also: bitwise determinism, no
-host synchronisation (sync debug mode "error"), malformed offsets stay in bounds, and the
-MOESTREAM_CHECK_INPUTS=1 validation. The whole file is skipped without a CUDA device.
+Every kernel family is forced in turn through the tuning key gmm_impl (auto, simt, mma, gemv, and
+wgmma where it is compiled in; a family that does not apply to a call falls back to the SIMT
+kernel) and compared with moestream.reference on fresh random data: float32 / bfloat16 / float16,
+both weight layouts, bias, group sizes 0, 1, 7, 129 and 1000, rows past offsets[-1], decode shapes
+(a few rows per expert), large K / N, M up to 16384, 64-bit row offsets, misaligned inputs. Also:
+bitwise determinism, no host synchronisation (sync debug mode "error"), malformed offsets stay in
+bounds, and the check_inputs validation. The whole file is skipped without a CUDA device.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import moestream as ms
+from moestream import _C
 from moestream import reference as R
+from moestream._tuning import set_tuning, tuning
 
 from conftest import assert_accurate, cuda
 
@@ -28,15 +30,17 @@ IMPLS = ["auto", "simt", "mma", "gemv", "wgmma"]
 
 
 @pytest.fixture
-def impl(request, monkeypatch):
-    monkeypatch.setenv("MOESTREAM_GMM_IMPL", request.param)
-    monkeypatch.delenv("MOESTREAM_CHECK_INPUTS", raising=False)
-    return request.param
+def impl(request):
+    if request.param == "wgmma" and not _C.with_gmm_wgmma:
+        pytest.skip("the wgmma kernels are compiled out (MOESTREAM_GMM_WGMMA=OFF)")
+    with tuning(gmm_impl=request.param, check_inputs=False):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)
-def _plain_env(monkeypatch):
-    monkeypatch.delenv("MOESTREAM_CHECK_INPUTS", raising=False)
+def _plain_env():
+    with tuning(check_inputs=False):
+        yield
 
 
 def offsets_of(counts, dtype=torch.int64):
@@ -397,14 +401,12 @@ def test_no_host_sync(impl):
     check_forward(a, b, offsets, True, bias)
 
 
-def test_impl_switch_rejects_unknown(monkeypatch):
-    monkeypatch.setenv("MOESTREAM_GMM_IMPL", "cublas")
-    a = torch.randn(4, 8, device=DEV)
-    with pytest.raises(RuntimeError, match="MOESTREAM_GMM_IMPL must be one of auto, simt, mma, wgmma, gemv"):
-        ms.grouped_mm(a, torch.randn(2, 8, 8, device=DEV), offsets_of([2, 2]))
+def test_impl_switch_rejects_unknown():
+    with pytest.raises(ValueError, match="gmm_impl must be one of auto, simt, mma, wgmma, gemv"):
+        set_tuning(gmm_impl="cublas")
 
 
-def test_impls_agree_bf16(monkeypatch):
+def test_impls_agree_bf16():
     # the same call under every family: each within the reference's own rounding of the others
     counts, K, N = [1, 2, 0, 4, 1, 3, 2, 1], 512, 256
     E, M = len(counts), sum(counts)
@@ -413,15 +415,17 @@ def test_impls_agree_bf16(monkeypatch):
     b = rand_b(E, K, N, True, torch.bfloat16)
     outs = {}
     for name in ("simt", "mma", "gemv", "wgmma", "auto"):
-        monkeypatch.setenv("MOESTREAM_GMM_IMPL", name)
-        outs[name] = check_forward(a, b, offsets, True, None, name)
+        if name == "wgmma" and not _C.with_gmm_wgmma:
+            continue
+        with tuning(gmm_impl=name):
+            outs[name] = check_forward(a, b, offsets, True, None, name)
     # fp32 accumulation in different orders, one rounding to bf16: at most one bf16 ulp apart
     for name, o in outs.items():
         torch.testing.assert_close(o.float(), outs["simt"].float(), rtol=2**-7, atol=1e-6, msg=name)
 
 
 def test_malformed_offsets_stay_in_bounds():
-    # without MOESTREAM_CHECK_INPUTS the values are not validated (no sync): wrong groups are fine,
+    # without check_inputs the values are not validated (no sync): wrong groups are fine,
     # out-of-bounds accesses are not. The kernels clamp offsets into [0, M], non-decreasing.
     K, N = 64, 128
     a = torch.randn(50, K, device=DEV, dtype=torch.bfloat16)
@@ -444,8 +448,13 @@ def test_malformed_offsets_stay_in_bounds():
     )
 
 
-def test_check_inputs_env(monkeypatch):
-    monkeypatch.setenv("MOESTREAM_CHECK_INPUTS", "1")
+@pytest.fixture
+def _check_inputs():
+    with tuning(check_inputs=True):
+        yield
+
+
+def test_check_inputs(_check_inputs):
     a = torch.randn(6, 4, device=DEV)
     b = torch.randn(2, 4, 3, device=DEV)
     with pytest.raises(RuntimeError, match=r"offsets do not add up.*offsets\[1\] = 1 after offsets\[0\] = 2"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import DTYPES, assert_accurate
 from moestream import reference
+from moestream._tuning import tuning
 
 # (kind, layout, biases): the plain SwiGLU MoE (Mixtral / Qwen), GPT-OSS, and GeGLU with biases
 CONFIGS = [("swiglu", "concat", False), ("gptoss", "interleaved", True), ("geglu", "concat", True)]
@@ -136,16 +137,16 @@ def test_every_row_count_kernel(device, dtype, transpose_b):
 
 @pytest.mark.parametrize("route", ["native", "float"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_gemm_routes(monkeypatch, dtype, route):
+def test_low_precision_gemm_routes(dtype, route):
     # bfloat16 / float16 experts with many rows run either ATen's native GEMM (where it is fast:
     # AVX-512) or a float32 detour; the CPU picks one, so force each to test both on any machine
-    monkeypatch.setenv("MOESTREAM_CPU_LOWP_GEMM", route)
     counts = [0, 3, 20, 33, 64]
     ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
-    for transpose_b in (False, True):
-        a = make(sum(counts), 48, 40, len(counts), 1, dtype, "cpu", transpose_b, bias=True, ids=ids)
-        check_fused(a, "swiglu", "concat", transpose_b, what=f"{route} {dtype} tb={transpose_b}")
-        check_fused(a, "gptoss", "interleaved", transpose_b, what=f"{route} {dtype} tb={transpose_b}")
+    with tuning(cpu_lowp_gemm=route):
+        for transpose_b in (False, True):
+            a = make(sum(counts), 48, 40, len(counts), 1, dtype, "cpu", transpose_b, bias=True, ids=ids)
+            check_fused(a, "swiglu", "concat", transpose_b, what=f"{route} {dtype} tb={transpose_b}")
+            check_fused(a, "gptoss", "interleaved", transpose_b, what=f"{route} {dtype} tb={transpose_b}")
 
 def test_expert_without_tokens(device):
     T, E, k = 30, 6, 2

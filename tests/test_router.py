@@ -530,7 +530,7 @@ def test_router_topk_bad_input(device):
         ms.router_topk(x, 0)
     with pytest.raises(RuntimeError, match=r"k must be in \[1, E\].*got k = 9"):
         ms.router_topk(x, 9)
-    with pytest.raises(RuntimeError, match='score must be "softmax" or "sigmoid", got "relu"'):
+    with pytest.raises(RuntimeError, match='score must be one of "softmax", "sigmoid", got "relu"'):
         ms.router_topk(x, 2, score="relu")
     with pytest.raises(RuntimeError, match=r"bias must have shape \[E\] = \[8\], got \[7\]"):
         ms.router_topk(x, 2, bias=torch.zeros(7, device=device))

@@ -6,16 +6,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "activation/activation_checks.h"
 #include "activation/gated_activation_cpu.h"
 #include "common/checks.h"
 #include "common/cpu_memory.h"
 
 namespace moestream {
 namespace {
-
-using cpu::acc_t;
-using cpu::ActKind;
-using cpu::ActLayout;
 
 // Rows per parallel chunk: about 16K elements of work each, so small inputs stay on one thread.
 int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_len)); }
@@ -27,7 +24,7 @@ void load_gate_up(const scalar_t* xr, int64_t n, ActLayout layout, acc_t<scalar_
                   acc_t<scalar_t>* tmp, const acc_t<scalar_t>** g, const acc_t<scalar_t>** u) {
   using acc = acc_t<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, acc>;
-  if (layout == ActLayout::Concat) {
+  if (layout == ActLayout::kConcat) {
     if constexpr (same) {
       *g = reinterpret_cast<const acc*>(xr);
       *u = reinterpret_cast<const acc*>(xr) + n;
@@ -88,7 +85,7 @@ void backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* gx, int6
         dy = dybuf;
       }
       scalar_t* gxr = gx + r * 2 * n;
-      if (layout == ActLayout::Concat) {
+      if (layout == ActLayout::kConcat) {
         if constexpr (same) {
           cpu::act_bwd(kind, n, g, u, dy, gxr, gxr + n, acc(alpha), acc(limit));
         } else {
@@ -109,31 +106,16 @@ void backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* gx, int6
   });
 }
 
-void check_x(const at::Tensor& x, const char* op) {
-  check_float(x, op, "x");
-  MS_CHECK(x.dim() >= 1, op, "x must have at least 1 dimension [..., 2I], got a scalar");
-  MS_CHECK(x.size(-1) % 2 == 0, op, "x's last dimension must be even ([gate, up] of size 2I), got shape ",
-           shape_str(x));
-}
-
 // x [..., 2I] (any float dtype) -> out [..., I] in x's dtype.
 at::Tensor gated_activation_cpu(const at::Tensor& x, c10::string_view kind, c10::string_view layout, double alpha,
                                 double limit) {
-  constexpr const char* op = "gated_activation";
-  check_x(x, op);
-  const ActKind k = cpu::parse_kind(std::string(kind), op);
-  const ActLayout l = cpu::parse_layout(std::string(layout), op);
-
-  const int64_t n = x.size(-1) / 2;
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = n;
-  at::Tensor out = cpu::empty_large(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const GatedActArgs g = check_gated_activation_args(x, kind, layout);
+  at::Tensor out = cpu::empty_large(g.out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor xc = x.contiguous();
-  const int64_t rows = xc.numel() / (2 * n);
   MS_DISPATCH_FLOATS(x.scalar_type(), "gated_activation_cpu", [&] {
-    forward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, n, k, l, alpha,
-                             limit);
+    forward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g.rows, g.I, g.kind,
+                             g.layout, alpha, limit);
   });
   return out;
 }
@@ -141,28 +123,16 @@ at::Tensor gated_activation_cpu(const at::Tensor& x, c10::string_view kind, c10:
 // grad [..., I], x [..., 2I] -> grad_x [..., 2I] in x's dtype (grad is converted to x's dtype).
 at::Tensor gated_activation_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::string_view kind,
                                          c10::string_view layout, double alpha, double limit) {
-  constexpr const char* op = "gated_activation_backward";
-  check_x(x, op);
-  check_float(grad, op, "grad");
-  check_same_device(grad, x, op, "grad", "x");
-  const ActKind k = cpu::parse_kind(std::string(kind), op);
-  const ActLayout l = cpu::parse_layout(std::string(layout), op);
-  const int64_t n = x.size(-1) / 2;
-  auto expect = x.sizes().vec();
-  expect.back() = n;
-  MS_CHECK(grad.sizes().vec() == expect, op, "grad must have x's shape with the last dimension halved ",
-           c10::IntArrayRef(expect), ", got shape ", shape_str(grad), " (x has shape ", shape_str(x), ")");
-
+  const GatedActArgs g = check_gated_activation_backward_args(grad, x, kind, layout);
   // x's strides, like the fake kernel (empty_like); computed contiguously, copied if they differ
   at::Tensor gx = x.is_contiguous() ? cpu::empty_large(x.sizes(), x.options()) : at::empty_like(x);
   if (gx.numel() == 0) return gx;
   at::Tensor gxc = gx.is_contiguous() ? gx : at::empty(x.sizes(), x.options());
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.to(x.scalar_type()).contiguous();
-  const int64_t rows = xc.numel() / (2 * n);
   MS_DISPATCH_FLOATS(x.scalar_type(), "gated_activation_backward_cpu", [&] {
     backward_kernel<scalar_t>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                              gxc.mutable_data_ptr<scalar_t>(), rows, n, k, l, alpha, limit);
+                              gxc.mutable_data_ptr<scalar_t>(), g.rows, g.I, g.kind, g.layout, alpha, limit);
   });
   if (!gxc.is_same(gx)) gx.copy_(gxc);
   return gx;

@@ -216,13 +216,13 @@ cudaError_t dispatch_act(ActKind kind, bool inter, bool vec, F&& f) {
 
 }  // namespace
 
-cudaError_t gated_activation_launch(const GatedActParams& p, cudaStream_t stream) {
+cudaError_t gated_activation_launch(const GatedActParams& p, void* out_ptr, cudaStream_t stream) {
   if (p.rows == 0 || p.inter == 0) return cudaSuccess;
   return dispatch_float(p.dtype, [&](auto tag) -> cudaError_t {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<T>;
     const T* x = static_cast<const T*>(p.x);
-    T* out = static_cast<T*>(p.out);
+    T* out = static_cast<T*>(out_ptr);
     const bool vec = use_vec<T>(p.inter, x, out);
     const Shape sh = launch_shape(p.rows, vec ? p.inter / Vec<T>::N : p.inter);
     return dispatch_act(p.kind, p.interleaved, vec, [&](auto kc, auto ic, auto vc) -> cudaError_t {
@@ -234,14 +234,15 @@ cudaError_t gated_activation_launch(const GatedActParams& p, cudaStream_t stream
   });
 }
 
-cudaError_t gated_activation_backward_launch(const GatedActBackwardParams& p, cudaStream_t stream) {
+cudaError_t gated_activation_backward_launch(const GatedActParams& p, const void* grad_ptr, void* grad_x_ptr,
+                                             cudaStream_t stream) {
   if (p.rows == 0 || p.inter == 0) return cudaSuccess;
   return dispatch_float(p.dtype, [&](auto tag) -> cudaError_t {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<T>;
-    const T* grad = static_cast<const T*>(p.grad);
+    const T* grad = static_cast<const T*>(grad_ptr);
     const T* x = static_cast<const T*>(p.x);
-    T* gx = static_cast<T*>(p.grad_x);
+    T* gx = static_cast<T*>(grad_x_ptr);
     const bool vec = use_vec<T>(p.inter, grad, x, gx);
     const Shape sh = launch_shape(p.rows, vec ? p.inter / Vec<T>::N : p.inter);
     return dispatch_act(p.kind, p.interleaved, vec, [&](auto kc, auto ic, auto vc) -> cudaError_t {

@@ -6,12 +6,11 @@
 
 #include <cstdint>
 
-#include "common/cuda_types.h"
+#include "common/types.h"
 
 namespace moestream {
 
-enum class ActKind : int { kSwiglu = 0, kGeglu = 1, kGptoss = 2 };
-
+// x viewed as [rows, 2 * inter] and the activation to apply to it.
 struct GatedActParams {
   const void* x = nullptr;  // [rows, 2 * inter], dtype
   FloatKind dtype = FloatKind::kFloat32;
@@ -21,22 +20,11 @@ struct GatedActParams {
   bool interleaved = false;  // gate/up alternate (g0, u0, g1, u1, ...) instead of [gate | up]
   double alpha = 1.702;      // gptoss only
   double limit = 7.0;        // gptoss only
-  void* out = nullptr;       // [rows, inter], dtype
 };
-cudaError_t gated_activation_launch(const GatedActParams& p, cudaStream_t stream);
-
-struct GatedActBackwardParams {
-  const void* grad = nullptr;  // [rows, inter], dtype
-  const void* x = nullptr;     // [rows, 2 * inter], dtype
-  FloatKind dtype = FloatKind::kFloat32;
-  int64_t rows = 0;
-  int64_t inter = 0;
-  ActKind kind = ActKind::kSwiglu;
-  bool interleaved = false;
-  double alpha = 1.702;
-  double limit = 7.0;
-  void* grad_x = nullptr;  // [rows, 2 * inter], dtype
-};
-cudaError_t gated_activation_backward_launch(const GatedActBackwardParams& p, cudaStream_t stream);
+// out: [rows, inter], dtype.
+cudaError_t gated_activation_launch(const GatedActParams& p, void* out, cudaStream_t stream);
+// grad: [rows, inter], grad_x: out [rows, 2 * inter], both dtype.
+cudaError_t gated_activation_backward_launch(const GatedActParams& p, const void* grad, void* grad_x,
+                                             cudaStream_t stream);
 
 }  // namespace moestream

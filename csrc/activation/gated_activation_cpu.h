@@ -2,11 +2,10 @@
 // dtype conversion of rows, (de)interleaving, and the activation math on contiguous gate / up
 // arrays (forward and backward), in float32 (float64 for float64 inputs).
 //
-// The extension is compiled for the baseline x86-64 ISA, so the hot loops have AVX2 + FMA
-// versions written with intrinsics inside functions marked target("avx2,fma,f16c"), chosen at
-// run time when the CPU has them; the portable scalar versions serve everything else (and
-// float64). Nothing here includes vectorised ATen headers compiled for another ISA, so no code
-// built for AVX2 can leak into the baseline paths.
+// The hot loops have AVX2 + FMA versions (MS_TARGET_AVX2, common/cpu_isa.h), chosen at run time
+// when the CPU has them; the portable scalar versions serve everything else (and float64).
+// Nothing here includes vectorised ATen headers compiled for another ISA, so no code built for
+// AVX2 can leak into the baseline paths.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,54 +13,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <type_traits>
 
-#include "common/checks.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define MS_HAVE_X86_SIMD 1
-#define MS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define MS_HAVE_X86_SIMD 0
-#define MS_TARGET_AVX2
-#endif
+#include "common/cpu_isa.h"
+#include "common/types.h"
 
 namespace moestream {
 namespace cpu {
-
-enum class ActKind { SwiGLU, GeGLU, GptOss };
-enum class ActLayout { Concat, Interleaved };
-
-inline ActKind parse_kind(const std::string& kind, const char* op) {
-  if (kind == "swiglu") return ActKind::SwiGLU;
-  if (kind == "geglu") return ActKind::GeGLU;
-  if (kind == "gptoss") return ActKind::GptOss;
-  MS_CHECK(false, op, "kind must be one of \"swiglu\", \"geglu\", \"gptoss\", got \"", kind, "\"");
-  return ActKind::SwiGLU;
-}
-
-inline ActLayout parse_layout(const std::string& layout, const char* op) {
-  if (layout == "concat") return ActLayout::Concat;
-  if (layout == "interleaved") return ActLayout::Interleaved;
-  MS_CHECK(false, op, "layout must be one of \"concat\", \"interleaved\", got \"", layout, "\"");
-  return ActLayout::Concat;
-}
-
-// float64 computes in float64, every other float dtype in float32.
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-inline bool has_avx2() {
-#if MS_HAVE_X86_SIMD
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 helpers
@@ -207,16 +165,16 @@ inline void interleave(const T* g, const T* u, T* dst, int64_t n) {
 template <typename T>
 inline void act_fwd_scalar(ActKind kind, int64_t n, const T* g, const T* u, T* out, T alpha, T limit) {
   switch (kind) {
-    case ActKind::SwiGLU:
+    case ActKind::kSwiglu:
       for (int64_t j = 0; j < n; ++j) out[j] = g[j] / (T(1) + std::exp(-g[j])) * u[j];
       break;
-    case ActKind::GeGLU:
+    case ActKind::kGeglu:
       for (int64_t j = 0; j < n; ++j) {
         const T x = g[j];
         out[j] = T(0.5) * x * (T(1) + std::erf(x * T(M_SQRT1_2))) * u[j];
       }
       break;
-    case ActKind::GptOss:
+    case ActKind::kGptoss:
       for (int64_t j = 0; j < n; ++j) {
         const T gc = std::isnan(g[j]) ? g[j] : std::min(g[j], limit);
         const T uc = std::isnan(u[j]) ? u[j] : std::min(std::max(u[j], -limit), limit);
@@ -232,7 +190,7 @@ template <typename T>
 inline void act_bwd_scalar(ActKind kind, int64_t n, const T* g, const T* u, const T* dy, T* dg, T* du, T alpha,
                            T limit) {
   switch (kind) {
-    case ActKind::SwiGLU:
+    case ActKind::kSwiglu:
       for (int64_t j = 0; j < n; ++j) {
         const T x = g[j];
         const T s = T(1) / (T(1) + std::exp(-x));
@@ -240,7 +198,7 @@ inline void act_bwd_scalar(ActKind kind, int64_t n, const T* g, const T* u, cons
         du[j] = dy[j] * x * s;
       }
       break;
-    case ActKind::GeGLU:
+    case ActKind::kGeglu:
       for (int64_t j = 0; j < n; ++j) {
         const T x = g[j];
         const T cdf = T(0.5) * (T(1) + std::erf(x * T(M_SQRT1_2)));
@@ -249,7 +207,7 @@ inline void act_bwd_scalar(ActKind kind, int64_t n, const T* g, const T* u, cons
         du[j] = dy[j] * x * cdf;
       }
       break;
-    case ActKind::GptOss:
+    case ActKind::kGptoss:
       for (int64_t j = 0; j < n; ++j) {
         const bool pass_g = g[j] <= limit;
         const bool pass_u = u[j] >= -limit && u[j] <= limit;
@@ -270,12 +228,12 @@ MS_TARGET_AVX2 inline void act_fwd_avx2(ActKind kind, int64_t n, const float* g,
                                         float alpha, float limit) {
   int64_t j = 0;
   const __m256 one = _mm256_set1_ps(1.0f);
-  if (kind == ActKind::SwiGLU) {
+  if (kind == ActKind::kSwiglu) {
     for (; j + 8 <= n; j += 8) {
       __m256 x = _mm256_loadu_ps(g + j);
       _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_mul_ps(x, sigmoid8(x)), _mm256_loadu_ps(u + j)));
     }
-  } else if (kind == ActKind::GptOss) {
+  } else if (kind == ActKind::kGptoss) {
     const __m256 lim = _mm256_set1_ps(limit), nlim = _mm256_set1_ps(-limit), al = _mm256_set1_ps(alpha);
     for (; j + 8 <= n; j += 8) {
       __m256 gc = _mm256_min_ps(lim, _mm256_loadu_ps(g + j));  // NaN in g propagates
@@ -292,7 +250,7 @@ MS_TARGET_AVX2 inline void act_bwd_avx2(ActKind kind, int64_t n, const float* g,
                                         float* dg, float* du, float alpha, float limit) {
   int64_t j = 0;
   const __m256 one = _mm256_set1_ps(1.0f);
-  if (kind == ActKind::SwiGLU) {
+  if (kind == ActKind::kSwiglu) {
     for (; j + 8 <= n; j += 8) {
       __m256 x = _mm256_loadu_ps(g + j), d = _mm256_loadu_ps(dy + j);
       __m256 s = sigmoid8(x);
@@ -300,7 +258,7 @@ MS_TARGET_AVX2 inline void act_bwd_avx2(ActKind kind, int64_t n, const float* g,
       _mm256_storeu_ps(dg + j, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(u + j)), ds));
       _mm256_storeu_ps(du + j, _mm256_mul_ps(d, _mm256_mul_ps(x, s)));
     }
-  } else if (kind == ActKind::GptOss) {
+  } else if (kind == ActKind::kGptoss) {
     const __m256 lim = _mm256_set1_ps(limit), nlim = _mm256_set1_ps(-limit), al = _mm256_set1_ps(alpha);
     for (; j + 8 <= n; j += 8) {
       __m256 gx = _mm256_loadu_ps(g + j), ux = _mm256_loadu_ps(u + j), d = _mm256_loadu_ps(dy + j);

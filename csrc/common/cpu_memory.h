@@ -4,12 +4,13 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+
+#include "common/cpu_isa.h"
+#include "common/tuning.h"
 
 namespace moestream {
 namespace cpu {
@@ -18,20 +19,12 @@ namespace cpu {
 // 2-core development VM, torch.empty(128 MiB).fill_() took 34 ms, 30 of them in page faults;
 // with the range advised for transparent huge pages it took 10 ms (16 MiB: 4.2 ms -> 0.3 ms).
 // Advising is a hint on untouched memory: no extra memory, no effect on the values.
-// MOESTREAM_CPU_HUGEPAGES=0 turns it off.
+// The tuning key cpu_hugepages=False turns it off (common/tuning.h).
 constexpr int64_t kHugePageAdviseBytes = int64_t(4) << 20;
-
-inline bool hugepages_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOESTREAM_CPU_HUGEPAGES");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return on;
-}
 
 inline void advise_hugepages(void* data, int64_t nbytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (data == nullptr || nbytes < kHugePageAdviseBytes || !hugepages_enabled()) return;
+  if (data == nullptr || nbytes < kHugePageAdviseBytes || !tuning().cpu_hugepages) return;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(data);
   const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1);
@@ -58,21 +51,13 @@ inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& op
 //  - float: convert the operands to float32, run SGEMM, round the float32 result once. On an
 //    AVX2-only AMD EPYC (2 threads) ATen's bf16 fallback GEMM ran [4096,1024]x[1024,1024] at
 //    ~1 GFLOP/s (12.7 s) against ~130 GFLOP/s for SGEMM.
-// MOESTREAM_CPU_LOWP_GEMM=native|float overrides the choice (read at each call, for benchmarks).
+// The tuning key cpu_lowp_gemm="native" | "float" overrides the choice (common/tuning.h).
 inline bool lowp_native(at::ScalarType t) {
-  const char* forced = std::getenv("MOESTREAM_CPU_LOWP_GEMM");
-  if (forced != nullptr && std::string(forced) == "native") return true;
-  if (forced != nullptr && std::string(forced) == "float") return false;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool bf16_ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                              __builtin_cpu_supports("avx512dq");
-  static const bool fp16_ok = __builtin_cpu_supports("avx512fp16");
-#else
-  static const bool bf16_ok = false;  // not measured elsewhere: keep the predictable float32 path
-  static const bool fp16_ok = false;
-#endif
+  const LowpGemm forced = tuning().cpu_lowp_gemm;
+  if (forced != LowpGemm::kAuto) return forced == LowpGemm::kNative;
+  // not measured off x86: there the has_*() tests are false and the predictable float32 path runs
   if (!at::globalContext().userEnabledMkldnn()) return false;
-  return t == at::kBFloat16 ? bf16_ok : (t == at::kHalf ? fp16_ok : true);
+  return t == at::kBFloat16 ? has_avx512_bw_vl_dq() : (t == at::kHalf ? has_avx512_fp16() : true);
 }
 
 inline bool is_lowp(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }

@@ -9,35 +9,15 @@
 #include <cstring>
 #include <type_traits>
 
-#include "common/cuda_types.h"
-
-// Return the cudaError_t of `expr` from the enclosing launcher when it is not cudaSuccess.
-#define MS_CUDA_TRY(expr)                          \
-  do {                                             \
-    const cudaError_t ms_err_ = (expr);            \
-    if (ms_err_ != cudaSuccess) return ms_err_;    \
-  } while (0)
-
-// After every kernel launch: configuration errors (bad grid, too much shared memory) surface here.
-#define MS_CUDA_LAUNCH_CHECK() MS_CUDA_TRY(cudaGetLastError())
+#include "common/cuda_error.h"
+#include "common/types.h"
 
 namespace moestream {
 namespace dev {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// ---- arithmetic type: float32 for every input dtype but float64 ---------------------------------
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
-
+// ---- arithmetic type: acc_t<T> (common/types.h), float32 for every input dtype but float64 -------
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -33,19 +33,16 @@
 #include <numeric>
 #include <vector>
 
+#include "activation/activation_checks.h"
 #include "activation/gated_activation_cpu.h"
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_memory.h"
 #include "experts/moe_experts_checks.h"
-
-
 
 namespace moestream {
 namespace {
 
-using cpu::acc_t;
-using cpu::ActKind;
-using cpu::ActLayout;
 
 constexpr const char* kOp = "moe_experts";
 
@@ -292,15 +289,6 @@ MS_TARGET_AVX2 void small_mm_kn_avx2(int64_t M, int64_t nc, int64_t K, const flo
 #endif
 
 #if MS_HAVE_X86_SIMD
-#define MS_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
-bool has_avx512_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
 // R rows of Xb (bfloat16, ld K) against one contiguous bfloat16 weight row w[0:K): VDPBF16PS
 // multiplies bfloat16 pairs and accumulates in float32, so the weights are used as stored, with
 // no conversion; two accumulators per row hide the instruction's latency.
@@ -386,7 +374,7 @@ void block_mm(int64_t M, int64_t nc, int64_t K, const acc_t<scalar_t>* X, int64_
     if (M <= kSmallRows<scalar_t>) {
 #if MS_HAVE_X86_SIMD
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (nk && has_avx512_bf16()) {
+        if (nk && cpu::has_avx512_bf16()) {
           // rows rounded to bfloat16 once (exact for gathered inputs; the activation is rounded
           // as the reference rounds it), then pairwise bfloat16 dot products
           scalar_t* Xb = s.xlow.get(M * K);
@@ -560,7 +548,7 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
     acc* h = s.h.get(m * 2 * cb);
     const scalar_t* W = w1p + e * H * 2 * I;
     // local h keeps the global layout: [gate block | up block] (concat) or pairs (interleaved)
-    if (layout == ActLayout::Interleaved || cb == I) {
+    if (layout == ActLayout::kInterleaved || cb == I) {
       block_mm<scalar_t>(m, 2 * cb, H, xs, H, W, ld1, tb, 2 * j0, h, 2 * cb, s.mm);
     } else {
       block_mm<scalar_t>(m, cb, H, xs, H, W, ld1, tb, j0, h, 2 * cb, s.mm);
@@ -570,7 +558,7 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
     if (b1p) {
       bias = s.bias.get(2 * cb);
       const acc* b = b1p + e * 2 * I;
-      if (layout == ActLayout::Interleaved) {
+      if (layout == ActLayout::kInterleaved) {
         std::copy(b + 2 * j0, b + 2 * j0 + 2 * cb, bias);
       } else {
         std::copy(b + j0, b + j0 + cb, bias);
@@ -584,7 +572,7 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
       if (bias)
         for (int64_t c = 0; c < 2 * cb; ++c) hr[c] += bias[c];
       const acc *g = hr, *u = hr + cb;
-      if (layout == ActLayout::Interleaved) {
+      if (layout == ActLayout::kInterleaved) {
         cpu::deinterleave(hr, gbuf, ubuf, cb);
         g = gbuf;
         u = ubuf;
@@ -651,12 +639,12 @@ at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at:
                            const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
                            c10::string_view kind, c10::string_view layout, bool transpose_b, double alpha,
                            double limit) {
-  const ActKind act_kind = cpu::parse_kind(std::string(kind), kOp);
-  const ActLayout act_layout = cpu::parse_layout(std::string(layout), kOp);
+  const ActKind act_kind = parse_act_kind(kind, kOp);
+  const ActLayout act_layout = parse_act_layout(layout, kOp);
   const ExpertsDims d =
       check_moe_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, transpose_b);
   const int64_t T = d.T, H = d.H, k = d.k, E = d.E;
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_dtype(x.scalar_type());
   at::Tensor b1, b2;
   if (b_gate_up.has_value()) b1 = b_gate_up->to(acc_type).contiguous();
   if (b_down.has_value()) b2 = b_down->to(acc_type).contiguous();

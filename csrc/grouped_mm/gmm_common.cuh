@@ -1,6 +1,6 @@
-// Device helpers of the grouped-matmul kernels: element conversions, the sm_80 PTX wrappers
-// (cp.async, ldmatrix, mma.sync), block scans and the device-side tile scheduler. Plain CUDA C++,
-// no torch headers; included only by grouped_mm_cuda.cu.
+// Device helpers shared by the grouped-matmul kernel families (gmm_*.cu): element conversions,
+// 16-byte loads, and the operand and parameter structs the kernels take. Plain CUDA C++, no torch
+// headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,45 +9,22 @@
 
 #include <cstdint>
 
+#include "common/cuda_utils.cuh"
+
 namespace moestream {
 namespace gmm {
 namespace detail {
 
+// host helpers of common/cuda_utils.cuh the launchers use
+using dev::ceil_div;
+using dev::dispatch_float;
+using dev::is_aligned16;
+
 // ----------------------------------------------------------------------------------------------
-// element types
+// element types: acc_t (common/types.h), to_acc / from_acc (common/cuda_utils.cuh)
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_acc(double x) {
-  return static_cast<T>(x);
-}
+using dev::from_acc;
+using dev::to_acc;
 
 // Two floats -> one 32-bit register holding two 16-bit values (low half = first).
 template <typename T>
@@ -117,170 +94,50 @@ __device__ __forceinline__ int64_t load_offset(const void* offsets, bool i64, in
 }
 
 // ----------------------------------------------------------------------------------------------
-// sm_80 tensor-core PTX (also valid on sm_90). Callers are compiled only where __CUDA_ARCH__ >= 800.
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; when !valid nothing is read and the 16 bytes are zero-filled.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-}
-
-// d += a * b for one m16n8k16 tile, fp32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-// ----------------------------------------------------------------------------------------------
-// block scans (blockDim.x == 1024: exactly 32 warps)
-
-struct OpMax {
-  __device__ __forceinline__ int operator()(int a, int b) const { return a > b ? a : b; }
-};
-struct OpAdd {
-  __device__ __forceinline__ int operator()(int a, int b) const { return a + b; }
-};
-
-// Inclusive scan over the 1024 threads of the block; s_warp holds 32 ints. Ends with a barrier so
-// s_warp can be reused by the next call.
-template <typename Op>
-__device__ __forceinline__ int block_inclusive_scan_1024(int v, Op op, int* s_warp) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int n = __shfl_up_sync(0xffffffffu, v, d);
-    if (lane >= d) v = op(v, n);
-  }
-  if (lane == 31) s_warp[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    int w = s_warp[lane];
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int n = __shfl_up_sync(0xffffffffu, w, d);
-      if (lane >= d) w = op(w, n);
-    }
-    s_warp[lane] = w;
-  }
-  __syncthreads();
-  if (warp > 0) v = op(v, s_warp[warp - 1]);
-  __syncthreads();
-  return v;
-}
-
-// ----------------------------------------------------------------------------------------------
-// tile scheduling
+// operands
 //
-// The schedule kernel turns offsets (on the device) into two int32 arrays of E + 2 entries:
-//   row_bounds[g]     start row of group g; row_bounds[g + 1] its end. Group E is the "tail":
-//                     rows [offsets[-1], M), which the forward kernels fill with zeros.
-//   mtile_start[g]    number of M-tiles (of `bm` rows) of the groups before g; mtile_start[E + 1]
-//                     is the total.
-// Offsets are clamped on the device (running maximum, then into [0, M]) so that malformed offsets
-// can only give wrong groups, never out-of-bounds accesses. The host never reads them (no sync).
-
-struct TileCoord {
-  int g;          // group (E = tail)
-  int m_tile;     // M-tile inside the group
-  int n_tile;     // N-tile
-  int row_begin;  // first row of the tile
-  int row_end;    // end of the group's rows (the tile covers [row_begin, min(row_begin + bm, row_end)))
+// A tile operand: element (o, k) of the "outer" dimension o (rows of the output tile for A, columns
+// for B) and the reduction dimension k. Reduction-contiguous (RC): ptr[o * ld + k]; outer-contiguous:
+// ptr[k * ld + o]. The forward's A is RC; its B is RC when transpose_b ([E, N, K]) and
+// outer-contiguous otherwise ([E, K, N]). Both operands of the weight gradient are
+// outer-contiguous (the reduction runs over rows of a and dy).
+template <typename T>
+struct Operand {
+  const T* ptr;
+  int64_t ld;
+  int64_t o_begin;  // tile origin along o
+  int64_t o_end;    // bound along o (exclusive)
 };
 
-// Maps a linear tile id to its tile. Tiles of one group are contiguous; inside a group they are
-// ordered in bands of `band` M-tiles: band-major, then N-tile, then M-tile, so that the CTAs that run
-// at the same time share B panels (the expert weights) and a band of A rows in L2.
-__device__ __forceinline__ TileCoord decode_tile(int tile, int n_tiles, int E, int bm, int band,
-                                                 const int* __restrict__ row_bounds,
-                                                 const int* __restrict__ mtile_start) {
-  const int mt_lin = tile / n_tiles;
-  int lo = 0, hi = E;  // largest g in [0, E] with mtile_start[g] <= mt_lin
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(mtile_start + mid) <= mt_lin)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  TileCoord t;
-  t.g = lo;
-  const int first = __ldg(mtile_start + lo);
-  const int mt_g = __ldg(mtile_start + lo + 1) - first;
-  const int64_t loc = static_cast<int64_t>(tile) - static_cast<int64_t>(first) * n_tiles;
-  const int64_t band_tiles = static_cast<int64_t>(band) * n_tiles;
-  const int b = static_cast<int>(loc / band_tiles);
-  const int rem = static_cast<int>(loc - b * band_tiles);
-  const int h = min(band, mt_g - b * band);
-  t.n_tile = rem / h;
-  t.m_tile = b * band + rem % h;
-  t.row_begin = __ldg(row_bounds + lo) + t.m_tile * bm;
-  t.row_end = __ldg(row_bounds + lo + 1);
-  return t;
-}
+template <typename T>
+struct FwdParams {
+  const T* a;
+  int64_t lda;
+  const T* b;
+  const acc_t<T>* bias;
+  T* out;
+  int64_t ldo;
+  int64_t N, K;
+  int E;
+  const int* row_bounds;
+  const int* mtile_start;
+};
 
-// Start and end rows of group g straight from offsets (weight and bias gradients: one CTA per
-// group, so no scan is needed). Clamped into [0, M] and end >= start, which keeps every access in
-// bounds whatever the offsets hold.
-__device__ __forceinline__ void group_rows(const void* offsets, bool i64, int64_t g, int64_t M, int64_t& start,
-                                           int64_t& end) {
-  int64_t s = g > 0 ? load_offset(offsets, i64, g - 1) : 0;
-  int64_t e = load_offset(offsets, i64, g);
-  s = s < 0 ? 0 : (s > M ? M : s);
-  e = e < s ? s : (e > M ? M : e);
-  start = s;
-  end = e;
-}
+// Weight gradient: out[g] ([MO, NO], dense) = sum over rows r of group g of A[r, :]^T B[r, :], where
+// A = pa [M, MO] (ld lda) and B = pb [M, NO] (ld ldb). Non-transposed: A = a, B = dy (out [K, N]);
+// transpose_b: A = dy, B = a (out [N, K]).
+template <typename T>
+struct WgParams {
+  const T* pa;
+  int64_t lda;
+  const T* pb;
+  int64_t ldb;
+  T* out;
+  const void* offsets;
+  bool i64;
+  int64_t M, MO, NO;
+  int64_t g_base;  // first group of this launch (gridDim.y is limited to 65535)
+};
 
 }  // namespace detail
 }  // namespace gmm

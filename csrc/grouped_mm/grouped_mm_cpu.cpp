@@ -3,7 +3,6 @@
 // at::cpu::mm_out / addmm_out, which bypass the dispatcher); what this file decides is how the
 // groups are spread over threads and how bfloat16 / float16 are fed to the BLAS.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
@@ -11,71 +10,28 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_memory.h"
+#include "common/tuning.h"
 #include "grouped_mm/grouped_mm_checks.h"
 
 namespace moestream {
 namespace {
 
 // ----------------------------------------------------------------------------------------------
-// tuning knobs and CPU capabilities
+// tuning
 //
-// The MOESTREAM_CPU_* environment variables below exist for benchmarking the alternatives; they
-// are read at each call (a few getenv look-ups, nothing next to a GEMM) so that one process can
-// time them side by side. Unset, the measured defaults apply.
-
-std::string env_str(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr ? std::string() : std::string(v);
-}
+// The tuning keys cpu_gmm_schedule, cpu_panel_kb, cpu_small_rows and cpu_lowp_gemm
+// (common/tuning.h) exist for benchmarking the alternatives; each op reads them once per call.
+// Unchanged, the measured defaults apply.
 
 using cpu::is_lowp;
 using cpu::lowp_native;
-
-// Scheduling of grouped_mm's groups (MOESTREAM_CPU_GMM_SCHEDULE=split|serial overrides):
-//  - split: the used rows are cut into one contiguous range per thread (so every thread gets the
-//    same FLOPs whatever the group sizes); each thread runs single-threaded GEMMs on the pieces of
-//    the groups inside its range.
-//  - serial: one group after the other, each GEMM multi-threaded by the BLAS.
-// See choose_split() for the measurements behind the default.
-int gmm_schedule() {
-  const std::string x = env_str("MOESTREAM_CPU_GMM_SCHEDULE");
-  return x == "split" ? 1 : (x == "serial" ? 2 : 0);
-}
-
-// ----------------------------------------------------------------------------------------------
-// argument checks
-
-// offsets [E] int32|int64 -> host copy, checked to be non-negative, non-decreasing and <= M.
-std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* op,
-                                  const char* rows_of) {
-  check_dim(offsets, 1, op, "offsets");
-  check_index(offsets, op, "offsets");
-  MS_CHECK(offsets.size(0) == E, op, "offsets must have one entry per group (", E, "), got shape ",
-           shape_str(offsets));
-  auto o = offsets.to(at::kLong).contiguous();
-  std::vector<int64_t> ends(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + E);
-  int64_t prev = 0;
-  for (int64_t g = 0; g < E; ++g) {
-    MS_CHECK(ends[g] >= prev, op, "offsets do not add up: they must be non-negative, non-decreasing cumulative row "
-             "ends, got offsets[", g, "] = ", ends[g], (g ? " after offsets[" + std::to_string(g - 1) + "] = " +
-             std::to_string(prev) : std::string()));
-    prev = ends[g];
-  }
-  MS_CHECK(E == 0 || ends[E - 1] <= M, op, "offsets do not add up: offsets[-1] = ", E ? ends[E - 1] : 0,
-           " exceeds the ", M, " rows of ", rows_of);
-  return ends;
-}
-
 
 // ----------------------------------------------------------------------------------------------
 // grouped_mm
@@ -100,11 +56,9 @@ std::vector<Segment> segments_in(const std::vector<int64_t>& ends, int64_t p0, i
 // Column panel width of the float32 copy of b[g] in the low-precision path: the panel
 // (K x width floats) is converted right before the GEMM reads it, so it should still be in L2.
 // 128 KiB to 4 MiB panels timed within noise of each other on the 2-core test machine (bf16,
-// M=4096, K=512/1024, N=1024); 512 KiB is a middle that fits common L2 sizes.
-// MOESTREAM_CPU_PANEL_KB overrides.
-int64_t lowp_panel(int64_t K, int64_t N) {
-  const std::string e = env_str("MOESTREAM_CPU_PANEL_KB");
-  const int64_t kb = e.empty() ? 512 : std::atoll(e.c_str());
+// M=4096, K=512/1024, N=1024); 512 KiB is a middle that fits common L2 sizes (the default of the
+// tuning key cpu_panel_kb).
+int64_t lowp_panel(int64_t K, int64_t N, int64_t kb) {
   const int64_t budget = (kb * 1024) / 4;  // floats
   int64_t w = std::max<int64_t>(64, (budget / std::max<int64_t>(K, 1)) / 64 * 64);
   return std::min(w, N);
@@ -120,24 +74,7 @@ int64_t lowp_panel(int64_t K, int64_t N) {
 // are converted to float32 first (they are few). Accumulation is float32 in a fixed order.
 // Each kernel is compiled twice, for the baseline ISA and for AVX2+FMA+F16C, picked at run time.
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MS_X86_DISPATCH 1
-#define MS_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define MS_X86_DISPATCH 0
-#define MS_AVX2
-#endif
 #define MS_ALWAYS_INLINE __attribute__((always_inline)) inline
-
-bool cpu_has_avx2() {
-#if MS_X86_DISPATCH
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 template <typename scalar_t, bool kAvx2>
 struct ToFloat {
@@ -145,10 +82,10 @@ struct ToFloat {
     for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
   }
 };
-#if MS_X86_DISPATCH
+#if MS_HAVE_X86_SIMD
 template <>
 struct ToFloat<c10::BFloat16, true> {
-  static MS_AVX2 void run(const c10::BFloat16* s, float* d, int64_t n) {
+  static MS_TARGET_AVX2 void run(const c10::BFloat16* s, float* d, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
       const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
@@ -159,7 +96,7 @@ struct ToFloat<c10::BFloat16, true> {
 };
 template <>
 struct ToFloat<c10::Half, true> {
-  static MS_AVX2 void run(const c10::Half* s, float* d, int64_t n) {
+  static MS_TARGET_AVX2 void run(const c10::Half* s, float* d, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
       _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
@@ -175,8 +112,8 @@ void rows_to_float_default(const scalar_t* src, int64_t lds, int64_t R, int64_t 
   for (int64_t r = 0; r < R; ++r) ToFloat<scalar_t, false>::run(src + r * lds, dst + r * C, C);
 }
 template <typename scalar_t>
-MS_AVX2 void rows_to_float_avx2(const scalar_t* src, int64_t lds, int64_t R, int64_t C, float* dst) {
-  for (int64_t r = 0; r < R; ++r) ToFloat<scalar_t, MS_X86_DISPATCH == 1>::run(src + r * lds, dst + r * C, C);
+MS_TARGET_AVX2 void rows_to_float_avx2(const scalar_t* src, int64_t lds, int64_t R, int64_t C, float* dst) {
+  for (int64_t r = 0; r < R; ++r) ToFloat<scalar_t, MS_HAVE_X86_SIMD == 1>::run(src + r * lds, dst + r * C, C);
 }
 
 // A bf16 / fp16 2-D view -> float32 [R, C] at dst. Rows with contiguous columns go through the
@@ -191,10 +128,10 @@ void to_float_2d(const at::Tensor& src, float* dst) {
   const int64_t lds = R > 1 ? src.stride(0) : C;
   if (src.scalar_type() == at::kBFloat16) {
     auto p = src.const_data_ptr<c10::BFloat16>();
-    cpu_has_avx2() ? rows_to_float_avx2(p, lds, R, C, dst) : rows_to_float_default(p, lds, R, C, dst);
+    cpu::has_avx2() ? rows_to_float_avx2(p, lds, R, C, dst) : rows_to_float_default(p, lds, R, C, dst);
   } else {
     auto p = src.const_data_ptr<c10::Half>();
-    cpu_has_avx2() ? rows_to_float_avx2(p, lds, R, C, dst) : rows_to_float_default(p, lds, R, C, dst);
+    cpu::has_avx2() ? rows_to_float_avx2(p, lds, R, C, dst) : rows_to_float_default(p, lds, R, C, dst);
   }
 }
 
@@ -260,9 +197,10 @@ void small_nn_default(const float* a, int64_t rows, int64_t K, const scalar_t* b
   small_nn_body<scalar_t, false>(a, rows, K, b, ldk, bias, out, ldo, n0, n1, acc, bf);
 }
 template <typename scalar_t>
-MS_AVX2 void small_nn_avx2(const float* a, int64_t rows, int64_t K, const scalar_t* b, int64_t ldk, const float* bias,
-                           scalar_t* out, int64_t ldo, int64_t n0, int64_t n1, float* acc, float* bf) {
-  small_nn_body<scalar_t, MS_X86_DISPATCH == 1>(a, rows, K, b, ldk, bias, out, ldo, n0, n1, acc, bf);
+MS_TARGET_AVX2 void small_nn_avx2(const float* a, int64_t rows, int64_t K, const scalar_t* b, int64_t ldk,
+                                  const float* bias, scalar_t* out, int64_t ldo, int64_t n0, int64_t n1, float* acc,
+                                  float* bf) {
+  small_nn_body<scalar_t, MS_HAVE_X86_SIMD == 1>(a, rows, K, b, ldk, bias, out, ldo, n0, n1, acc, bf);
 }
 template <typename scalar_t>
 void small_nt_default(const float* a, int64_t rows, int64_t K, const scalar_t* bt, int64_t ldn, const float* bias,
@@ -270,9 +208,9 @@ void small_nt_default(const float* a, int64_t rows, int64_t K, const scalar_t* b
   small_nt_body<scalar_t, false>(a, rows, K, bt, ldn, bias, out, ldo, n0, n1, bf);
 }
 template <typename scalar_t>
-MS_AVX2 void small_nt_avx2(const float* a, int64_t rows, int64_t K, const scalar_t* bt, int64_t ldn, const float* bias,
-                           scalar_t* out, int64_t ldo, int64_t n0, int64_t n1, float* bf) {
-  small_nt_body<scalar_t, MS_X86_DISPATCH == 1>(a, rows, K, bt, ldn, bias, out, ldo, n0, n1, bf);
+MS_TARGET_AVX2 void small_nt_avx2(const float* a, int64_t rows, int64_t K, const scalar_t* bt, int64_t ldn,
+                                  const float* bias, scalar_t* out, int64_t ldo, int64_t n0, int64_t n1, float* bf) {
+  small_nt_body<scalar_t, MS_HAVE_X86_SIMD == 1>(a, rows, K, bt, ldn, bias, out, ldo, n0, n1, bf);
 }
 
 // out_s [rows, N] (few rows, out's stride(1) == 1) = a_s @ B (+ bias), B [K, N] a view of b's
@@ -287,7 +225,7 @@ void small_rows_gemm(const at::Tensor& a_s, const at::Tensor& B, const float* bi
   const scalar_t* bp = B.const_data_ptr<scalar_t>();
   scalar_t* op = o_s.data_ptr<scalar_t>();
   const int64_t ldo = o_s.stride(0);
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu::has_avx2();
   if (B.stride(1) == 1) {
     const int64_t ldk = B.stride(0);
     at::parallel_for(0, (N + 255) / 256, 1, [&](int64_t i0, int64_t i1) {
@@ -318,6 +256,8 @@ struct GmmArgs {
   bool transpose_b;
   bool via_float;  // low precision through float32 buffers
   int64_t K, N;
+  int64_t panel;                       // lowp_panel(): column width of the float32 panels of b[g]
+  int64_t small_rows_n, small_rows_k;  // small_rows_limit() for N- and K-contiguous weights
 };
 
 // Largest group (rows) that takes the small-row kernels instead of float32 conversion + SGEMM.
@@ -327,11 +267,10 @@ struct GmmArgs {
 //   small, K contiguous     0.14  0.21  0.40  0.90  1.2   1.4-1.5
 //   convert + SGEMM, N c.   0.54  0.65  0.73  0.80  0.93  1.06-1.18
 //   convert + SGEMM, K c.   0.32  0.41  0.61  0.75  0.87  0.96-1.0
-// MOESTREAM_CPU_SMALL_ROWS caps both (0 disables the small kernels; benchmarking).
-int64_t small_rows_limit(bool n_contiguous) {
+// The tuning key cpu_small_rows caps both (0 disables the small kernels; benchmarking).
+int64_t small_rows_limit(bool n_contiguous, int64_t cap) {
   const int64_t limit = n_contiguous ? 8 : 4;
-  const std::string e = env_str("MOESTREAM_CPU_SMALL_ROWS");
-  return e.empty() ? limit : std::min<int64_t>(std::atoll(e.c_str()), limit);
+  return cap < 0 ? limit : std::min<int64_t>(cap, limit);
 }
 
 void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tensor& b_buf, at::Tensor& c_buf) {
@@ -350,8 +289,7 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
   }
   const int64_t K = x.K, N = x.N;
   auto B = x.transpose_b ? b_g.t() : b_g;  // [K, N]
-  const bool small = B.stride(1) == 1 ? rows <= small_rows_limit(true)
-                                       : (B.stride(0) == 1 && rows <= small_rows_limit(false));
+  const bool small = B.stride(1) == 1 ? rows <= x.small_rows_n : (B.stride(0) == 1 && rows <= x.small_rows_k);
   if (small) {
     const float* bias = x.bias.defined() ? x.bias.const_data_ptr<float>() + s.g * N : nullptr;
     if (x.a.scalar_type() == at::kBFloat16) {
@@ -364,7 +302,7 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
   // bf16 / fp16 through float32: a's rows once, then b[g] panel by panel.
   auto af = a_buf.narrow(0, 0, rows * K).view({rows, K});
   to_float_2d(a_s, af.data_ptr<float>());
-  const int64_t w = lowp_panel(K, N);
+  const int64_t w = x.panel;
   for (int64_t n0 = 0; n0 < N; n0 += w) {
     const int64_t nb = std::min(w, N - n0);
     auto cf = c_buf.narrow(0, 0, rows * nb).view({rows, nb});
@@ -387,6 +325,11 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
   }
 }
 
+// Scheduling of grouped_mm's groups (the tuning key cpu_gmm_schedule="split" | "serial" overrides):
+//  - split: the used rows are cut into one contiguous range per thread (so every thread gets the
+//    same FLOPs whatever the group sizes); each thread runs single-threaded GEMMs on the pieces of
+//    the groups inside its range.
+//  - serial: one group after the other, each GEMM multi-threaded by the BLAS.
 // Default schedule. Measured with 2 threads on a 2-core AMD EPYC (AVX2) shared with other jobs,
 // 32 groups, ms as min / median of 20 interleaved repetitions:
 //                                        split        serial       dense at::mm (same FLOPs, f32)
@@ -398,9 +341,9 @@ void run_segment(const GmmArgs& x, const Segment& s, at::Tensor& a_buf, at::Tens
 // for tiny groups each thread streams its own experts' weights. Serial stays for small work (no
 // parallel region to pay for) and for few groups with few rows (one expert at decode: cutting 4
 // rows over the threads would make every thread read all of b; the BLAS splits the columns).
-bool choose_split(int64_t used_rows, int64_t groups, int64_t K, int64_t N, int64_t nthreads) {
-  const int s = gmm_schedule();
-  if (s != 0) return s == 1;
+bool choose_split(int64_t used_rows, int64_t groups, int64_t K, int64_t N, int64_t nthreads,
+                  GmmSchedule forced) {
+  if (forced != GmmSchedule::kAuto) return forced == GmmSchedule::kSplit;
   if (nthreads <= 1 || used_rows < 2 * nthreads) return false;
   if (static_cast<double>(used_rows) * K * N < 1e6) return false;
   return groups >= nthreads || used_rows >= 16 * nthreads;
@@ -414,13 +357,14 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   constexpr const char* op = "grouped_mm";
   const GmmDims d = check_grouped_mm_args(a_in, b_in, offsets, transpose_b, bias);
   const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
-  const auto ends = read_offsets(offsets, E, M, op, "a");
+  const auto ends = check_offsets(offsets, E, M, op, "a", /*read_values=*/true);
   const int64_t used = E ? ends[E - 1] : 0;
 
   auto out = cpu::empty_large({M, N}, a_in.options());
   if (used < M) out.narrow(0, used, M - used).zero_();
   if (used == 0 || N == 0) return out;
 
+  const KernelTuning tune = tuning();
   GmmArgs x;
   x.a = a_in;
   x.b = b_in;
@@ -429,18 +373,21 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const 
   x.K = K;
   x.N = N;
   x.via_float = is_lowp(a_in.scalar_type()) && !lowp_native(a_in.scalar_type());
+  x.panel = lowp_panel(K, N, tune.cpu_panel_kb);
+  x.small_rows_n = small_rows_limit(true, tune.cpu_small_rows);
+  x.small_rows_k = small_rows_limit(false, tune.cpu_small_rows);
   if (bias.has_value()) x.bias = bias->to(x.via_float ? at::kFloat : a_in.scalar_type()).contiguous();
 
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
   int64_t groups = 0;
   for (int64_t g = 0; g < E; ++g) groups += ends[g] > (g ? ends[g - 1] : 0);
-  const bool split = choose_split(used, groups, K, N, nthreads);
+  const bool split = choose_split(used, groups, K, N, nthreads, tune.cpu_gmm_schedule);
   const int64_t parts = split ? std::min(nthreads, used) : 1;
 
   // Buffers of the float32 path, sized for the largest segment a part can meet.
   auto alloc_bufs = [&](int64_t max_rows, at::Tensor& ab, at::Tensor& bb, at::Tensor& cb) {
     if (!x.via_float) return;
-    const int64_t w = lowp_panel(K, N);
+    const int64_t w = x.panel;
     auto opts = a_in.options().dtype(at::kFloat);
     ab = at::empty({max_rows * K}, opts);
     bb = at::empty({K * w}, opts);
@@ -486,7 +433,7 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
   constexpr const char* op = "grouped_mm_weight_grad";
   const GmmDims d = check_grouped_mm_weight_grad_args(a, grad_out, offsets);
   const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
-  const auto ends = read_offsets(offsets, E, M, op, "a");
+  const auto ends = check_offsets(offsets, E, M, op, "a", /*read_values=*/true);
 
   auto out = transpose_b ? cpu::empty_large({E, N, K}, a.options()) : cpu::empty_large({E, K, N}, a.options());
   const bool via_float = is_lowp(a.scalar_type()) && !lowp_native(a.scalar_type());
@@ -598,17 +545,14 @@ at::Tensor grouped_bias_grad_cpu(const at::Tensor& grad_out_in, const at::Tensor
   // grad_out [M, N], offsets [E] -> grad_bias [E, N] in grad_out's dtype: per-group row sums,
   // accumulated in float32 (float64 for float64) in row order.
   constexpr const char* op = "grouped_bias_grad";
-  check_dim(grad_out_in, 2, op, "grad_out");
-  check_float(grad_out_in, op, "grad_out");
-  check_same_device(grad_out_in, offsets, op, "grad_out", "offsets");
-  check_dim(offsets, 1, op, "offsets");
-  const int64_t M = grad_out_in.size(0), N = grad_out_in.size(1), E = offsets.size(0);
-  const auto ends = read_offsets(offsets, E, M, op, "grad_out");
+  const GmmDims d = check_grouped_bias_grad_args(grad_out_in, offsets);
+  const int64_t M = d.M, N = d.N, E = d.E;
+  const auto ends = check_offsets(offsets, E, M, op, "grad_out", /*read_values=*/true);
   auto dy = grad_out_in.contiguous();
   auto out = at::empty({E, N}, dy.options());
   if (E == 0 || N == 0) return out;
   MS_DISPATCH_FLOATS(dy.scalar_type(), "moestream.grouped_bias_grad", [&] {
-    bias_grad_kernel<scalar_t, at::opmath_type<scalar_t>>(dy.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    bias_grad_kernel<scalar_t, acc_t<scalar_t>>(dy.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                                           ends, N);
   });
   return out;

@@ -3,95 +3,39 @@
 //
 // Offsets live on the device and are not read by the host (no synchronisation), so their values
 // (non-negative, non-decreasing, offsets[-1] <= rows) cannot be validated here: the kernels clamp
-// them so malformed offsets give wrong groups but never out-of-bounds accesses. Set
-// MOESTREAM_CHECK_INPUTS=1 to validate them anyway (one device-to-host copy and sync per call).
+// them so malformed offsets give wrong groups but never out-of-bounds accesses. The tuning key
+// check_inputs (initially MOESTREAM_CHECK_INPUTS=1) validates them anyway (one device-to-host copy
+// and sync per call).
 //
-// MOESTREAM_GMM_IMPL = auto | simt | mma | wgmma | gemv forces a kernel family where it applies
-// (dtype, alignment, device); elsewhere the generic SIMT kernel runs. Read on every call. auto:
+// The tuning key gmm_impl = auto | simt | mma | wgmma | gemv (common/tuning.h) forces a kernel
+// family where it applies (dtype, alignment, device); elsewhere the generic SIMT kernel runs. auto:
 // decode GEMV for a few rows per group, mma.sync tensor cores for aligned bf16/fp16, SIMT
 // otherwise; float32 is computed in true float32 (FFMA, never TF32), float64 in float64.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "common/checks.h"
+#include "common/cuda_error.h"
+#include "common/tuning.h"
 #include "grouped_mm/grouped_mm_checks.h"
 #include "grouped_mm/grouped_mm_cuda.h"
 
 namespace moestream {
 namespace {
 
-gmm::DType gmm_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return gmm::DType::kFloat32;
-    case at::kDouble:
-      return gmm::DType::kFloat64;
-    case at::kBFloat16:
-      return gmm::DType::kBFloat16;
-    default:
-      return gmm::DType::kFloat16;
-  }
-}
-
-gmm::Impl requested_impl(const char* op) {
-  const char* v = std::getenv("MOESTREAM_GMM_IMPL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return gmm::Impl::kAuto;
-  if (std::strcmp(v, "simt") == 0) return gmm::Impl::kSimt;
-  if (std::strcmp(v, "mma") == 0) return gmm::Impl::kMma;
-  if (std::strcmp(v, "wgmma") == 0) return gmm::Impl::kWgmma;
-  if (std::strcmp(v, "gemv") == 0) return gmm::Impl::kGemv;
-  MS_CHECK(false, op, "environment variable MOESTREAM_GMM_IMPL must be one of auto, simt, mma, wgmma, gemv, got '",
-           v, "'");
-  return gmm::Impl::kAuto;
-}
-
-bool check_inputs_enabled() {
-  const char* v = std::getenv("MOESTREAM_CHECK_INPUTS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
 gmm::Device current_device() {
   int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  MS_CUDA_CHECK(cudaGetDevice(&dev), "grouped_mm");
   gmm::Device d;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
+  MS_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev), "grouped_mm");
+  MS_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev), "grouped_mm");
+  MS_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, dev), "grouped_mm");
   return d;
-}
-
-
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  MS_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got device ", t.device());
-}
-
-// offsets [E] int32|int64; values are validated only with MOESTREAM_CHECK_INPUTS=1 (host sync).
-void check_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* op, const char* rows_of) {
-  check_dim(offsets, 1, op, "offsets");
-  check_index(offsets, op, "offsets");
-  MS_CHECK(offsets.size(0) == E, op, "offsets must have one entry per group (", E, "), got shape ",
-           shape_str(offsets));
-  if (!check_inputs_enabled() || E == 0) return;
-  const auto o = offsets.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* ends = o.const_data_ptr<int64_t>();
-  int64_t prev = 0;
-  for (int64_t g = 0; g < E; ++g) {
-    MS_CHECK(ends[g] >= prev, op,
-             "offsets do not add up: they must be non-negative, non-decreasing cumulative row ends, got offsets[", g,
-             "] = ", ends[g],
-             (g ? " after offsets[" + std::to_string(g - 1) + "] = " + std::to_string(prev) : std::string()));
-    prev = ends[g];
-  }
-  MS_CHECK(ends[E - 1] <= M, op, "offsets do not add up: offsets[-1] = ", ends[E - 1], " exceeds the ", M,
-           " rows of ", rows_of);
 }
 
 // A 2-D operand as (pointer, leading dimension) with unit stride along columns; copies only when
@@ -99,8 +43,16 @@ void check_offsets(const at::Tensor& offsets, int64_t E, int64_t M, const char* 
 at::Tensor rows_unit_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 int64_t leading_dim(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
-void check_launch(cudaError_t e, const char* op) {
-  MS_CHECK(e == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(e));
+// The fields every argument struct shares; dtype is the operands'.
+void set_group_args(gmm::GroupArgs& p, at::ScalarType dtype, const at::Tensor& offs, const at::Tensor& out,
+                    const GmmDims& d) {
+  p.dtype = float_kind(dtype);
+  p.offsets = offs.const_data_ptr();
+  p.offsets_int64 = offs.scalar_type() == at::kLong;
+  p.out = out.data_ptr();
+  p.M = d.M;
+  p.N = d.N;
+  p.E = d.E;
 }
 
 constexpr int64_t kSizeLimit = int64_t(1) << 30;
@@ -110,16 +62,16 @@ constexpr int64_t kSizeLimit = int64_t(1) << 30;
 at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets, bool transpose_b,
                            const c10::optional<at::Tensor>& bias) {
   // a [M, K] rows sorted by group, b [E, K, N] ([E, N, K] if transpose_b), offsets [E] int32|int64
-  // cumulative row ends (offsets[-1] <= M; values not checked without MOESTREAM_CHECK_INPUTS=1),
+  // cumulative row ends (offsets[-1] <= M; values not checked without the tuning key check_inputs),
   // bias [E, N] (optional) -> out [M, N] in a's dtype; rows past offsets[-1] are zero.
   constexpr const char* op = "grouped_mm";
-  check_cuda(a_in, op, "a");
   const GmmDims d = check_grouped_mm_args(a_in, b_in, offsets, transpose_b, bias);
+  check_cuda(a_in, op, "a");
   const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
   MS_CHECK(gmm::forward_shape_supported(M, N, K, E), op, "sizes too large for the CUDA kernels: a ", shape_str(a_in),
            ", b ", shape_str(b_in), " (each of M, N, K and E must be below 2^30)");
   c10::cuda::CUDAGuard guard(a_in.device());
-  check_offsets(offsets, E, M, op, "a");
+  check_offsets(offsets, E, M, op, "a", tuning().check_inputs);
 
   auto out = at::empty({M, N}, a_in.options());
   if (M == 0 || N == 0) return out;
@@ -129,29 +81,24 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
   const auto offs = offsets.contiguous();
   at::Tensor bias_acc;
   if (bias.has_value()) {
-    bias_acc = bias->to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+    bias_acc = bias->to(acc_dtype(a.scalar_type())).contiguous();
     // the tensor-core epilogue reads bias pairs as 8-byte vectors
     if (reinterpret_cast<uintptr_t>(bias_acc.const_data_ptr()) % 16 != 0) bias_acc = bias_acc.clone();
   }
   auto ws = at::empty({gmm::forward_workspace_ints(E)}, a.options().dtype(at::kInt));
 
   gmm::ForwardArgs p;
-  p.dtype = gmm_dtype(a.scalar_type());
+  set_group_args(p, a.scalar_type(), offs, out, d);
   p.a = a.const_data_ptr();
   p.lda = leading_dim(a);
   p.b = b.const_data_ptr();
-  p.offsets = offs.const_data_ptr();
-  p.offsets_int64 = offs.scalar_type() == at::kLong;
   p.bias = bias_acc.defined() ? bias_acc.const_data_ptr() : nullptr;
-  p.out = out.data_ptr();
   p.ldo = N;
-  p.M = M;
-  p.N = N;
   p.K = K;
-  p.E = E;
   p.transpose_b = transpose_b;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(gmm::grouped_mm_forward(p, requested_impl(op), current_device(), ws.data_ptr<int>(), stream), op);
+  const gmm::Impl impl = tuning().gmm_impl;
+  MS_CUDA_CHECK(gmm::grouped_mm_forward(p, impl, current_device(), ws.data_ptr<int>(), stream), op);
   return out;
 }
 
@@ -162,13 +109,13 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   // a [M, K], grad_out [M, N] (same dtype), offsets [E] -> grad_b [E, K, N] (a_g^T dy_g), or
   // [E, N, K] (dy_g^T a_g) if transpose_b; groups without rows get zero blocks. Deterministic.
   constexpr const char* op = "grouped_mm_weight_grad";
-  check_cuda(a_in, op, "a");
   const GmmDims d = check_grouped_mm_weight_grad_args(a_in, grad_out_in, offsets);
+  check_cuda(a_in, op, "a");
   const int64_t M = d.M, K = d.K, N = d.N, E = d.E;
   MS_CHECK(M < kSizeLimit && K < kSizeLimit && N < kSizeLimit, op, "sizes too large for the CUDA kernels: a ",
            shape_str(a_in), ", grad_out ", shape_str(grad_out_in), " (each must be below 2^30)");
   c10::cuda::CUDAGuard guard(a_in.device());
-  check_offsets(offsets, E, M, op, "a");
+  check_offsets(offsets, E, M, op, "a", tuning().check_inputs);
 
   auto out = transpose_b ? at::empty({E, N, K}, a_in.options()) : at::empty({E, K, N}, a_in.options());
   if (E == 0 || K == 0 || N == 0) return out;
@@ -177,21 +124,15 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   const auto dy = rows_unit_stride(grad_out_in);
   const auto offs = offsets.contiguous();
   gmm::WeightGradArgs p;
-  p.dtype = gmm_dtype(a.scalar_type());
+  set_group_args(p, a.scalar_type(), offs, out, d);
   p.a = a.const_data_ptr();
   p.lda = leading_dim(a);
   p.dy = dy.const_data_ptr();
   p.ldd = leading_dim(dy);
-  p.offsets = offs.const_data_ptr();
-  p.offsets_int64 = offs.scalar_type() == at::kLong;
-  p.out = out.data_ptr();
-  p.M = M;
-  p.N = N;
   p.K = K;
-  p.E = E;
   p.transpose_b = transpose_b;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(gmm::grouped_mm_weight_grad(p, requested_impl(op), current_device(), stream), op);
+  MS_CUDA_CHECK(gmm::grouped_mm_weight_grad(p, tuning().gmm_impl, current_device(), stream), op);
   return out;
 }
 
@@ -201,30 +142,21 @@ at::Tensor grouped_bias_grad_cuda(const at::Tensor& grad_out_in, const at::Tenso
   // grad_out [M, N], offsets [E] -> grad_bias [E, N] in grad_out's dtype: per-group row sums,
   // float32 (float64) accumulation in a fixed order (deterministic).
   constexpr const char* op = "grouped_bias_grad";
-  check_dim(grad_out_in, 2, op, "grad_out");
-  check_float(grad_out_in, op, "grad_out");
+  const GmmDims d = check_grouped_bias_grad_args(grad_out_in, offsets);
   check_cuda(grad_out_in, op, "grad_out");
-  check_same_device(grad_out_in, offsets, op, "grad_out", "offsets");
-  check_dim(offsets, 1, op, "offsets");
-  const int64_t M = grad_out_in.size(0), N = grad_out_in.size(1), E = offsets.size(0);
+  const int64_t M = d.M, N = d.N, E = d.E;
   c10::cuda::CUDAGuard guard(grad_out_in.device());
-  check_offsets(offsets, E, M, op, "grad_out");
+  check_offsets(offsets, E, M, op, "grad_out", tuning().check_inputs);
 
   auto out = at::empty({E, N}, grad_out_in.options());
   if (E == 0 || N == 0) return out;
   const auto dy = rows_unit_stride(grad_out_in);
   const auto offs = offsets.contiguous();
   gmm::BiasGradArgs p;
-  p.dtype = gmm_dtype(dy.scalar_type());
+  set_group_args(p, dy.scalar_type(), offs, out, d);
   p.dy = dy.const_data_ptr();
   p.ldd = leading_dim(dy);
-  p.offsets = offs.const_data_ptr();
-  p.offsets_int64 = offs.scalar_type() == at::kLong;
-  p.out = out.data_ptr();
-  p.M = M;
-  p.N = N;
-  p.E = E;
-  check_launch(gmm::grouped_bias_grad(p, c10::cuda::getCurrentCUDAStream()), op);
+  MS_CUDA_CHECK(gmm::grouped_bias_grad(p, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }
 

@@ -15,19 +15,19 @@
 
 #include <cstdint>
 
+#include "common/tuning.h"
+#include "common/types.h"
+
 namespace moestream {
 namespace gmm {
 
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
-
-// Kernel families. kAuto picks by dtype, alignment and shape among gemv (a few rows per group),
-// mma (bf16/fp16, aligned, sm_80+) and simt (everything else); it does not pick kWgmma (sm_90a,
-// forward only), which runs only when requested. A requested family that does not apply to the
-// call (dtype, alignment, device, binary) falls back: kWgmma -> kMma -> kSimt, kGemv -> kSimt,
-// kMma -> kSimt. The weight gradient has mma and simt kernels only.
-enum class Impl : int { kAuto = 0, kSimt = 1, kMma = 2, kWgmma = 3, kGemv = 4 };
-
-const char* impl_name(Impl impl);
+// Kernel families (the tuning key gmm_impl, common/tuning.h). kAuto picks by dtype, alignment and
+// shape among gemv (a few rows per group), mma (bf16/fp16, aligned, sm_80+) and simt (everything
+// else); it does not pick kWgmma (sm_90a, forward only), which runs only when requested. A
+// requested family that does not apply to the call (dtype, alignment, device, binary) falls back:
+// kWgmma -> kMma -> kSimt, kGemv -> kSimt, kMma -> kSimt. The weight gradient has mma and simt
+// kernels only.
+using Impl = GmmImpl;
 
 struct Device {
   int sm_count = 1;   // multiprocessors of the current device
@@ -35,17 +35,22 @@ struct Device {
   int cc_minor = 0;
 };
 
-struct ForwardArgs {
-  DType dtype = DType::kFloat32;
+// What every entry point takes: the dtype of the operands and of out, the offsets and the sizes.
+struct GroupArgs {
+  FloatKind dtype = FloatKind::kFloat32;
+  const void* offsets = nullptr;
+  bool offsets_int64 = true;
+  void* out = nullptr;
+  int64_t M = 0, N = 0, E = 0;
+};
+
+struct ForwardArgs : GroupArgs {
   const void* a = nullptr;
   int64_t lda = 0;
   const void* b = nullptr;
-  const void* offsets = nullptr;
-  bool offsets_int64 = true;
   const void* bias = nullptr;
-  void* out = nullptr;
   int64_t ldo = 0;
-  int64_t M = 0, N = 0, K = 0, E = 0;
+  int64_t K = 0;
   bool transpose_b = false;
 };
 
@@ -64,16 +69,13 @@ Impl forward_impl(const ForwardArgs& p, Impl requested, const Device& dev);
 cudaError_t grouped_mm_forward(const ForwardArgs& p, Impl requested, const Device& dev, int* workspace,
                                cudaStream_t stream);
 
-struct WeightGradArgs {
-  DType dtype = DType::kFloat32;
+// out: dense [E, K, N], or [E, N, K] when transpose_b.
+struct WeightGradArgs : GroupArgs {
   const void* a = nullptr;  // [M, K], leading dimension lda
   int64_t lda = 0;
   const void* dy = nullptr;  // [M, N], leading dimension ldd
   int64_t ldd = 0;
-  const void* offsets = nullptr;
-  bool offsets_int64 = true;
-  void* out = nullptr;  // dense [E, K, N], or [E, N, K] when transpose_b
-  int64_t M = 0, N = 0, K = 0, E = 0;
+  int64_t K = 0;
   bool transpose_b = false;
 };
 
@@ -84,14 +86,10 @@ Impl weight_grad_impl(const WeightGradArgs& p, Impl requested, const Device& dev
 cudaError_t grouped_mm_weight_grad(const WeightGradArgs& p, Impl requested, const Device& dev,
                                    cudaStream_t stream);
 
-struct BiasGradArgs {
-  DType dtype = DType::kFloat32;
+// out: dense [E, N] in dy's dtype.
+struct BiasGradArgs : GroupArgs {
   const void* dy = nullptr;  // [M, N], leading dimension ldd
   int64_t ldd = 0;
-  const void* offsets = nullptr;
-  bool offsets_int64 = true;
-  void* out = nullptr;  // dense [E, N] in dy's dtype
-  int64_t M = 0, N = 0, E = 0;
 };
 
 // out[g] = sum of dy's rows of group g, float32 (float64) accumulation in a fixed order.

@@ -5,7 +5,6 @@
 // each chunk walks its pairs in order. The resulting order, (expert, token, slot), is unique, so it
 // does not depend on the chunking or on the number of threads.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,6 +15,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_memory.h"
+#include "permute/permute_checks.h"
 
 namespace moestream {
 namespace {
@@ -50,10 +50,7 @@ void permute_indices(const index_t* ids, int64_t n, int64_t E, int64_t* perm, in
     }
   });
   for (int64_t c = 0; c < nchunks; ++c) {
-    if (bad[c] < n) {
-      MS_CHECK(false, "permute", "ids must lie in [0, num_experts) = [0, ", E, "), got ",
-               static_cast<int64_t>(ids[bad[c]]), " at flat position ", bad[c]);
-    }
+    if (bad[c] < n) fail_expert_id(E, static_cast<int64_t>(ids[bad[c]]), bad[c]);
   }
 
   // Exclusive scan in (expert, chunk) order: counts[c][e] becomes chunk c's first row for expert e.
@@ -80,17 +77,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
                                                            int64_t num_experts) {
   // x [T, H] float, ids [T, k] int32|int64 in [0, num_experts)
   //   -> x_sorted [T*k, H] (x's dtype), perm [T, k] int64, offsets [num_experts] int64
-  constexpr const char* op = "permute";
-  check_dim(x_in, 2, op, "x");
-  check_float(x_in, op, "x");
-  check_dim(ids_in, 2, op, "ids");
-  check_index(ids_in, op, "ids");
-  check_same_device(x_in, ids_in, op, "x", "ids");
-  MS_CHECK(ids_in.size(0) == x_in.size(0), op, "ids must have one row per token of x (", x_in.size(0),
-           "), got shape ", shape_str(ids_in));
-  MS_CHECK(num_experts >= 1, op, "num_experts must be >= 1, got ", num_experts);
-
-  const int64_t T = ids_in.size(0), k = ids_in.size(1), H = x_in.size(1);
+  const PermuteDims d = check_permute_args(x_in, ids_in, num_experts);
+  const int64_t T = d.T, k = d.k, H = d.H;
   const int64_t n = T * k;
   auto x = x_in.contiguous();
   auto ids = ids_in.contiguous();
@@ -126,28 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
 // perm -> int64 contiguous, every value checked to lie in [0, N).
 at::Tensor checked_perm(const at::Tensor& perm_in, int64_t N, const char* op) {
   auto perm = perm_in.to(at::kLong).contiguous();
-  const int64_t* p = perm.const_data_ptr<int64_t>();
-  const int64_t n = perm.numel();
-  int64_t bad = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    if (p[i] < 0 || p[i] >= N) {
-      bad = i;
-      break;
-    }
-  }
-  MS_CHECK(bad < 0, op, "perm must lie in [0, N) = [0, ", N, ") where N is y_sorted's row count, got ",
-           bad >= 0 ? p[bad] : 0, " at flat position ", bad);
+  check_perm_range(perm, N, op);
   return perm;
-}
-
-void check_weights(const c10::optional<at::Tensor>& weights, const at::Tensor& perm, const at::Tensor& ref,
-                   const char* op) {
-  if (!weights.has_value()) return;
-  const auto& w = *weights;
-  check_float(w, op, "weights");
-  check_same_device(w, ref, op, "weights", "y_sorted");
-  MS_CHECK(w.dim() == 2 && w.size(0) == perm.size(0) && w.size(1) == perm.size(1), op,
-           "weights must have perm's shape ", shape_str(perm), ", got ", shape_str(w));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -178,22 +146,15 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& perm_i
   // y_sorted [N, H] float, perm [T, k] int64 (int32 accepted) in [0, N), weights [T, k] any float (optional)
   //   -> y [T, H] in y_sorted's dtype
   constexpr const char* op = "unpermute";
-  check_dim(y_sorted_in, 2, op, "y_sorted");
-  check_float(y_sorted_in, op, "y_sorted");
-  check_dim(perm_in, 2, op, "perm");
-  check_index(perm_in, op, "perm");
-  check_same_device(y_sorted_in, perm_in, op, "y_sorted", "perm");
-  check_weights(weights, perm_in, y_sorted_in, op);
-
-  const int64_t N = y_sorted_in.size(0), H = y_sorted_in.size(1);
-  const int64_t T = perm_in.size(0), k = perm_in.size(1);
+  const UnpermuteDims d = check_unpermute_args(y_sorted_in, perm_in, weights);
+  const int64_t N = d.N, H = d.H, T = d.T, k = d.k;
   auto perm = checked_perm(perm_in, N, op);
   auto ys = y_sorted_in.contiguous();
   auto out = cpu::empty_large({T, H}, ys.options());
   if (T == 0 || H == 0) return out;
 
   MS_DISPATCH_FLOATS(ys.scalar_type(), "moestream.unpermute", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     at::Tensor w;
     if (weights.has_value()) w = weights->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     unpermute_kernel<scalar_t, acc_t>(ys.const_data_ptr<scalar_t>(), perm.const_data_ptr<int64_t>(),
@@ -278,25 +239,13 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   //   -> grad_y_sorted [N, H] (y_sorted's dtype), grad_weights [T, k] float32 (float64 for float64
   //      inputs) or an empty [0] tensor when weights is None or needs_weights_grad is false
   constexpr const char* op = "unpermute_backward";
-  check_dim(grad_y_in, 2, op, "grad_y");
-  check_dim(y_sorted_in, 2, op, "y_sorted");
-  check_float(y_sorted_in, op, "y_sorted");
-  MS_CHECK(grad_y_in.scalar_type() == y_sorted_in.scalar_type(), op, "grad_y must have y_sorted's dtype ",
-           y_sorted_in.scalar_type(), ", got ", grad_y_in.scalar_type());
-  check_dim(perm_in, 2, op, "perm");
-  check_index(perm_in, op, "perm");
-  check_same_device(grad_y_in, y_sorted_in, op, "grad_y", "y_sorted");
-  check_same_device(perm_in, y_sorted_in, op, "perm", "y_sorted");
-  check_weights(weights, perm_in, y_sorted_in, op);
-  const int64_t N = y_sorted_in.size(0), H = y_sorted_in.size(1);
-  const int64_t T = perm_in.size(0), k = perm_in.size(1);
-  MS_CHECK(grad_y_in.size(0) == T && grad_y_in.size(1) == H, op, "grad_y must have shape [", T, ", ", H,
-           "] (perm's rows, y_sorted's columns), got ", shape_str(grad_y_in));
+  const UnpermuteDims d = check_unpermute_backward_args(grad_y_in, y_sorted_in, perm_in, weights);
+  const int64_t N = d.N, H = d.H, T = d.T, k = d.k;
 
   auto perm = checked_perm(perm_in, N, op);
   auto gy = grad_y_in.contiguous();
   auto ys = y_sorted_in.contiguous();
-  const auto acc_type = ys.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_dtype(ys.scalar_type());
   const bool want_gw = weights.has_value() && needs_weights_grad;
   auto grad_ys = cpu::empty_large({N, H}, ys.options());
   const std::vector<int64_t> gw_shape = want_gw ? std::vector<int64_t>{T, k} : std::vector<int64_t>{0};
@@ -307,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   }
 
   MS_DISPATCH_FLOATS(ys.scalar_type(), "moestream.unpermute_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     at::Tensor w;
     if (weights.has_value()) w = weights->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     unpermute_backward_kernel<scalar_t, acc_t>(gy.const_data_ptr<scalar_t>(), ys.const_data_ptr<scalar_t>(),

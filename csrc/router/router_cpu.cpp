@@ -2,7 +2,6 @@
 // auxiliary loss and the router z-loss with their backwards. Numerics follow
 // python/moestream/reference.py: math in float32 (float64 for float64 logits), ties to the lower
 // expert id, NaN ranked above every number (as torch.sort does), fixed reduction order.
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,18 +17,13 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
+#include "router/router_checks.h"
 
 namespace moestream {
 namespace {
 
-enum class Score { Softmax, Sigmoid };
-
-Score parse_score(std::string_view score, const char* op) {
-  if (score == "softmax") return Score::Softmax;
-  if (score == "sigmoid") return Score::Sigmoid;
-  MS_CHECK(false, op, "score must be \"softmax\" or \"sigmoid\", got \"", std::string(score), "\"");
-  return Score::Softmax;
-}
+using Score = RouterScore;
 
 // Token chunk of the loss reductions. Partial sums are formed per chunk and combined in chunk
 // order, so the result does not depend on the number of threads.
@@ -232,17 +226,11 @@ inline void sigmoid_row_impl(const acc_t* x, acc_t* s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s[i] = sigmoid(x[i]);
 }
 
-// The float32 row functions are also compiled for AVX2 and picked at load time (function
-// multiversioning through ifunc, Linux only), since the build itself targets baseline x86-64.
+// The float32 row functions are also compiled for AVX2 and picked at load time (MS_AVX2_CLONES,
+// common/cpu_isa.h), since the build itself targets baseline x86-64.
 // FMA is left out on purpose: without contraction both versions round identically, so results do
 // not depend on the CPU. Measured on one core, 1M logits, baseline -> with the AVX2 clone: softmax
 // top-1 6.4 -> 5.0 ms (E = 64) and 4.8 -> 3.2 ms (E = 1024); z-loss 3.0 -> 2.5 ms (E = 1024).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define MS_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MS_AVX2_CLONES
-#endif
-
 MS_AVX2_CLONES void softmax_row_f32(const float* x, float* p, int64_t n) { softmax_row_impl(x, p, n); }
 MS_AVX2_CLONES float logsumexp_row_f32(const float* x, float* tmp, int64_t n) { return logsumexp_row_impl(x, tmp, n); }
 MS_AVX2_CLONES void sigmoid_row_f32(const float* x, float* s, int64_t n) { sigmoid_row_impl(x, s, n); }
@@ -263,10 +251,10 @@ inline void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
 // router_topk
 
 template <typename scalar_t>
-void router_topk_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>* bias, int64_t T, int64_t E, int64_t k,
+void router_topk_kernel(const scalar_t* logits, const acc_t<scalar_t>* bias, int64_t T, int64_t E, int64_t k,
                         Score score, bool topk_first, int64_t num_groups, int64_t topk_groups, bool normalize,
-                        double scale, at::opmath_type<scalar_t>* weights, int64_t* ids) {
-  using acc_t = at::opmath_type<scalar_t>;
+                        double scale, acc_t<scalar_t>* weights, int64_t* ids) {
+  using acc_t = moestream::acc_t<scalar_t>;
   const int64_t group_size = E / num_groups;
   const int64_t group_top = std::min<int64_t>(2, group_size);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -281,7 +269,7 @@ void router_topk_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>*
       // scores: what the weights are taken from (unless topk_first) and what selection starts from
       const acc_t* base = lg.data();
       if (!topk_first) {
-        if (score == Score::Softmax) {
+        if (score == Score::kSoftmax) {
           softmax_row(lg.data(), s.data(), E);
         } else {
           sigmoid_row(lg.data(), s.data(), E);
@@ -311,7 +299,7 @@ void router_topk_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>*
       select_topk(choice, E, k, id, scratch.data());
       if (topk_first) {
         for (int64_t j = 0; j < k; ++j) w[j] = lg[id[j]];
-        if (score == Score::Softmax) {
+        if (score == Score::kSoftmax) {
           softmax_row(w.data(), w.data(), k);
         } else {
           for (int64_t j = 0; j < k; ++j) w[j] = sigmoid(w[j]);
@@ -339,37 +327,17 @@ std::tuple<at::Tensor, at::Tensor> router_topk_cpu(const at::Tensor& logits, int
                                                    bool topk_first, const std::optional<at::Tensor>& bias,
                                                    int64_t num_groups, int64_t topk_groups, bool normalize,
                                                    double scale) {
-  const char* op = "router_topk";
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
-  const int64_t T = logits.size(0), E = logits.size(1);
-  // selection keys hold the expert index in 32 bits
-  MS_CHECK(E < (int64_t(1) << 31), op, "logits must have fewer than 2^31 experts, got E = ", E);
-  MS_CHECK(k >= 1 && k <= E, op, "k must be in [1, E] with E = logits.size(1) = ", E, ", got k = ", k);
-  const Score sc = parse_score(score, op);
-  MS_CHECK(num_groups >= 1, op, "num_groups must be >= 1, got ", num_groups);
-  MS_CHECK(E % num_groups == 0, op, "num_groups must divide the number of experts E = ", E,
-           ", got num_groups = ", num_groups);
-  MS_CHECK(topk_groups >= 1 && topk_groups <= num_groups, op, "topk_groups must be in [1, num_groups = ", num_groups,
-           "], got ", topk_groups);
-  MS_CHECK(k <= topk_groups * (E / num_groups), op,
-           "k must be <= topk_groups * E / num_groups = ", topk_groups * (E / num_groups),
-           " (experts left after group selection), got k = ", k);
-  at::Tensor bias_acc;
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    check_same_device(logits, b, op, "logits", "bias");
-    check_float(b, op, "bias");
-    MS_CHECK(b.dim() == 1 && b.size(0) == E, op, "bias must have shape [E] = [", E, "], got ", shape_str(b));
-    bias_acc = b.to(acc).contiguous();
-  }
+  const RouterDims d = check_router_topk_args(logits, k, score, bias, num_groups, topk_groups);
+  const int64_t T = d.T, E = d.E;
+  const Score sc = d.score;
+  const auto acc = acc_dtype(logits.scalar_type());
+  const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor lg = logits.contiguous();
   at::Tensor weights = at::empty({T, k}, logits.options().dtype(acc));
   at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kLong));
   if (T == 0) return {weights, ids};
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_topk_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     router_topk_kernel<scalar_t>(lg.const_data_ptr<scalar_t>(),
                                  bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr, T, E, k, sc,
                                  topk_first, num_groups, topk_groups, normalize, scale,
@@ -382,10 +350,10 @@ std::tuple<at::Tensor, at::Tensor> router_topk_cpu(const at::Tensor& logits, int
 // router_topk_backward
 
 template <typename scalar_t, typename index_t>
-void router_topk_backward_kernel(const at::opmath_type<scalar_t>* grad_w, const scalar_t* logits, const index_t* ids,
+void router_topk_backward_kernel(const acc_t<scalar_t>* grad_w, const scalar_t* logits, const index_t* ids,
                                  int64_t T, int64_t E, int64_t k, Score score, bool topk_first, bool normalize,
                                  double scale, scalar_t* grad_logits) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = moestream::acc_t<scalar_t>;
   const acc_t scale_a = static_cast<acc_t>(scale);
   const acc_t eps = static_cast<acc_t>(1e-20);
   at::parallel_for(0, T, row_grain(E), [&](int64_t begin, int64_t end) {
@@ -395,11 +363,11 @@ void router_topk_backward_kernel(const at::opmath_type<scalar_t>* grad_w, const 
       const index_t* id = ids + t * k;
       const acc_t* dw = grad_w + t * k;
       // g: the weights before normalisation and scaling, recomputed from the logits
-      const bool full_softmax = score == Score::Softmax && !topk_first;
+      const bool full_softmax = score == Score::kSoftmax && !topk_first;
       if (full_softmax) {
         softmax_row(lg.data(), p.data(), E);
         for (int64_t j = 0; j < k; ++j) g[j] = p[id[j]];
-      } else if (score == Score::Sigmoid) {
+      } else if (score == Score::kSigmoid) {
         for (int64_t j = 0; j < k; ++j) g[j] = sigmoid(lg[id[j]]);
       } else {
         for (int64_t j = 0; j < k; ++j) g[j] = lg[id[j]];
@@ -424,7 +392,7 @@ void router_topk_backward_kernel(const at::opmath_type<scalar_t>* grad_w, const 
         for (int64_t j = 0; j < k; ++j) c += g[j] * dg[j];
         for (int64_t e = 0; e < E; ++e) out[e] = -p[e] * c;
         for (int64_t j = 0; j < k; ++j) out[id[j]] += g[j] * dg[j];
-      } else if (score == Score::Sigmoid) {
+      } else if (score == Score::kSigmoid) {
         std::fill(out.begin(), out.end(), acc_t(0));
         for (int64_t j = 0; j < k; ++j) out[id[j]] += dg[j] * g[j] * (acc_t(1) - g[j]);
       } else {
@@ -440,79 +408,32 @@ void router_topk_backward_kernel(const at::opmath_type<scalar_t>* grad_w, const 
   });
 }
 
-// Every entry of ids [T, k] (contiguous) lies in [0, E).
-void check_ids_range(const at::Tensor& ids, int64_t E, const char* op) {
-  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "check_ids_range", [&] {
-    const index_t* p = ids.const_data_ptr<index_t>();
-    const int64_t n = ids.numel();
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t v = static_cast<int64_t>(p[i]);
-      if (v < 0 || v >= E) {
-        const int64_t k = ids.size(1);
-        MS_CHECK(false, op, "ids must lie in [0, E) with E = logits.size(1) = ", E, ", got ids[", i / k, ", ", i % k,
-                 "] = ", v);
-      }
-    }
-  });
-}
-
 // grad_weights [T, k] float, logits [T, E] float, ids [T, k] int32|int64 in [0, E)
 // -> grad_logits [T, E] in logits' dtype.
 at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& ids,
                                     std::string_view score, bool topk_first, bool normalize, double scale) {
   const char* op = "router_topk_backward";
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
-  check_dim(grad_weights, 2, op, "grad_weights");
-  check_float(grad_weights, op, "grad_weights");
-  check_dim(ids, 2, op, "ids");
-  check_index(ids, op, "ids");
-  check_same_device(logits, grad_weights, op, "logits", "grad_weights");
-  check_same_device(logits, ids, op, "logits", "ids");
-  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  MS_CHECK(ids.size(0) == T, op, "ids must have T = logits.size(0) = ", T, " rows, got shape ", shape_str(ids));
-  MS_CHECK(grad_weights.size(0) == T && grad_weights.size(1) == k, op, "grad_weights must have the shape of ids [", T,
-           ", ", k, "], got ", shape_str(grad_weights));
-  const Score sc = parse_score(score, op);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const RouterDims d = check_router_topk_backward_args(grad_weights, logits, ids, score);
+  const int64_t T = d.T, E = d.E, k = d.k;
+  const Score sc = d.score;
+  const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   const at::Tensor id = ids.contiguous();
   const at::Tensor gw = grad_weights.to(acc).contiguous();
-  check_ids_range(id, E, op);
+  check_router_ids_range(id, E, op);
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
-  MS_DISPATCH_FLOATS(lg.scalar_type(), "router_topk_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    AT_DISPATCH_INDEX_TYPES(id.scalar_type(), "router_topk_backward_cpu_ids", [&] {
-      router_topk_backward_kernel<scalar_t, index_t>(gw.const_data_ptr<acc_t>(), lg.const_data_ptr<scalar_t>(),
-                                                     id.const_data_ptr<index_t>(), T, E, k, sc, topk_first, normalize,
-                                                     scale, grad_logits.mutable_data_ptr<scalar_t>());
-    });
+  MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_topk_backward_cpu", [&] {
+    using acc_t = moestream::acc_t<scalar_t>;
+    router_topk_backward_kernel<scalar_t, index_t>(gw.const_data_ptr<acc_t>(), lg.const_data_ptr<scalar_t>(),
+                                                   id.const_data_ptr<index_t>(), T, E, k, sc, topk_first, normalize,
+                                                   scale, grad_logits.mutable_data_ptr<scalar_t>());
   });
   return grad_logits;
 }
 
 // ---------------------------------------------------------------------------------------------
 // load-balancing loss
-
-void check_loss_inputs(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& mask,
-                       const char* op) {
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
-  check_dim(ids, 2, op, "ids");
-  check_index(ids, op, "ids");
-  check_same_device(logits, ids, op, "logits", "ids");
-  const int64_t T = logits.size(0);
-  MS_CHECK(ids.size(0) == T, op, "ids must have T = logits.size(0) = ", T, " rows, got shape ", shape_str(ids));
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    check_same_device(logits, m, op, "logits", "mask");
-    MS_CHECK(m.dim() == 1 && m.size(0) == T, op, "mask must have shape [T] = [", T, "], got ", shape_str(m));
-    const auto d = m.scalar_type();
-    MS_CHECK(at::isFloatingType(d) || at::isIntegralType(d, /*includeBool=*/true), op,
-             "mask must be a float, integer or bool tensor, got ", d);
-  }
-}
 
 // Per-expert sums that both directions need: counts[e] = sum of mask[t] over the (t, s) with
 // ids[t, s] == e, and total = sum of mask. Chunk partials combined in chunk order.
@@ -544,9 +465,9 @@ void expert_counts(const index_t* ids, const acc_t* mask, int64_t T, int64_t E, 
 }
 
 template <typename scalar_t, typename index_t>
-at::opmath_type<scalar_t> aux_loss_kernel(const scalar_t* logits, const index_t* ids,
-                                          const at::opmath_type<scalar_t>* mask, int64_t T, int64_t E, int64_t k) {
-  using acc_t = at::opmath_type<scalar_t>;
+acc_t<scalar_t> aux_loss_kernel(const scalar_t* logits, const index_t* ids,
+                                          const acc_t<scalar_t>* mask, int64_t T, int64_t E, int64_t k) {
+  using acc_t = moestream::acc_t<scalar_t>;
   std::vector<acc_t> counts(E);
   acc_t total;
   expert_counts(ids, mask, T, E, k, counts.data(), &total);
@@ -573,39 +494,46 @@ at::opmath_type<scalar_t> aux_loss_kernel(const scalar_t* logits, const index_t*
   return loss * static_cast<acc_t>(E);
 }
 
-at::Tensor mask_acc(const std::optional<at::Tensor>& mask, at::ScalarType acc) {
-  return mask.has_value() ? mask->to(acc).contiguous() : at::Tensor();
+// The checked inputs of router_aux_loss and its backward, contiguous, the mask in the accumulation
+// dtype (undefined without one), the ids range checked.
+struct AuxLossInputs {
+  RouterDims d;
+  at::Tensor lg, id, m;
+};
+
+AuxLossInputs aux_loss_inputs(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& mask,
+                              const char* op) {
+  AuxLossInputs in;
+  in.d = check_router_aux_loss_args(logits, ids, mask, op);
+  in.lg = logits.contiguous();
+  in.id = ids.contiguous();
+  if (mask.has_value()) in.m = mask->to(acc_dtype(logits.scalar_type())).contiguous();
+  check_router_ids_range(in.id, in.d.E, op);
+  return in;
 }
 
 // logits [T, E] float, ids [T, k] int32|int64 in [0, E), mask [T] (optional; float, int or bool)
 // -> scalar float32 (float64 for float64 logits) E * sum_e f_e P_e. NaN when the mask sums to 0
 // (no tokens), like the reference.
 at::Tensor router_aux_loss_cpu(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& mask) {
-  const char* op = "router_aux_loss";
-  check_loss_inputs(logits, ids, mask, op);
-  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor lg = logits.contiguous();
-  const at::Tensor id = ids.contiguous();
-  const at::Tensor m = mask_acc(mask, acc);
-  check_ids_range(id, E, op);
-  at::Tensor out = at::empty({}, logits.options().dtype(acc));
-  MS_DISPATCH_FLOATS(lg.scalar_type(), "router_aux_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    AT_DISPATCH_INDEX_TYPES(id.scalar_type(), "router_aux_loss_cpu_ids", [&] {
-      *out.mutable_data_ptr<acc_t>() =
-          aux_loss_kernel<scalar_t, index_t>(lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
-                                             m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k);
-    });
+  const AuxLossInputs in = aux_loss_inputs(logits, ids, mask, "router_aux_loss");
+  const int64_t T = in.d.T, E = in.d.E, k = in.d.k;
+  const at::Tensor &lg = in.lg, &id = in.id, &m = in.m;
+  at::Tensor out = at::empty({}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_aux_loss_cpu", [&] {
+    using acc_t = moestream::acc_t<scalar_t>;
+    *out.mutable_data_ptr<acc_t>() =
+        aux_loss_kernel<scalar_t, index_t>(lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
+                                           m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k);
   });
   return out;
 }
 
 template <typename scalar_t, typename index_t>
 void aux_loss_backward_kernel(double grad, const scalar_t* logits, const index_t* ids,
-                              const at::opmath_type<scalar_t>* mask, int64_t T, int64_t E, int64_t k,
+                              const acc_t<scalar_t>* mask, int64_t T, int64_t E, int64_t k,
                               scalar_t* grad_logits) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = moestream::acc_t<scalar_t>;
   std::vector<acc_t> f(E);
   acc_t total;
   expert_counts(ids, mask, T, E, k, f.data(), &total);
@@ -627,9 +555,7 @@ void aux_loss_backward_kernel(double grad, const scalar_t* logits, const index_t
 }
 
 double scalar_grad(const at::Tensor& grad, const at::Tensor& logits, const char* op) {
-  check_float(grad, op, "grad");
-  check_same_device(logits, grad, op, "logits", "grad");
-  MS_CHECK(grad.numel() == 1, op, "grad must be a scalar, got shape ", shape_str(grad));
+  check_router_scalar_grad(grad, logits, op);
   return grad.to(at::kDouble).item<double>();
 }
 
@@ -637,23 +563,17 @@ double scalar_grad(const at::Tensor& grad, const at::Tensor& logits, const char*
 at::Tensor router_aux_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& ids,
                                         const std::optional<at::Tensor>& mask) {
   const char* op = "router_aux_loss_backward";
-  check_loss_inputs(logits, ids, mask, op);
+  const AuxLossInputs in = aux_loss_inputs(logits, ids, mask, op);
   const double g = scalar_grad(grad, logits, op);
-  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor lg = logits.contiguous();
-  const at::Tensor id = ids.contiguous();
-  const at::Tensor m = mask_acc(mask, acc);
-  check_ids_range(id, E, op);
+  const int64_t T = in.d.T, E = in.d.E, k = in.d.k;
+  const at::Tensor &lg = in.lg, &id = in.id, &m = in.m;
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
-  MS_DISPATCH_FLOATS(lg.scalar_type(), "router_aux_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    AT_DISPATCH_INDEX_TYPES(id.scalar_type(), "router_aux_loss_backward_cpu_ids", [&] {
-      aux_loss_backward_kernel<scalar_t, index_t>(g, lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
-                                                  m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k,
-                                                  grad_logits.mutable_data_ptr<scalar_t>());
-    });
+  MS_DISPATCH_FLOATS_AND_INDEX(lg.scalar_type(), id.scalar_type(), "router_aux_loss_backward_cpu", [&] {
+    using acc_t = moestream::acc_t<scalar_t>;
+    aux_loss_backward_kernel<scalar_t, index_t>(g, lg.const_data_ptr<scalar_t>(), id.const_data_ptr<index_t>(),
+                                                m.defined() ? m.const_data_ptr<acc_t>() : nullptr, T, E, k,
+                                                grad_logits.mutable_data_ptr<scalar_t>());
   });
   return grad_logits;
 }
@@ -665,14 +585,13 @@ at::Tensor router_aux_loss_backward_cpu(const at::Tensor& grad, const at::Tensor
 // (NaN for T = 0, the mean of nothing, like the reference).
 at::Tensor router_z_loss_cpu(const at::Tensor& logits) {
   const char* op = "router_z_loss";
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
+  check_router_logits(logits, op);
   const int64_t T = logits.size(0), E = logits.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor lg = logits.contiguous();
   at::Tensor out = at::empty({}, logits.options().dtype(acc));
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_z_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     const scalar_t* x = lg.const_data_ptr<scalar_t>();
     const int64_t nchunks = (T + kLossChunk - 1) / kLossChunk;
     std::vector<acc_t> part(nchunks, acc_t(0));
@@ -698,15 +617,14 @@ at::Tensor router_z_loss_cpu(const at::Tensor& logits) {
 // grad scalar, logits [T, E] -> grad_logits [T, E] = grad * 2 * lse_t / T * softmax(logits_t).
 at::Tensor router_z_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& logits) {
   const char* op = "router_z_loss_backward";
-  check_dim(logits, 2, op, "logits");
-  check_float(logits, op, "logits");
+  check_router_logits(logits, op);
   const double g = scalar_grad(grad, logits, op);
   const int64_t T = logits.size(0), E = logits.size(1);
   const at::Tensor lg = logits.contiguous();
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0 || E == 0) return grad_logits;
   MS_DISPATCH_FLOATS(lg.scalar_type(), "router_z_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = moestream::acc_t<scalar_t>;
     const scalar_t* x = lg.const_data_ptr<scalar_t>();
     scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
     const acc_t coef = static_cast<acc_t>(2.0 * g) / static_cast<acc_t>(T);

@@ -140,6 +140,65 @@ __device__ __forceinline__ void finalize_weights(A* wrow, int k, int lane, bool 
   }
 }
 
+// ---- row statistics and the picks -----------------------------------------------------------------
+// m = max of the row, z = sum of exp(l - m): the row's softmax is exp(l - m) / z. Every lane gets both.
+template <typename T>
+__device__ __forceinline__ void row_softmax_stats(const T* row, int E, int lane, acc_t<T>& m, acc_t<T>& z) {
+  using A = acc_t<T>;
+  A mx = neg_inf<A>();
+  for (int e = lane; e < E; e += 32) mx = ms_fmax(mx, to_acc(row[e]));
+  mx = warp_max(mx);
+  A s = A(0);
+  for (int e = lane; e < E; e += 32) s += ms_exp(to_acc(row[e]) - mx);
+  m = mx;
+  z = warp_sum(s);
+}
+
+// logsumexp of a row; +-inf maxima are returned as is (like torch.logsumexp).
+template <typename T>
+__device__ __forceinline__ acc_t<T> row_lse(const T* row, int E, int lane) {
+  acc_t<T> m, z;
+  row_softmax_stats(row, E, lane, m, z);
+  return ms_isinf(m) ? m : m + ms_log(z);
+}
+
+// The k rounds of selection of one warp: each lane offers its candidates for the round, the warp
+// takes the best, lane i % 32 writes pick i (its id, and its raw value for finalize_weights).
+template <typename A>
+struct TopkPicker {
+  A prev_v = A(0);
+  int prev_i = -1;  // nothing picked yet
+  A raw_max = neg_inf<A>();
+  A bv;
+  int bi;
+  A braw;
+
+  __device__ __forceinline__ void begin_round() {
+    bv = neg_inf<A>();
+    bi = INT_MAX;
+    braw = A(0);
+  }
+  // candidate (selection value v, expert e, raw value raw): kept when it ranks after the previous
+  // pick and before this lane's best so far
+  __device__ __forceinline__ void offer(A v, int e, A raw) {
+    if ((prev_i < 0 || ranks_before(prev_v, prev_i, v, e)) && ranks_before(v, e, bv, bi)) {
+      bv = v;
+      bi = e;
+      braw = raw;
+    }
+  }
+  __device__ __forceinline__ void end_round(int i, int lane, int64_t* irow, A* wrow) {
+    warp_argbest(bv, bi, braw);
+    prev_v = bv;
+    prev_i = bi;
+    raw_max = ms_fmax(raw_max, braw);
+    if (lane == (i & 31)) {
+      irow[i] = bi;
+      wrow[i] = braw;
+    }
+  }
+};
+
 // ---- router_topk, experts <= 512: values in registers -------------------------------------------
 template <typename T, int VPT>
 __global__ void __launch_bounds__(kRouterThreads)
@@ -217,32 +276,17 @@ __global__ void __launch_bounds__(kRouterThreads)
 
   A* wrow = weights + t * k;
   int64_t* irow = ids + t * k;
-  A prev_v = A(0);
-  int prev_i = -1;  // nothing picked yet
-  A raw_max = neg_inf<A>();
+  TopkPicker<A> pick;
   for (int i = 0; i < k; ++i) {
-    A bv = neg_inf<A>();
-    int bi = INT_MAX;
-    A braw = A(0);
+    pick.begin_round();
 #pragma unroll
     for (int j = 0; j < VPT; ++j) {
       const int e = lane + 32 * j;
-      if (e < E && (prev_i < 0 || ranks_before(prev_v, prev_i, sel[j], e)) && ranks_before(sel[j], e, bv, bi)) {
-        bv = sel[j];
-        bi = e;
-        braw = sc[j];
-      }
+      if (e < E) pick.offer(sel[j], e, sc[j]);
     }
-    warp_argbest(bv, bi, braw);
-    prev_v = bv;
-    prev_i = bi;
-    raw_max = ms_fmax(raw_max, braw);
-    if (lane == (i & 31)) {
-      irow[i] = bi;
-      wrow[i] = braw;
-    }
+    pick.end_round(i, lane, irow, wrow);
   }
-  finalize_weights(wrow, k, lane, sigmoid, topk_first, raw_max, normalize, scale);
+  finalize_weights(wrow, k, lane, sigmoid, topk_first, pick.raw_max, normalize, scale);
 }
 
 // ---- router_topk, experts > 512: the warp streams the row from global memory ---------------------
@@ -260,14 +304,7 @@ __global__ void __launch_bounds__(kRouterThreads)
   const T* row = logits + t * E;
 
   A m = A(0), z = A(1);
-  if (!topk_first && !sigmoid) {
-    A mx = neg_inf<A>();
-    for (int e = lane; e < E; e += 32) mx = ms_fmax(mx, to_acc(row[e]));
-    m = warp_max(mx);
-    A s = A(0);
-    for (int e = lane; e < E; e += 32) s += ms_exp(to_acc(row[e]) - m);
-    z = warp_sum(s);
-  }
+  if (!topk_first && !sigmoid) row_softmax_stats(row, E, lane, m, z);
   auto score = [&](int e) -> A {
     const A l = to_acc(row[e]);
     if (topk_first) return l;
@@ -288,13 +325,9 @@ __global__ void __launch_bounds__(kRouterThreads)
 
   A* wrow = weights + t * k;
   int64_t* irow = ids + t * k;
-  A prev_v = A(0);
-  int prev_i = -1;
-  A raw_max = neg_inf<A>();
+  TopkPicker<A> pick;
   for (int i = 0; i < k; ++i) {
-    A bv = neg_inf<A>();
-    int bi = INT_MAX;
-    A braw = A(0);
+    pick.begin_round();
     for (int e = lane; e < E; e += 32) {
       const A s = score(e);
       A v = select(e, s);
@@ -302,22 +335,11 @@ __global__ void __launch_bounds__(kRouterThreads)
         const int g = e / G;
         if (ranks_before(thr_v, thr_g, gs[g], g)) v = neg_inf<A>();
       }
-      if ((prev_i < 0 || ranks_before(prev_v, prev_i, v, e)) && ranks_before(v, e, bv, bi)) {
-        bv = v;
-        bi = e;
-        braw = s;
-      }
+      pick.offer(v, e, s);
     }
-    warp_argbest(bv, bi, braw);
-    prev_v = bv;
-    prev_i = bi;
-    raw_max = ms_fmax(raw_max, braw);
-    if (lane == (i & 31)) {
-      irow[i] = bi;
-      wrow[i] = braw;
-    }
+    pick.end_round(i, lane, irow, wrow);
   }
-  finalize_weights(wrow, k, lane, sigmoid, topk_first, raw_max, normalize, scale);
+  finalize_weights(wrow, k, lane, sigmoid, topk_first, pick.raw_max, normalize, scale);
 }
 
 // ---- router_topk backward ------------------------------------------------------------------------
@@ -348,14 +370,7 @@ __global__ void __launch_bounds__(kRouterThreads)
   const bool softmax_k = topk_first && !sigmoid;
 
   A m = A(0), z = A(1);
-  if (full_softmax) {
-    A mx = neg_inf<A>();
-    for (int e = lane; e < E; e += 32) mx = ms_fmax(mx, to_acc(row[e]));
-    m = warp_max(mx);
-    A s = A(0);
-    for (int e = lane; e < E; e += 32) s += ms_exp(to_acc(row[e]) - m);
-    z = warp_sum(s);
-  }
+  if (full_softmax) row_softmax_stats(row, E, lane, m, z);
   auto pick_id = [&](int i) -> int {
     const int64_t id = irow[i];
     return (id >= 0 && id < E) ? static_cast<int>(id) : -1;
@@ -460,26 +475,6 @@ __global__ void __launch_bounds__(kRouterThreads)
 }
 
 // ---- losses -------------------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ void row_softmax_stats(const T* row, int E, int lane, acc_t<T>& m, acc_t<T>& z) {
-  using A = acc_t<T>;
-  A mx = neg_inf<A>();
-  for (int e = lane; e < E; e += 32) mx = ms_fmax(mx, to_acc(row[e]));
-  mx = warp_max(mx);
-  A s = A(0);
-  for (int e = lane; e < E; e += 32) s += ms_exp(to_acc(row[e]) - mx);
-  m = mx;
-  z = warp_sum(s);
-}
-
-// logsumexp of a row; +-inf maxima are returned as is (like torch.logsumexp).
-template <typename T>
-__device__ __forceinline__ acc_t<T> row_lse(const T* row, int E, int lane) {
-  acc_t<T> m, z;
-  row_softmax_stats(row, E, lane, m, z);
-  return ms_isinf(m) ? m : m + ms_log(z);
-}
-
 // Per tile of kLossTile tokens: part_p[b, e] = sum_t mask_t p_te (skipped when part_p is null),
 // part_c[b, e] = sum over (t, s) with ids[t, s] == e of mask_t, part_total[b] = sum_t mask_t.
 template <typename T>

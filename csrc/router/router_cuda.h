@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "common/cuda_types.h"
+#include "common/types.h"
 
 namespace moestream {
 

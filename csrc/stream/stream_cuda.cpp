@@ -20,17 +20,14 @@
 #include <string>
 #include <vector>
 
+#include "common/cuda_error.h"
 #include "stream/engine.h"
 
 namespace moestream {
 namespace stream {
 namespace {
 
-#define MS_CUDA_OK(expr)                                                                              \
-  do {                                                                                                \
-    cudaError_t _err = (expr);                                                                        \
-    TORCH_CHECK(_err == cudaSuccess, "moestream.Streamer: ", #expr, " failed: ", cudaGetErrorString(_err)); \
-  } while (0)
+#define MS_CUDA_OK(expr) MS_CUDA_CHECK(expr, "Streamer")
 
 bool cuda_host_register(void* ptr, int64_t nbytes, std::string* error) {
   // Portable: usable as pinned memory from every device's context.

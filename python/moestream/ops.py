@@ -87,7 +87,8 @@ def permute(x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, T
     - offsets [E] int64: cumulative row ends per expert (offsets[-1] == T*k).
 
     On CUDA, ids are not range-checked without a host sync: out-of-range ids are dropped (placed
-    past offsets[-1]); ``MOESTREAM_CHECK_INPUTS=1`` makes them raise as on the CPU.
+    past offsets[-1]); the tuning key ``check_inputs`` (:mod:`moestream._tuning`, initially
+    ``MOESTREAM_CHECK_INPUTS=1`` in the environment) makes them raise as on the CPU.
     """
     return _ops.permute(x, ids, num_experts)
 
@@ -112,7 +113,8 @@ def grouped_mm(
     (int32 or int64), bias [E, N] optional -> out [M, N]. Rows past offsets[-1] are zero.
 
     On CUDA the offsets' values are not checked (that would need a host sync): bad offsets give
-    wrong groups but never out-of-bounds accesses. Set ``MOESTREAM_CHECK_INPUTS=1`` to validate them."""
+    wrong groups but never out-of-bounds accesses. The tuning key ``check_inputs``
+    (:mod:`moestream._tuning`, initially ``MOESTREAM_CHECK_INPUTS=1`` in the environment) validates them."""
     return _ops.grouped_mm(a, b, offsets, transpose_b, bias)
 
 
