@@ -27,8 +27,6 @@ namespace moestream {
 namespace stream {
 namespace {
 
-#define MS_CUDA_OK(expr) MS_CUDA_CHECK(expr, "Streamer")
-
 bool cuda_host_register(void* ptr, int64_t nbytes, std::string* error) {
   // Portable: usable as pinned memory from every device's context.
   cudaError_t err = cudaHostRegister(ptr, static_cast<size_t>(nbytes), cudaHostRegisterPortable);
@@ -50,10 +48,10 @@ class CudaBackend final : public DeviceBackend {
  public:
   CudaBackend(int device, const StreamerConfig& cfg) : device_(device) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-    MS_CUDA_OK(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking));
+    MS_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "Streamer");
     auto make = [](std::vector<cudaEvent_t>& v, int n) {
       v.resize(n);
-      for (auto& e : v) MS_CUDA_OK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      for (auto& e : v) MS_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "Streamer");
     };
     make(ready_, cfg.num_slots);
     make(released_, cfg.num_slots);
@@ -80,7 +78,7 @@ class CudaBackend final : public DeviceBackend {
     return t;
   }
 
-  void thread_init() override { MS_CUDA_OK(cudaSetDevice(device_)); }
+  void thread_init() override { MS_CUDA_CHECK(cudaSetDevice(device_), "Streamer"); }
 
   // Host segments are copied at once; file ranges are read by the readers into staging buffers in
   // chunk_bytes pieces and copied out in order as their reads complete (drain). The copy stream
@@ -97,8 +95,9 @@ class CudaBackend final : public DeviceBackend {
           // Host segments are issued at once, after the staged chunks still in flight (copy stream order).
           drain_to(0, io);
           wait_released(*job);
-          MS_CUDA_OK(cudaMemcpyAsync(job->task.dst + seg.dst_offset, io.pool_data() + seg.src_offset,
-                                     static_cast<size_t>(seg.nbytes), cudaMemcpyHostToDevice, copy_));
+          MS_CUDA_CHECK(cudaMemcpyAsync(job->task.dst + seg.dst_offset, io.pool_data() + seg.src_offset,
+                                        static_cast<size_t>(seg.nbytes), cudaMemcpyHostToDevice, copy_),
+                        "Streamer");
           io.count_copied(seg.nbytes);
           continue;
         }
@@ -109,7 +108,7 @@ class CudaBackend final : public DeviceBackend {
           // The buffer's previous chunk must have been copied out: complete the pipeline up to it, then
           // wait until its device copy has finished before a reader overwrites the buffer.
           while (owner_[b]) drain_to(inflight_.size() - 1, io);
-          MS_CUDA_OK(cudaEventSynchronize(staging_[b]));
+          MS_CUDA_CHECK(cudaEventSynchronize(staging_[b]), "Streamer");
           auto c = std::make_shared<Chunk>();
           c->job = job;
           c->buf = b;
@@ -151,17 +150,17 @@ class CudaBackend final : public DeviceBackend {
 
   void consumer_wait_ready(int slot) override {
     cudaStream_t compute = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
-    MS_CUDA_OK(cudaStreamWaitEvent(compute, ready_[slot], 0));
+    MS_CUDA_CHECK(cudaStreamWaitEvent(compute, ready_[slot], 0), "Streamer");
   }
 
   void record_released(int slot) override {
     cudaStream_t compute = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
-    MS_CUDA_OK(cudaEventRecord(released_[slot], compute));
+    MS_CUDA_CHECK(cudaEventRecord(released_[slot], compute), "Streamer");
   }
 
   void synchronize() override {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-    MS_CUDA_OK(cudaStreamSynchronize(copy_));
+    MS_CUDA_CHECK(cudaStreamSynchronize(copy_), "Streamer");
   }
 
  private:
@@ -187,7 +186,7 @@ class CudaBackend final : public DeviceBackend {
 
   void wait_released(Job& j) {
     if (!j.released_waited) {
-      MS_CUDA_OK(cudaStreamWaitEvent(copy_, released_[j.task.slot], 0));
+      MS_CUDA_CHECK(cudaStreamWaitEvent(copy_, released_[j.task.slot], 0), "Streamer");
       j.released_waited = true;
     }
   }
@@ -205,7 +204,7 @@ class CudaBackend final : public DeviceBackend {
       if (c->finalize) {
         try {
           wait_released(job);
-          MS_CUDA_OK(cudaEventRecord(ready_[job.task.slot], copy_));
+          MS_CUDA_CHECK(cudaEventRecord(ready_[job.task.slot], copy_), "Streamer");
         } catch (const std::exception& ex) {
           device_error(ex);
         }
@@ -223,8 +222,10 @@ class CudaBackend final : public DeviceBackend {
       } else {
         try {
           wait_released(job);
-          MS_CUDA_OK(cudaMemcpyAsync(c->dst, c->data, static_cast<size_t>(c->nbytes), cudaMemcpyHostToDevice, copy_));
-          MS_CUDA_OK(cudaEventRecord(staging_[c->buf], copy_));
+          MS_CUDA_CHECK(
+              cudaMemcpyAsync(c->dst, c->data, static_cast<size_t>(c->nbytes), cudaMemcpyHostToDevice, copy_),
+              "Streamer");
+          MS_CUDA_CHECK(cudaEventRecord(staging_[c->buf], copy_), "Streamer");
           io.count_copied(c->nbytes);
         } catch (const std::exception& ex) {
           device_error(ex);
