@@ -5,14 +5,12 @@ and the lazy handling of out-of-range ids. Skipped without a CUDA device and a C
 
 from __future__ import annotations
 
+import moestream as ms
 import pytest
 import torch
-
-import moestream as ms
+from conftest import assert_accurate, cuda
 from moestream import reference as ref
 from moestream._tuning import tuning
-
-from conftest import assert_accurate, cuda
 
 pytestmark = [cuda, pytest.mark.cuda]
 
@@ -175,8 +173,17 @@ def test_router_topk_paths_match_reference(case):
     bias = torch.randn(E, dtype=torch.float64) * 0.1 if use_bias else None
     args = (k, score, topk_first, bias, groups, tg, normalize, scale)
     rw, rids = ref.router_topk(logits, *args)
-    w, ids = ms.router_topk(logits.to(DEV), k, score, topk_first, None if bias is None else bias.to(DEV),
-                            groups, tg, normalize, scale)
+    w, ids = ms.router_topk(
+        logits.to(DEV),
+        k,
+        score,
+        topk_first,
+        None if bias is None else bias.to(DEV),
+        groups,
+        tg,
+        normalize,
+        scale,
+    )
     assert torch.equal(ids.cpu(), rids)
     assert w.dtype == torch.float64
     assert_accurate(w, rw, what="weights float64")
@@ -187,18 +194,30 @@ def test_router_topk_paths_match_reference(case):
     l32 = logits.float()
     b32 = None if bias is None else bias.float()
     _, rids32 = ref.router_topk(l32, k, score, topk_first, b32, groups, tg, normalize, scale)
-    w32, ids32 = ms.router_topk(l32.to(DEV), k, score, topk_first, None if b32 is None else b32.to(DEV),
-                                groups, tg, normalize, scale)
+    w32, ids32 = ms.router_topk(
+        l32.to(DEV), k, score, topk_first, None if b32 is None else b32.to(DEV), groups, tg, normalize, scale
+    )
     assert w32.dtype == torch.float32
     same = (ids32.cpu() == rids32).all(dim=1)
     assert int((~same).sum()) <= 2
-    rw64 = ref.router_topk(l32.double(), k, score, topk_first, None if b32 is None else b32.double(),
-                           groups, tg, normalize, scale)[0]
+    rw64 = ref.router_topk(
+        l32.double(),
+        k,
+        score,
+        topk_first,
+        None if b32 is None else b32.double(),
+        groups,
+        tg,
+        normalize,
+        scale,
+    )[0]
     assert_accurate(w32.cpu()[same], rw64[same], what="weights float32")
 
 
-@pytest.mark.parametrize("score,topk_first,groups", [("softmax", False, 1), ("sigmoid", False, 4),
-                                                      ("softmax", True, 1), ("sigmoid", True, 2)])
+@pytest.mark.parametrize(
+    "score,topk_first,groups",
+    [("softmax", False, 1), ("sigmoid", False, 4), ("softmax", True, 1), ("sigmoid", True, 2)],
+)
 def test_router_ties_go_to_lower_id(score, topk_first, groups):
     # small non-negative integer logits: many exact ties; equal inputs give equal scores on any
     # device, and different ones are far apart (no sigmoid(x) + sigmoid(-x) == 1 style coincidences
@@ -229,12 +248,15 @@ def test_router_low_precision_large_T(dtype):
     assert_accurate(w.cpu()[same], rw[same].double(), what="weights")
 
 
-@pytest.mark.parametrize("E,k,score,topk_first,normalize", [
-    (600, 40, "softmax", False, True),  # two expert chunks, two pick chunks in the backward
-    (600, 3, "sigmoid", False, True),
-    (40, 35, "softmax", True, True),
-    (40, 5, "sigmoid", True, False),
-])
+@pytest.mark.parametrize(
+    "E,k,score,topk_first,normalize",
+    [
+        (600, 40, "softmax", False, True),  # two expert chunks, two pick chunks in the backward
+        (600, 3, "sigmoid", False, True),
+        (40, 35, "softmax", True, True),
+        (40, 5, "sigmoid", True, False),
+    ],
+)
 def test_router_backward_gradcheck_large_shapes(E, k, score, topk_first, normalize):
     logits = torch.randn(2, E, dtype=torch.float64, device=DEV, requires_grad=True)
 
@@ -268,8 +290,12 @@ def test_gated_activation_odd_and_misaligned(inter, layout, misaligned):
         xd = _misaligned(x.to(DEV)) if misaligned else x.to(DEV)
         for kind in ("swiglu", "geglu", "gptoss"):
             out = ms.gated_activation(xd, kind, layout, 1.702, 7.0)
-            assert_accurate(out, ref.gated_activation(x.double(), kind, layout, 1.702, 7.0),
-                            ref.gated_activation(x, kind, layout, 1.702, 7.0), f"{kind} {layout} {dtype}")
+            assert_accurate(
+                out,
+                ref.gated_activation(x.double(), kind, layout, 1.702, 7.0),
+                ref.gated_activation(x, kind, layout, 1.702, 7.0),
+                f"{kind} {layout} {dtype}",
+            )
             g = torch.randn(37, inter, dtype=dtype)
             gd = _misaligned(g.to(DEV)) if misaligned else g.to(DEV)
             gx = ops.gated_activation_backward(gd, xd, kind, layout, 1.702, 7.0)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import moestream as ms
 import pytest
 import torch
-
-import moestream as ms
-from moestream import reference as R
-
 from conftest import DTYPES, assert_accurate
+from moestream import reference as R
 
 ops = torch.ops.moestream
 
@@ -30,7 +28,9 @@ def make_b(E, K, N, transpose_b, device, dtype, layout="contiguous"):
 
 def check_forward(a, b, offsets, transpose_b, bias):
     out = ms.grouped_mm(a, b, offsets, transpose_b, bias)
-    ref64 = R.grouped_mm(a.double(), b.double(), offsets, transpose_b, None if bias is None else bias.double())
+    ref64 = R.grouped_mm(
+        a.double(), b.double(), offsets, transpose_b, None if bias is None else bias.double()
+    )
     ref_lowp = R.grouped_mm(a, b, offsets, transpose_b, bias)
     assert out.dtype == a.dtype and out.shape == ref64.shape
     assert_accurate(out, ref64, ref_lowp, "grouped_mm")
@@ -167,14 +167,18 @@ def test_weight_grad_op_direct(device, dtype, transpose_b):
     ref_lowp = torch.stack(
         [
             (
-                (a[s:e].float().t() @ dy[s:e].float()).t() if transpose_b else a[s:e].float().t() @ dy[s:e].float()
+                (a[s:e].float().t() @ dy[s:e].float()).t()
+                if transpose_b
+                else a[s:e].float().t() @ dy[s:e].float()
             ).to(dtype)
             for s, e in zip([0] + offsets.tolist()[:-1], offsets.tolist())
         ]
     )
     assert_accurate(gb, ref(a, dy), ref_lowp, "weight grad")
     gbias = ops.grouped_bias_grad(dy, offsets)
-    ref_bias = torch.stack([dy[s:e].double().sum(0) for s, e in zip([0] + offsets.tolist()[:-1], offsets.tolist())])
+    ref_bias = torch.stack(
+        [dy[s:e].double().sum(0) for s, e in zip([0] + offsets.tolist()[:-1], offsets.tolist())]
+    )
     ref_bias_lp = torch.stack(
         [dy[s:e].float().sum(0).to(dtype) for s, e in zip([0] + offsets.tolist()[:-1], offsets.tolist())]
     )
@@ -240,7 +244,9 @@ def test_grouped_mm_bad_inputs(device):
         ms.grouped_mm(a, b, torch.tensor([2, 1], device=device))
     with pytest.raises(RuntimeError, match=r"offsets do not add up.*offsets\[0\] = -1"):
         ms.grouped_mm(a, b, torch.tensor([-1, 3], device=device))
-    with pytest.raises(RuntimeError, match=r"offsets do not add up: offsets\[-1\] = 7 exceeds the 6 rows of a"):
+    with pytest.raises(
+        RuntimeError, match=r"offsets do not add up: offsets\[-1\] = 7 exceeds the 6 rows of a"
+    ):
         ms.grouped_mm(a, b, torch.tensor([2, 7], device=device, dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"bias must have shape \[2, 3\]"):
         ms.grouped_mm(a, b, offs, False, torch.randn(2, 4, device=device))

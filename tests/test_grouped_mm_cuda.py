@@ -11,15 +11,13 @@ bounds, and the check_inputs validation. The whole file is skipped without a CUD
 
 from __future__ import annotations
 
+import moestream as ms
 import pytest
 import torch
-
-import moestream as ms
+from conftest import assert_accurate, cuda
 from moestream import _C
 from moestream import reference as R
 from moestream._tuning import set_tuning, tuning
-
-from conftest import assert_accurate, cuda
 
 pytestmark = [cuda, pytest.mark.cuda]
 

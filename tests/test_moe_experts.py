@@ -134,7 +134,6 @@ def test_every_row_count_kernel(device, dtype, transpose_b):
     check_fused(a, "gptoss", "interleaved", transpose_b, what=f"{dtype} tb={transpose_b}")
 
 
-
 @pytest.mark.parametrize("route", ["native", "float"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_gemm_routes(dtype, route):
@@ -147,6 +146,7 @@ def test_low_precision_gemm_routes(dtype, route):
             a = make(sum(counts), 48, 40, len(counts), 1, dtype, "cpu", transpose_b, bias=True, ids=ids)
             check_fused(a, "swiglu", "concat", transpose_b, what=f"{route} {dtype} tb={transpose_b}")
             check_fused(a, "gptoss", "interleaved", transpose_b, what=f"{route} {dtype} tb={transpose_b}")
+
 
 def test_expert_without_tokens(device):
     T, E, k = 30, 6, 2

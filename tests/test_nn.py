@@ -10,7 +10,6 @@ from conftest import DTYPES, assert_accurate, rel_err
 from moestream import reference as R
 from moestream.nn import ROUTING_PRESETS, GroupedExperts, MoE, Router, Routing, SharedExpert
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 

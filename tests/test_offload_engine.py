@@ -15,7 +15,6 @@ from moestream import _C
 from moestream.offload import safetensors_io as sio
 from torch import nn
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import moestream as ms
 import pytest
 import torch
-
-import moestream as ms
-from moestream import reference as R
-
 from conftest import DTYPES, assert_accurate
+from moestream import reference as R
 
 ops = torch.ops.moestream
 
 
-def make_ids(T: int, k: int, E: int, device, dtype=torch.int64, skip: int | None = None, distinct: bool = True):
+def make_ids(
+    T: int, k: int, E: int, device, dtype=torch.int64, skip: int | None = None, distinct: bool = True
+):
     """Random expert ids [T, k]; distinct per token like a top-k; expert `skip` never chosen."""
     pool = [e for e in range(E) if e != skip]
     if distinct:
@@ -63,7 +63,7 @@ def test_permute_order_is_expert_token_slot(device):
     ids = torch.tensor([[2, 0, 2], [0, 0, 1], [2, 1, 0]], device=device)
     x = torch.arange(3, dtype=torch.float32, device=device)[:, None].expand(3, 4).contiguous()
     xs, perm, offsets = ms.permute(x, ids, 3)
-    expected_pairs = sorted(((ids[t, s].item(), t, s) for t in range(3) for s in range(3)))
+    expected_pairs = sorted((ids[t, s].item(), t, s) for t in range(3) for s in range(3))
     for row, (e, t, s) in enumerate(expected_pairs):
         assert perm[t, s].item() == row
         assert xs[row, 0].item() == t
@@ -261,7 +261,9 @@ def test_gradcheck_permute_unpermute(device):
         return ms.unpermute(xs * scale, perm, w)
 
     assert torch.autograd.gradcheck(f, (x, w))
-    assert torch.autograd.gradcheck(lambda x: ms.unpermute(ms.permute(x, ids, E)[0], ms.permute(x, ids, E)[1]), (x,))
+    assert torch.autograd.gradcheck(
+        lambda x: ms.unpermute(ms.permute(x, ids, E)[0], ms.permute(x, ids, E)[1]), (x,)
+    )
 
 
 def test_gradcheck_unpermute(device):

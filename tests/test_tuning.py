@@ -6,15 +6,13 @@ import os
 import subprocess
 import sys
 
+import moestream as ms
 import pytest
 import torch
-
-import moestream as ms
+from conftest import assert_accurate
 from moestream import _C
 from moestream import reference as R
 from moestream._tuning import get_tuning, set_tuning, tuning
-
-from conftest import assert_accurate
 
 DEFAULTS = {
     "cpu_hugepages": True,

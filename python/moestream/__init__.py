@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # registers torch.ops.moestream.*
-from . import nn, ops, reference
+from . import (
+    _C,  # registers torch.ops.moestream.*
+    nn,
+    ops,
+    reference,
+)
 from .integrations import install_transformers_hook as _install_transformers_hook
 from .integrations import patch_moe, unpatch_moe
+from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
 from .ops import (
     gated_activation,
     grouped_mm,
@@ -18,7 +23,6 @@ from .ops import (
     router_z_loss,
     unpermute,
 )
-from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
 
 __version__ = "0.1.0"
 

@@ -13,14 +13,14 @@ from torch import Tensor
 from . import _C, pipeline
 
 __all__ = [
-    "router_topk",
-    "router_aux_loss",
-    "router_z_loss",
-    "permute",
-    "unpermute",
-    "grouped_mm",
     "gated_activation",
+    "grouped_mm",
     "moe_experts",
+    "permute",
+    "router_aux_loss",
+    "router_topk",
+    "router_z_loss",
+    "unpermute",
 ]
 
 _ops = torch.ops.moestream

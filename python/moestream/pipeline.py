@@ -37,16 +37,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "LOCAL",
     "ExpertOps",
     "Experts",
     "Gate",
     "Placement",
-    "LOCAL",
-    "group",
     "expert_mlp",
-    "ungroup",
-    "run",
+    "group",
     "moe_experts",
+    "run",
+    "ungroup",
     "weight_inputs",
 ]
 

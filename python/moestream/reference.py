@@ -19,15 +19,15 @@ from torch import Tensor
 from . import pipeline
 
 __all__ = [
-    "router_topk",
-    "router_aux_loss",
-    "router_z_loss",
-    "permute",
-    "unpermute",
-    "grouped_mm",
     "gated_activation",
+    "grouped_mm",
     "moe_experts",
     "moe_experts_loop",
+    "permute",
+    "router_aux_loss",
+    "router_topk",
+    "router_z_loss",
+    "unpermute",
 ]
 
 

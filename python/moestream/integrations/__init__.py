@@ -12,7 +12,7 @@ import importlib.abc
 import sys
 import warnings
 
-__all__ = ["patch_moe", "unpatch_moe", "install_transformers_hook"]
+__all__ = ["install_transformers_hook", "patch_moe", "unpatch_moe"]
 
 _HF_MOE_MODULE = "transformers.integrations.moe"
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .. import ops, pipeline
 from ..nn.moe import GroupedExperts, MoE, Router, Routing
 
-__all__ = ["SUPPORTED_FAMILIES", "patch_moe", "unpatch_moe", "moestream_experts_forward", "register"]
+__all__ = ["SUPPORTED_FAMILIES", "moestream_experts_forward", "patch_moe", "register", "unpatch_moe"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops, pipeline
 
-__all__ = ["Routing", "ROUTING_PRESETS", "Router", "GroupedExperts", "SharedExpert", "MoE"]
+__all__ = ["ROUTING_PRESETS", "GroupedExperts", "MoE", "Router", "Routing", "SharedExpert"]
 
 _ACTIVATIONS = ("swiglu", "geglu", "gptoss")
 _LAYOUTS = ("concat", "interleaved")
