@@ -8,7 +8,7 @@
 //   - N reader threads: pread() byte ranges of files into slots (CPU) or staging buffers (CUDA), and
 //     do the host memcpy work on CPU.
 // The Streamer owns the slot ring, the job queue and eviction; a DeviceBackend owns how a job's bytes
-// reach a slot: the CPU backend (this file's engine.cpp) reads and copies straight into RAM slots; the
+// reach a slot: the CPU backend (backend_cpu.cpp) reads and copies straight into RAM slots; the
 // CUDA backend (stream_cuda.cpp) stages file reads in pinned buffers and issues host-to-device copies
 // on its copy stream, ordered against compute by per-slot events. The host only blocks when the data
 // is not even read from disk yet.
@@ -285,7 +285,7 @@ class Streamer {
   int64_t wait_ns_ = 0;
 };
 
-// The CPU backend: reader threads read and copy straight into RAM slots (engine.cpp).
+// The CPU backend: reader threads read and copy straight into RAM slots (backend_cpu.cpp).
 std::unique_ptr<DeviceBackend> make_cpu_backend(const StreamerConfig& cfg);
 
 }  // namespace stream
