@@ -8,6 +8,9 @@ what=${1:-all}
 export PYTHONUNBUFFERED=1
 export MOESTREAM_CUDA=ON
 export MOESTREAM_CUDA_ARCHS=${MOESTREAM_CUDA_ARCHS:-90a}
+# the sm90 wgmma grouped_mm is compiled out of default builds until it has run on hardware; this
+# session compiles it in, so its tests (gmm_impl="wgmma") run
+export MOESTREAM_GMM_WGMMA=${MOESTREAM_GMM_WGMMA:-ON}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 command -v nvcc >/dev/null || export PATH=/usr/local/cuda/bin:$PATH
 export CUDACXX=${CUDACXX:-$(command -v nvcc)}
