@@ -135,7 +135,8 @@ class LoadIO {
   LoadIO(std::shared_ptr<HostPool> pool, const StreamerConfig& cfg);
   ~LoadIO();  // runs what the readers have queued, then joins them
 
-  static int64_t staging_size(int64_t chunk_bytes) { return (chunk_bytes + 2 * kAlign + kAlign - 1) / kAlign * kAlign; }
+  // Bytes of one staging buffer: a chunk plus room to widen an unaligned range to whole blocks.
+  static int64_t staging_size(int64_t chunk_bytes);
   const uint8_t* pool_data() const { return pool_ ? pool_->data() : nullptr; }
   int64_t pool_bytes() const { return pool_ ? pool_->capacity() : 0; }
   int64_t chunk_bytes() const { return chunk_bytes_; }

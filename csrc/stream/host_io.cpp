@@ -140,6 +140,8 @@ void TaskPool::loop() {
 
 // ---------------------------------------------------------------------------------------------- LoadIO
 
+int64_t LoadIO::staging_size(int64_t chunk_bytes) { return round_up(chunk_bytes + 2 * kAlign, kAlign); }
+
 LoadIO::LoadIO(std::shared_ptr<HostPool> pool, const StreamerConfig& cfg)
     : pool_(std::move(pool)), chunk_bytes_(cfg.chunk_bytes), direct_io_(cfg.direct_io) {
   if (cfg.num_staging > 0) {

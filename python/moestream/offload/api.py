@@ -34,7 +34,7 @@ def install(
         layout, modules = layout_of(model, entries, blocks)
         plan = plan_offload(layout, opts)  # raises before anything is changed
         for w in plan.warnings:
-            warnings.warn(w, stacklevel=4)
+            warnings.warn(w, stacklevel=3)
         state = materialize(plan, entries, opts)
         state.bind(model, [modules[u.module] for u in plan.units])
     return state

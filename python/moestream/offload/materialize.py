@@ -176,7 +176,7 @@ def materialize(plan: Plan, entries: list[Entry], opts: Resolved) -> OffloadStat
             e.source = Source(src.dtype, src.shape, pieces=src.pieces)  # drop the in-memory tensor
             _set_tensor(e, ph)
             params.append(e.obj)
-            specs.append((t.offset, src.dtype, tuple(src.shape)))
+            specs.append((t.offset, src.nbytes, src.dtype, tuple(src.shape)))
             holders.append(ph)
             e.owners = []  # no module references from the state: deleting the model frees everything
         assert streamer.add_unit(segs) == ui

@@ -14,7 +14,7 @@ from .planner import ModelLayout, TensorSpec
 
 
 def nbytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 @dataclass

@@ -111,8 +111,8 @@ def _owner_unit(t: TensorSpec, prefixes: dict[str, int]) -> int:
     return -1 if found is None else found
 
 
-def _assign(layout: ModelLayout, unit_modules: list[str]) -> tuple[dict[int, int], list[int], int, int]:
-    """Tensor key -> unit, the unit sizes, the resident bytes and the page-rounded slot size."""
+def _assign(layout: ModelLayout, unit_modules: list[str]) -> tuple[dict[int, int], int, int]:
+    """Tensor key -> unit, the resident bytes and the page-rounded slot size."""
     prefixes = {m: i for i, m in enumerate(unit_modules)}
     unit_of = {t.key: (_owner_unit(t, prefixes) if t.is_param else -1) for t in layout.tensors}
     sizes = [0] * len(unit_modules)
@@ -122,7 +122,7 @@ def _assign(layout: ModelLayout, unit_modules: list[str]) -> tuple[dict[int, int
             sizes[u] = round_up(sizes[u], ALIGN) + t.nbytes
     sizes = [round_up(s, ALIGN) for s in sizes]
     resident = sum(t.nbytes for t in layout.tensors if unit_of[t.key] < 0)
-    return unit_of, sizes, resident, round_up(max(sizes, default=0), PAGE)
+    return unit_of, resident, round_up(max(sizes, default=0), PAGE)
 
 
 def _leaves_to_stream(layout: ModelLayout, unit_of: dict[int, int], fixed: int, slot: int, budget: int):
@@ -153,7 +153,7 @@ def plan_offload(layout: ModelLayout, opts: Resolved) -> Plan:
     ram_extra = staging_bytes if opts.device.type == "cpu" else 0
     budget = opts.budget
     unit_modules = list(layout.blocks)
-    unit_of, _, resident, slot_need = _assign(layout, unit_modules)
+    unit_of, resident, slot_need = _assign(layout, unit_modules)
     if slot_need == 0:
         raise ValueError("moestream.offload: the blocks have no parameters to stream")
 
@@ -178,7 +178,7 @@ def plan_offload(layout: ModelLayout, opts: Resolved) -> Plan:
             + list(layout.blocks)
             + [m for m in layout.leaves_after if m in chosen]
         )
-        unit_of, _, resident, slot_need = _assign(layout, unit_modules)
+        unit_of, resident, slot_need = _assign(layout, unit_modules)
 
     warnings = []
     want = min(opts.prefetch + 1, len(unit_modules))

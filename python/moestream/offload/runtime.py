@@ -20,7 +20,7 @@ from torch import nn
 class UnitState:
     name: str
     params: list[nn.Parameter]  # the streamed tensors of the unit, in slot order
-    specs: list[tuple[int, torch.dtype, tuple[int, ...]]]  # (slot offset, dtype, shape) of each
+    specs: list[tuple[int, int, torch.dtype, tuple[int, ...]]]  # (slot offset, nbytes, dtype, shape) of each
     placeholders: list[torch.Tensor]
     nbytes: int
     ahead: list[int] = field(default_factory=list)
@@ -74,10 +74,7 @@ class OffloadState:
         if views is None:
             # ordinary tensors even under inference_mode: the cached views serve every later call
             with torch.inference_mode(False):
-                views = [
-                    slot[off : off + _nbytes(shape, dtype)].view(dtype).view(shape)
-                    for off, dtype, shape in u.specs
-                ]
+                views = [slot[off : off + n].view(dtype).view(shape) for off, n, dtype, shape in u.specs]
             u.views[s] = views
         for p, v in zip(u.params, views):
             p.data = v
@@ -127,13 +124,6 @@ class OffloadState:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-
-
-def _nbytes(shape, dtype) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
 
 
 def get_state(model: nn.Module) -> OffloadState:
