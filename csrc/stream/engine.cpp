@@ -52,9 +52,17 @@ Streamer::Streamer(std::shared_ptr<HostPool> pool, const StreamerConfig& cfg) : 
     backend_ = make_cpu_backend(cfg);
   }
   slots_.resize(cfg.num_slots);
-  for (auto& s : slots_) {
-    s.mem = backend_->alloc_slot(cfg.slot_bytes);
-    s.ptr = s.mem.data_ptr<uint8_t>();
+  if (cfg.contiguous_slots) {
+    slot_array_ = backend_->alloc_slot(cfg.slot_bytes * cfg.num_slots);
+    for (int i = 0; i < cfg.num_slots; ++i) {
+      slots_[i].mem = slot_array_.narrow(0, static_cast<int64_t>(i) * cfg.slot_bytes, cfg.slot_bytes);
+      slots_[i].ptr = slots_[i].mem.data_ptr<uint8_t>();
+    }
+  } else {
+    for (auto& s : slots_) {
+      s.mem = backend_->alloc_slot(cfg.slot_bytes);
+      s.ptr = s.mem.data_ptr<uint8_t>();
+    }
   }
   io_ = std::make_unique<LoadIO>(std::move(pool), cfg);
   scheduler_ = std::thread([this] { scheduler_loop(); });
@@ -77,6 +85,7 @@ Streamer::~Streamer() {
     if (f->dfd >= 0) ::close(f->dfd);
   }
   slots_.clear();
+  slot_array_ = at::Tensor();
   backend_.reset();
 }
 
@@ -155,10 +164,28 @@ int Streamer::add_unit(std::vector<Segment> segments) {
   }
   units_.push_back(std::make_shared<const std::vector<Segment>>(std::move(merged)));
   unit_slot_.push_back(-1);
+  uses_.push_back(0);
   return static_cast<int>(units_.size()) - 1;
 }
 
 int Streamer::num_units() const { return static_cast<int>(units_.size()); }
+
+at::Tensor Streamer::slot_array() const {
+  TORCH_CHECK(slot_array_.defined(), "moestream.Streamer.slot_array: the streamer was not configured with "
+              "contiguous_slots=True");
+  return slot_array_;
+}
+
+int Streamer::checked_unit(int unit, const char* fn) const {
+  TORCH_CHECK(unit >= 0 && unit < static_cast<int>(units_.size()), "moestream.Streamer.", fn,
+              ": unit must be in [0, ", units_.size(), "), got ", unit);
+  return unit;
+}
+
+bool Streamer::evicts_before(const Slot& a, const Slot& b) const {
+  if (cfg_.eviction == Eviction::kLFU && uses_[a.unit] != uses_[b.unit]) return uses_[a.unit] < uses_[b.unit];
+  return a.last_use < b.last_use;
+}
 
 at::Tensor Streamer::slot(int i) const {
   TORCH_CHECK(i >= 0 && i < static_cast<int>(slots_.size()), "moestream.Streamer.slot: index must be in [0, ",
@@ -183,7 +210,7 @@ int Streamer::ensure_loaded(int unit, const std::unordered_set<int>& keep, bool 
       victim = i;
       break;
     }
-    if (victim < 0 || c.last_use < slots_[victim].last_use) victim = i;
+    if (victim < 0 || evicts_before(c, slots_[victim])) victim = i;
   }
   if (victim < 0) {
     TORCH_CHECK(!required, "moestream.Streamer: all ", slots_.size(),
@@ -191,7 +218,10 @@ int Streamer::ensure_loaded(int unit, const std::unordered_set<int>& keep, bool 
     return -1;
   }
   Slot& v = slots_[victim];
-  if (v.unit >= 0) unit_slot_[v.unit] = -1;
+  if (v.unit >= 0) {
+    unit_slot_[v.unit] = -1;
+    evictions_++;
+  }
   if (v.job && v.job->state == Job::kQueued) v.job->cancelled = true;
   auto job = std::make_shared<Job>();
   job->unit = unit;
@@ -224,6 +254,7 @@ std::pair<at::Tensor, int> Streamer::acquire(int unit, const std::vector<int>& a
   keep.insert(unit);
   const int s = ensure_loaded(unit, keep, true);
   slots_[s].in_use++;
+  uses_[unit]++;
   for (int a : ahead) {
     if (a < 0 || a >= static_cast<int>(units_.size()) || a == unit) continue;
     ensure_loaded(a, keep, false);
@@ -251,6 +282,65 @@ std::pair<at::Tensor, int> Streamer::acquire(int unit, const std::vector<int>& a
   // The slot is in use, so no later job can re-record its ready event before this wait is enqueued.
   backend_->consumer_wait_ready(s);
   return {mem, s};
+}
+
+int Streamer::request(int unit) {
+  std::lock_guard<std::mutex> lk(mu_);
+  checked_unit(unit, "request");
+  const int s = ensure_loaded(unit, {unit}, true);
+  slots_[s].in_use++;
+  uses_[unit]++;
+  return s;
+}
+
+void Streamer::wait(int unit) {
+  const int64_t t0 = now_ns();
+  std::unique_lock<std::mutex> lk(mu_);
+  checked_unit(unit, "wait");
+  const int s = unit_slot_[unit];
+  TORCH_CHECK(s >= 0 && slots_[s].in_use > 0, "moestream.Streamer.wait: unit ", unit, " is not requested");
+  std::shared_ptr<Job> job = slots_[s].job;
+  const bool hit = job->state >= Job::kDone;
+  cv_.wait(lk, [&] { return job->state >= Job::kDone; });
+  acquires_++;
+  hits_ += hit ? 1 : 0;
+  wait_ns_ += now_ns() - t0;
+  if (job->state != Job::kDone) {
+    slots_[s].in_use--;
+    if (slots_[s].job == job) {
+      slots_[s].unit = -1;
+      unit_slot_[unit] = -1;
+    }
+    std::string err = job->error.empty() ? std::string("moestream.Streamer: the load of unit ") +
+                                               std::to_string(unit) + " was cancelled"
+                                         : job->error;
+    lk.unlock();
+    TORCH_CHECK(false, err);
+  }
+  lk.unlock();
+  backend_->consumer_wait_ready(s);
+}
+
+bool Streamer::is_cached(int unit) {
+  std::lock_guard<std::mutex> lk(mu_);
+  checked_unit(unit, "is_cached");
+  const int s = unit_slot_[unit];
+  return s >= 0 && slots_[s].job && slots_[s].job->state != Job::kFailed && slots_[s].job->state != Job::kCancelled;
+}
+
+bool Streamer::is_ready(int unit) {
+  std::lock_guard<std::mutex> lk(mu_);
+  checked_unit(unit, "is_ready");
+  const int s = unit_slot_[unit];
+  return s >= 0 && slots_[s].job && slots_[s].job->state == Job::kDone;
+}
+
+std::vector<int> Streamer::slot_units() {
+  std::lock_guard<std::mutex> lk(mu_);
+  std::vector<int> out;
+  out.reserve(slots_.size());
+  for (const auto& s : slots_) out.push_back(s.unit);
+  return out;
 }
 
 void Streamer::release(int unit) {
@@ -410,6 +500,7 @@ std::map<std::string, double> Streamer::stats() {
   s["loads"] = static_cast<double>(jobs_);
   s["acquires"] = static_cast<double>(acquires_);
   s["hits"] = static_cast<double>(hits_);
+  s["evictions"] = static_cast<double>(evictions_);
   s["wait_seconds"] = static_cast<double>(wait_ns_) * 1e-9;
   s["num_slots"] = static_cast<double>(slots_.size());
   s["slot_bytes"] = static_cast<double>(cfg_.slot_bytes);
@@ -431,6 +522,7 @@ void Streamer::reset_stats() {
   jobs_ = 0;
   acquires_ = 0;
   hits_ = 0;
+  evictions_ = 0;
   wait_ns_ = 0;
 }
 

@@ -99,6 +99,10 @@ struct Segment {
   std::shared_ptr<FileHandle> fh;  // resolved from `file` when the segment is registered
 };
 
+// Which loaded unit a load evicts when no slot is free: the least recently used, or the least
+// frequently requested (ties: the least recently used). Slots in use are never evicted.
+enum class Eviction : int { kLRU = 0, kLFU = 1 };
+
 // Everything that shapes a Streamer, fixed at construction.
 struct StreamerConfig {
   std::string device = "cpu";  // "cpu" or "cuda:N"
@@ -109,6 +113,10 @@ struct StreamerConfig {
   int num_staging = 0;         // staging buffers of chunk_bytes: file reads on CUDA, O_DIRECT bounces on CPU
   bool direct_io = false;      // read files with O_DIRECT where the file system allows it
   PinMode staging_pin = PinMode::kNone;  // how the staging buffers are page-locked
+  // One allocation of num_slots * slot_bytes with slot i at byte i * slot_bytes (slot_array()), so a
+  // tensor of every slot is one strided view (an expert cache: [slots, ...] weights for grouped_mm).
+  bool contiguous_slots = false;
+  Eviction eviction = Eviction::kLRU;
 };
 
 // A fixed set of worker threads running submitted tasks in FIFO order.
@@ -231,6 +239,17 @@ class Streamer {
   std::pair<at::Tensor, int> acquire(int unit, const std::vector<int>& ahead);
   // Compute on unit's slot has been issued; the slot may be refilled once that compute is done.
   void release(int unit);
+  // acquire() in two steps, for callers that hold several units at once (an expert cache): request()
+  // pins unit to a slot and queues its load if it is not there (never blocks; raises when every slot
+  // is pinned), wait() blocks until the requested unit is usable (a failed load raises and unpins it:
+  // do not release it then). Both count as one acquire; release() unpins.
+  int request(int unit);
+  void wait(int unit);
+  // Whether unit holds a slot (loaded or loading), and whether its load has completed.
+  bool is_cached(int unit);
+  bool is_ready(int unit);
+  // The units currently holding a slot, in slot order (-1: empty slot).
+  std::vector<int> slot_units();
   // Waits for every queued load.
   void synchronize();
   // Synchronous read of file segments into a CPU tensor (dst_offset in bytes from its data pointer).
@@ -242,6 +261,8 @@ class Streamer {
   int64_t slot_bytes() const { return cfg_.slot_bytes; }
   int num_units() const;
   at::Tensor slot(int i) const;
+  // Every slot as one uint8 tensor [num_slots * slot_bytes] (contiguous_slots only).
+  at::Tensor slot_array() const;
   const std::string& device_str() const { return cfg_.device; }
   const StreamerConfig& config() const { return cfg_; }
   bool staging_pinned() const;
@@ -259,6 +280,8 @@ class Streamer {
   };
 
   int ensure_loaded(int unit, const std::unordered_set<int>& keep, bool required);  // mu_ held
+  bool evicts_before(const Slot& a, const Slot& b) const;                          // mu_ held
+  int checked_unit(int unit, const char* fn) const;
   void scheduler_loop();
   void complete(const std::shared_ptr<Job>& job, const std::string& error);
 
@@ -270,6 +293,8 @@ class Streamer {
   std::vector<std::shared_ptr<const std::vector<Segment>>> units_;
   std::vector<int> unit_slot_;
   std::vector<Slot> slots_;
+  at::Tensor slot_array_;
+  std::vector<int64_t> uses_;  // requests per unit (LFU)
   uint64_t clock_ = 0;
 
   std::deque<std::shared_ptr<Job>> queue_;
@@ -283,6 +308,7 @@ class Streamer {
   int64_t jobs_ = 0;
   int64_t acquires_ = 0;
   int64_t hits_ = 0;
+  int64_t evictions_ = 0;
   int64_t wait_ns_ = 0;
 };
 

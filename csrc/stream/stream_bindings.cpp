@@ -24,6 +24,10 @@ void bind_stream(py::module_& m) {
       .value("mlock", PinMode::kMlock)
       .value("cuda", PinMode::kCuda);
 
+  py::enum_<Eviction>(m, "Eviction", "Which loaded unit a Streamer evicts when no slot is free")
+      .value("lru", Eviction::kLRU)
+      .value("lfu", Eviction::kLFU);
+
   py::class_<HostPool, std::shared_ptr<HostPool>>(m, "HostPool", "One aligned host allocation")
       .def(py::init([](int64_t nbytes, PinMode pin) { return std::make_shared<HostPool>(nbytes, pin); }),
            py::arg("nbytes"), py::arg("pin") = PinMode::kNone, py::call_guard<py::gil_scoped_release>())
@@ -39,7 +43,8 @@ void bind_stream(py::module_& m) {
 
   py::class_<StreamerConfig>(m, "StreamerConfig", "Everything that shapes a Streamer, fixed at construction")
       .def(py::init([](const std::string& device, int64_t slot_bytes, int num_slots, int num_readers,
-                       int64_t chunk_bytes, int num_staging, bool direct_io, PinMode staging_pin) {
+                       int64_t chunk_bytes, int num_staging, bool direct_io, PinMode staging_pin,
+                       bool contiguous_slots, Eviction eviction) {
              StreamerConfig c;
              c.device = device;
              c.slot_bytes = slot_bytes;
@@ -49,11 +54,14 @@ void bind_stream(py::module_& m) {
              c.num_staging = num_staging;
              c.direct_io = direct_io;
              c.staging_pin = staging_pin;
+             c.contiguous_slots = contiguous_slots;
+             c.eviction = eviction;
              return c;
            }),
            py::kw_only(), py::arg("device") = "cpu", py::arg("slot_bytes"), py::arg("num_slots") = 1,
            py::arg("num_readers") = 4, py::arg("chunk_bytes") = int64_t{4} << 20, py::arg("num_staging") = 0,
-           py::arg("direct_io") = false, py::arg("staging_pin") = PinMode::kNone)
+           py::arg("direct_io") = false, py::arg("staging_pin") = PinMode::kNone,
+           py::arg("contiguous_slots") = false, py::arg("eviction") = Eviction::kLRU)
       .def_readonly("device", &StreamerConfig::device)
       .def_readonly("slot_bytes", &StreamerConfig::slot_bytes)
       .def_readonly("num_slots", &StreamerConfig::num_slots)
@@ -61,7 +69,9 @@ void bind_stream(py::module_& m) {
       .def_readonly("chunk_bytes", &StreamerConfig::chunk_bytes)
       .def_readonly("num_staging", &StreamerConfig::num_staging)
       .def_readonly("direct_io", &StreamerConfig::direct_io)
-      .def_readonly("staging_pin", &StreamerConfig::staging_pin);
+      .def_readonly("staging_pin", &StreamerConfig::staging_pin)
+      .def_readonly("contiguous_slots", &StreamerConfig::contiguous_slots)
+      .def_readonly("eviction", &StreamerConfig::eviction);
 
   py::class_<Segment>(m, "Segment", "Bytes to place at dst_offset of a slot: from file `file` or the pool (-1)")
       .def(py::init([](int64_t dst_offset, int64_t nbytes, int file, int64_t src_offset, const std::string& name) {
@@ -95,6 +105,12 @@ void bind_stream(py::module_& m) {
       .def("acquire", &Streamer::acquire, py::arg("unit"), py::arg("ahead") = std::vector<int>{},
            py::call_guard<py::gil_scoped_release>())
       .def("release", &Streamer::release, py::arg("unit"), py::call_guard<py::gil_scoped_release>())
+      .def("request", &Streamer::request, py::arg("unit"), py::call_guard<py::gil_scoped_release>())
+      .def("wait", &Streamer::wait, py::arg("unit"), py::call_guard<py::gil_scoped_release>())
+      .def("is_cached", &Streamer::is_cached, py::arg("unit"))
+      .def("is_ready", &Streamer::is_ready, py::arg("unit"))
+      .def("slot_units", &Streamer::slot_units)
+      .def("slot_array", &Streamer::slot_array)
       .def("synchronize", &Streamer::synchronize, py::call_guard<py::gil_scoped_release>())
       .def(
           "read_into",

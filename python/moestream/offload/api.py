@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .materialize import materialize
-from .model_view import Source, attach_sources, block_modules, collect_entries, layout_of
+from .model_view import Source, attach_sources, block_modules, collect_entries, find_expert_modules, layout_of
 from .options import ByteSize, OffloadOptions
 from .planner import plan_offload
 from .runtime import OffloadState
@@ -31,12 +31,24 @@ def install(
             entries, _ = collect_entries(model)
         attach_sources(entries, sources or {})
         blocks = block_modules(model, opts.blocks)
-        layout, modules = layout_of(model, entries, blocks)
+        xmods, dense = ([], []) if opts.experts == "layer" else find_expert_modules(model, blocks)
+        if dense and opts.experts == "cache" or (dense and not xmods and opts.experts is None):
+            warnings.warn(
+                f"moestream.offload: the experts of {dense[0]}"
+                + (f" (and {len(dense) - 1} more)" if len(dense) > 1 else "")
+                + " compute every expert in one dense product, so they are streamed with their layer; "
+                "apply ms.patch_moe(model) first to cache them one expert at a time",
+                stacklevel=3,
+            )
+        layout, modules = layout_of(model, entries, blocks, xmods)
         plan = plan_offload(layout, opts)  # raises before anything is changed
         for w in plan.warnings:
             warnings.warn(w, stacklevel=3)
         state = materialize(plan, entries, opts)
-        state.bind(model, [modules[u.module] for u in plan.units])
+        cached = [] if plan.experts is None else xmods
+        state.bind(
+            model, [modules[u.module] for u in plan.units], [x.module for x in cached], [x.router for x in cached]
+        )
     return state
 
 
@@ -54,6 +66,11 @@ def offload(
     pin: bool | None = None,
     direct_io: bool | None = None,
     progress: bool = False,
+    experts: str | None = None,
+    cache_policy: str = "lru",
+    expert_prefetch: bool = True,
+    expert_slots: int | None = None,
+    cpu_experts: bool = False,
 ) -> nn.Module:
     """Streams the model's repeated blocks to `device` just ahead of use; returns the model.
 
@@ -68,6 +85,14 @@ def offload(
     blocks: the nn.ModuleList (or its name, or a list of modules) to stream; found automatically.
     num_readers, chunk_bytes: reader threads and the size of each read and copy.
     pin: page-lock the host memory (default: on CUDA). direct_io: O_DIRECT reads (default: storage "disk").
+    experts: "cache" (the default for blocks with fused experts modules) streams each expert on its
+    own into a device-side expert cache: only the experts the router selected and that are not cached
+    are read; "layer" streams each layer with all its experts. cache_policy: "lru" or "lfu" eviction.
+    expert_prefetch: predict the next layer's experts (its router applied to the current hidden
+    state) and load them ahead. expert_slots: the cache size in experts (default: what the budget
+    leaves after the resident weights and the layer slots; without a budget, one layer's experts per
+    layer slot). ``ms.offload_stats`` reports ``expert_hits``, ``expert_misses``, ``expert_hit_rate``
+    and the prediction's ``prefetch_precision`` / ``prefetch_recall``.
     Forwards of one offloaded model from several threads run one at a time (the streamed weights
     and slots are shared). Inference only: streamed parameters are views into reused slots during their block's forward;
     they are set to requires_grad=False. Do not call ``model.to()`` after offloading.

@@ -15,7 +15,8 @@ from torch import nn
 
 from .. import _C
 from . import safetensors_io as sio
-from .model_view import Entry, Piece, Source
+from .expert_cache import ExpertCache, ExpertGroupState
+from .model_view import Entry, Piece, Source, slice_pieces
 from .options import Resolved, fmt_bytes
 from .planner import Plan
 from .runtime import OffloadState, UnitState
@@ -72,10 +73,21 @@ def _set_tensor(e: Entry, value: torch.Tensor) -> None:
         e.obj = value
 
 
+def _file_groups(plan: Plan) -> list[tuple[str, str, list[tuple[int, str]]]]:
+    """(file stem, unit name, [(key, tensor name)]) of each offload file: one per unit, one per
+    experts module (its fused [E, ...] tensors, read one expert at a time)."""
+    out = [(f"unit-{ui:05d}", u.module, [(t.key, t.name) for t in u.tensors]) for ui, u in enumerate(plan.units)]
+    if plan.experts is not None:
+        for gi, g in enumerate(plan.experts.groups):
+            out.append((f"experts-{gi:05d}", g.module, [(t.key, t.name) for t in g.tensors]))
+    return out
+
+
 def _write_unit_files(plan: Plan, entries: list[Entry], opts: Resolved) -> str | None:
-    """Storage "disk" with weights in memory: one safetensors file per unit. Returns the temporary
-    directory to remove with the model, if one was made."""
-    if not any(entries[t.key].source.pieces is None for u in plan.units for t in u.tensors):
+    """Storage "disk" with weights in memory: one safetensors file per unit (and per experts
+    module). Returns the temporary directory to remove with the model, if one was made."""
+    groups = _file_groups(plan)
+    if not any(entries[k].source.pieces is None for _, _, ts in groups for k, _ in ts):
         return None
     tmpdir = None
     out = opts.offload_dir
@@ -83,20 +95,18 @@ def _write_unit_files(plan: Plan, entries: list[Entry], opts: Resolved) -> str |
         out = tmpdir = tempfile.mkdtemp(prefix="moestream-offload-")
     os.makedirs(out, exist_ok=True)
     bar = progress_bar(plan.streamed_bytes, "moestream: writing offload files", opts.progress)
-    for ui, u in enumerate(plan.units):
-        path = os.path.join(out, f"unit-{ui:05d}.safetensors")
+    for stem, module, ts in groups:
+        path = os.path.join(out, f"{stem}.safetensors")
         sio.write_safetensors(
             path,
-            [(t.name, entries[t.key].source.tensor) for t in u.tensors],
-            metadata={"format": "moestream-offload", "unit": u.module},
+            [(name, entries[k].source.tensor) for k, name in ts],
+            metadata={"format": "moestream-offload", "unit": module},
             on_tensor=bar.update if bar is not None else None,
         )
         infos, _ = sio.read_header(path)
-        for t in u.tensors:
-            src, info = entries[t.key].source, infos[t.name]
-            entries[t.key].source = Source(
-                src.dtype, src.shape, pieces=[Piece(path, info.offset, info.nbytes, 0)]
-            )
+        for k, name in ts:
+            src, info = entries[k].source, infos[name]
+            entries[k].source = Source(src.dtype, src.shape, pieces=[Piece(path, info.offset, info.nbytes, 0)])
     if bar is not None:
         bar.close()
     sio.fsync_dir(out)
@@ -109,6 +119,68 @@ def _warn_unpinned(what: str, nbytes: int, error: str) -> None:
         "using pageable memory instead (host-to-device copies will be slower)",
         stacklevel=5,
     )
+
+
+def _expert_cache(plan: Plan, entries: list[Entry], opts: Resolved, pool, placeholders: dict, bar_enabled: bool):
+    """The expert streamer (one expert per slot, slots contiguous) with one unit per expert, and the
+    experts' parameters turned into placeholders."""
+    ep = plan.experts
+    config = _C.StreamerConfig(
+        device=opts.engine_device,
+        slot_bytes=ep.slot_bytes,
+        num_slots=ep.num_slots,
+        num_readers=opts.num_readers,
+        chunk_bytes=opts.chunk_bytes,
+        num_staging=plan.num_staging,
+        direct_io=opts.direct_io,
+        staging_pin=opts.pin,
+        contiguous_slots=True,
+        eviction=opts.eviction,
+    )
+    streamer = _C.Streamer(pool, config)
+    files = _Files(streamer)
+    cache = ExpertCache(streamer, prefetch=opts.expert_prefetch)
+    bar = progress_bar(ep.expert_bytes, "moestream: filling host memory (experts)", bar_enabled and pool is not None)
+    for g in ep.groups:
+        specs, params = {}, []
+        for i, t in enumerate(g.tensors):
+            e = entries[t.key]
+            src = e.source
+            if opts.storage == "cpu" and src.nbytes:
+                dst = pool.view(g.host_offsets[i], src.nbytes)
+                if src.pieces is not None:
+                    streamer.read_into(dst, files.segments(src.pieces, t.name))
+                else:
+                    dst.view(src.dtype).view(src.shape).copy_(src.tensor)
+                del dst
+                if bar is not None:
+                    bar.update(src.nbytes)
+            specs[e.names[0].rsplit(".", 1)[-1]] = (t.offset, src.dtype, tuple(src.shape[1:]))
+        for x in range(g.num_experts):
+            segs = []
+            for i, t in enumerate(g.tensors):
+                src = entries[t.key].source
+                name = f"{t.name}[{x}]"
+                if opts.storage == "cpu":
+                    segs.append(_C.Segment(t.offset, t.nbytes, _C.Segment.FROM_POOL, g.host_offsets[i] + x * t.nbytes, name))
+                else:
+                    segs.extend(files.segments(slice_pieces(src.pieces, x * t.nbytes, t.nbytes), name, dst=t.offset))
+            assert streamer.add_unit(segs) == g.first_unit + x
+        for t in g.tensors:
+            e = entries[t.key]
+            src = e.source
+            e.obj.requires_grad_(False) if e.is_param else None
+            e.source = Source(src.dtype, src.shape, pieces=src.pieces)  # drop the in-memory tensor
+            _set_tensor(e, _placeholder(src.dtype, src.shape, opts.device, placeholders))
+            params.append(e.obj)
+            e.owners = []
+        cache.groups.append(
+            ExpertGroupState(g.module, g.first_unit, g.num_experts, g.top_k, specs, params)
+        )
+    if bar is not None:
+        bar.close()
+    cache_files = list(files.index)
+    return cache, cache_files
 
 
 def materialize(plan: Plan, entries: list[Entry], opts: Resolved) -> OffloadState:
@@ -183,10 +255,13 @@ def materialize(plan: Plan, entries: list[Entry], opts: Resolved) -> OffloadStat
         state.units.append(UnitState(u.module, params, specs, holders, u.nbytes, ahead=list(u.ahead)))
     if bar is not None:
         bar.close()
+    state.files = list(files.index)
+    if plan.experts is not None:
+        state.cache, cache_files = _expert_cache(plan, entries, opts, pool, cache, bar_enabled=opts.progress)
+        state.files += [f for f in cache_files if f not in state.files]
     # pinned after filling: the source tensors were freed as their bytes moved in
     if pool is not None and opts.pin != _C.PinMode.none and not pool.pin():
         _warn_unpinned("host memory", plan.host_bytes, pool.pin_error)
-    state.files = list(files.index)
     if tmpdir is not None:
         state._finalizer = weakref.finalize(state, shutil.rmtree, tmpdir, True)
     return state

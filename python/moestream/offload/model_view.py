@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .planner import ModelLayout, TensorSpec
+from .planner import ExpertGroupSpec, ModelLayout, TensorSpec
 
 
 def nbytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -39,6 +39,19 @@ class Source:
     @property
     def nbytes(self) -> int:
         return nbytes_of(self.shape, self.dtype)
+
+
+def slice_pieces(pieces: list[Piece], start: int, nbytes: int) -> list[Piece]:
+    """The pieces of bytes [start, start + nbytes) of a tensor stored as `pieces`, with their dst
+    relative to `start` (one expert of a fused [E, ...] tensor)."""
+    out = []
+    for p in pieces:
+        lo, hi = max(p.dst, start), min(p.dst + p.nbytes, start + nbytes)
+        if lo < hi:
+            out.append(Piece(p.path, p.offset + (lo - p.dst), hi - lo, lo - start))
+    if sum(p.nbytes for p in out) != nbytes:
+        raise ValueError(f"moestream.offload: the file pieces do not cover bytes [{start}, {start + nbytes})")
+    return out
 
 
 @dataclass
@@ -124,7 +137,7 @@ def attach_sources(entries: list[Entry], sources: dict[int, Source]) -> None:
 
 
 def layout_of(
-    model: nn.Module, entries: list[Entry], blocks: list[nn.Module]
+    model: nn.Module, entries: list[Entry], blocks: list[nn.Module], experts: Sequence[ExpertModule] = ()
 ) -> tuple[ModelLayout, dict[str, nn.Module]]:
     """The planner's view of the model (names and sizes only) and the modules by name."""
     modules = dict(model.named_modules())
@@ -151,4 +164,128 @@ def layout_of(
                 owners=tuple(dict.fromkeys(name_of[id(m)] for m, _ in e.owners)),
             )
         )
-    return ModelLayout(tensors, block_names, leaves_before, leaves_after), modules
+    key_of = {(id(m), a): i for i, e in enumerate(entries) for m, a in e.owners}
+    groups = []
+    for x in experts:
+        rkeys = ()
+        if x.router is not None:
+            rkeys = tuple(key_of[(id(x.router), a)] for a, p in x.router._parameters.items() if p is not None)
+        groups.append(
+            ExpertGroupSpec(
+                module=x.name,
+                block=x.block,
+                keys=tuple(key_of[(id(x.module), a)] for a in x.attrs),
+                num_experts=x.num_experts,
+                top_k=x.top_k,
+                router_keys=rkeys,
+            )
+        )
+    return ModelLayout(tensors, block_names, leaves_before, leaves_after, groups), modules
+
+
+# ----------------------------------------------------------------------------------------------
+# experts: the modules an expert cache can run one expert at a time
+
+
+@dataclass
+class ExpertModule:
+    """A fused experts module inside block ``block``: E experts whose weights are the direct
+    parameters ``attrs`` of shape [E, ...] (expert e is the slice [e]). It is called as
+    ``module(x [T, H], ids [T, k], weights [T, k]) -> [T, H]`` (transformers' experts modules and
+    ``ms.nn.GroupedExperts``). ``router`` is the sibling module scoring the E experts (its weight
+    is [E, H]), used to predict the experts of this block from an earlier block's hidden state."""
+
+    block: int
+    name: str
+    module: nn.Module
+    attrs: list[str]
+    num_experts: int
+    top_k: int
+    router: nn.Module | None = None
+    router_name: str | None = None
+
+
+def _routed_signature(module: nn.Module) -> bool:
+    """Whether module.forward takes (x, ids, weights): transformers' Llama 4 experts take only the
+    routed inputs of every expert (a dense [E, T, H] product) and cannot run a subset."""
+    import inspect
+
+    try:
+        params = [
+            p
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 3
+
+
+# the per-expert parameters the cached expert path computes with (transformers' and ms.nn's names)
+EXPERT_ATTRS = frozenset(
+    ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+)
+
+
+def _expert_attrs(module: nn.Module) -> tuple[list[str], int] | None:
+    down = module._parameters.get("down_proj")
+    up = module._parameters.get("gate_up_proj", module._parameters.get("up_proj"))
+    if down is None or up is None or down.dim() != 3 or up.dim() != 3 or down.shape[0] != up.shape[0]:
+        return None
+    E = int(down.shape[0])
+    attrs = [a for a, p in module._parameters.items() if p is not None and p.dim() >= 2 and p.shape[0] == E]
+    return attrs, E
+
+
+def _top_k(block: nn.Module, experts: nn.Module, model: nn.Module) -> int:
+    for m in [block, *block.children()]:
+        for a in ("top_k", "num_experts_per_tok"):
+            v = getattr(m, a, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+                return v
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    v = getattr(cfg, "num_experts_per_tok", None)
+    return v if isinstance(v, int) and v >= 1 else 1
+
+
+def _router_of(block: nn.Module, experts: nn.Module, E: int, dims: set[int]) -> tuple[str | None, nn.Module | None]:
+    for name, m in block.named_children():
+        if m is experts:
+            continue
+        w = m._parameters.get("weight")
+        if w is not None and w.dim() == 2 and w.shape[0] == E and w.shape[1] in dims:
+            return name, m
+    return None, None
+
+
+def find_expert_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list[ExpertModule], list[str]]:
+    """The fused experts modules of each block, in block order, and the names of experts modules
+    that cannot be run one expert at a time (their forward computes every expert)."""
+    name_of = {id(m): n for n, m in model.named_modules()}
+    found, dense = [], []
+    for bi, b in enumerate(blocks):
+        for m in b.modules():
+            spec = _expert_attrs(m)
+            if spec is None:
+                continue
+            attrs, E = spec
+            if not _routed_signature(m) or not set(attrs) <= EXPERT_ATTRS:
+                dense.append(name_of[id(m)])
+                continue
+            parent = next((p for p in b.modules() if any(c is m for c in p.children())), b)
+            down = m._parameters["down_proj"]
+            rname, router = _router_of(parent, m, E, {int(down.shape[1]), int(down.shape[2])})
+            found.append(
+                ExpertModule(
+                    block=bi,
+                    name=name_of[id(m)],
+                    module=m,
+                    attrs=attrs,
+                    num_experts=E,
+                    top_k=_top_k(parent, m, model),
+                    router=router,
+                    router_name=None if rname is None else name_of[id(router)],
+                )
+            )
+    return found, dense

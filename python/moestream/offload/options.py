@@ -106,6 +106,11 @@ class OffloadOptions:
     pin: bool | None = None
     direct_io: bool | None = None
     progress: bool = False
+    experts: str | None = None
+    cache_policy: str = "lru"
+    expert_prefetch: bool = True
+    expert_slots: int | None = None
+    cpu_experts: bool = False
 
     def replace(self, where: str = "offload", **changes) -> OffloadOptions:
         """A copy with `changes`; an unknown name is a TypeError naming `where` it was passed to."""
@@ -131,7 +136,22 @@ class OffloadOptions:
             raise ValueError(
                 f"moestream.offload: num_readers must be an int in [1, 256], got {self.num_readers!r}"
             )
+        if self.experts not in (None, "cache", "layer"):
+            raise ValueError(f"moestream.offload: experts must be 'cache' or 'layer', got {self.experts!r}")
+        if self.cache_policy not in ("lru", "lfu"):
+            raise ValueError(f"moestream.offload: cache_policy must be 'lru' or 'lfu', got {self.cache_policy!r}")
+        if self.expert_slots is not None and (
+            isinstance(self.expert_slots, bool) or not isinstance(self.expert_slots, int) or self.expert_slots < 1
+        ):
+            raise ValueError(
+                f"moestream.offload: expert_slots must be None or an int >= 1, got {self.expert_slots!r}"
+            )
         device = normalize_device(self.device)
+        if self.cpu_experts and device.type != "cuda":
+            raise ValueError(
+                "moestream.offload: cpu_experts=True runs missing experts on the CPU instead of moving them "
+                f"to a CUDA device; the device here is {device.type!r}, where the experts run on the CPU anyway"
+            )
         budget = parse_bytes(self.max_device_memory)
         # O_DIRECT for disk storage: measured cold reads 2-7 GB/s direct vs 0.5-1.8 GB/s through the
         # page cache on the CI VM (the cache also thrashes when the model is larger than RAM).
@@ -164,6 +184,11 @@ class OffloadOptions:
             pin=pin,
             direct_io=direct_io,
             progress=bool(self.progress),
+            experts=self.experts,
+            eviction=_C.Eviction.lfu if self.cache_policy == "lfu" else _C.Eviction.lru,
+            expert_prefetch=bool(self.expert_prefetch),
+            expert_slots=self.expert_slots,
+            cpu_experts=bool(self.cpu_experts),
         )
 
 
@@ -182,6 +207,11 @@ class Resolved:
     pin: object  # moestream._C.PinMode
     direct_io: bool
     progress: bool
+    experts: str | None = None  # None: "cache" when the blocks hold experts the cache can run
+    eviction: object = None  # moestream._C.Eviction
+    expert_prefetch: bool = True
+    expert_slots: int | None = None
+    cpu_experts: bool = False
 
     @property
     def engine_device(self) -> str:

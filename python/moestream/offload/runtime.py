@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,8 @@ class OffloadState:
         self.units: list[UnitState] = []
         self.files = files
         self.handles: list = []
+        self.cache = None  # ExpertCache when the experts are cached one by one
+        self._cache_modules: list = []
         self._finalizer = None
         # One forward at a time: the units' parameters and slots are shared by every caller, so
         # forwards from several threads are serialised (held across the model's whole forward, and
@@ -91,8 +94,18 @@ class OffloadState:
         finally:
             self._lock.release()
 
-    def bind(self, model: nn.Module, unit_modules: list[nn.Module]) -> None:
-        """Installs the hooks on each unit's module and attaches this state to the model."""
+    def bind(
+        self,
+        model: nn.Module,
+        unit_modules: list[nn.Module],
+        expert_modules: list[nn.Module] = (),
+        routers: list[nn.Module | None] = (),
+    ) -> None:
+        """Installs the hooks on each unit's module (and the expert cache's forward on each experts
+        module) and attaches this state to the model."""
+        if self.cache is not None:
+            self.cache.bind(list(expert_modules), list(routers))
+            self._cache_modules = [weakref.ref(m) for m in expert_modules]
         self.handles.append(model.register_forward_pre_hook(self._enter))
         self.handles.append(model.register_forward_hook(self._exit, always_call=True))
         for i, m in enumerate(unit_modules):
@@ -114,16 +127,35 @@ class OffloadState:
             read_buffer_bytes=p.ram_extra,
             device_bytes=p.resident_bytes + int(s["num_slots"]) * int(s["slot_bytes"]) + p.ram_extra,
             budget=p.budget,
+            experts="cache" if self.cache is not None else "layer",
         )
+        if self.cache is not None:
+            c = self.cache.stats()
+            s["layer_bytes_read"] = s["bytes_read"]
+            s["bytes_read"] = s["bytes_read"] + c["expert_bytes_read"]
+            s["bytes_loaded"] = s["bytes_loaded"] + c["expert_bytes_loaded"]
+            s["wait_seconds"] = s["wait_seconds"] + c["expert_wait_seconds"]
+            s["device_bytes"] += p.cache_bytes
+            s.update(c)
         return s
+
+    def reset_stats(self) -> None:
+        self.streamer.reset_stats()
+        if self.cache is not None:
+            self.cache.reset()
 
     def synchronize(self) -> None:
         self.streamer.synchronize()
+        if self.cache is not None:
+            self.cache.streamer.synchronize()
 
     def remove_hooks(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if self.cache is not None:
+            self.cache.unbind([r() for r in self._cache_modules])
+            self._cache_modules = []
 
 
 def get_state(model: nn.Module) -> OffloadState:

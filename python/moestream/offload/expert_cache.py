@@ -1,0 +1,332 @@
+"""The expert cache of an offloaded MoE model at run time.
+
+Each expert of each fused experts module is a unit of its own in a second streamer whose slots (one
+expert each) are one contiguous allocation, so every slot's weights are one strided tensor
+[num_slots, ...] that ``grouped_mm`` takes as it is: group s is the expert in slot s.
+
+A call of an experts module (``experts(x [T, H], ids [T, k], weights [T, k])``) becomes:
+
+1. the union of the experts the tokens selected; each one is a *hit* (it holds a slot: loaded, or
+   loading after a prefetch) or a *miss*, and every one is pinned to its slot (``request``: missing
+   ones are queued in expert order, nothing blocks);
+2. the next experts module's experts are predicted by applying its router to this hidden state and
+   queued behind this layer's misses (a hint: a wrong guess costs bandwidth, never correctness);
+3. the rows of the experts whose slot is ready run first, while the misses are read; then each
+   missing expert runs as soon as its load completes, with any others that completed meanwhile
+   (waves of one grouped computation over the slots each);
+4. the slots are released (they stay cached until evicted: LRU, or LFU) and the rows combined.
+
+A selection larger than the cache runs in chunks of at most ``num_slots`` experts.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops, pipeline
+
+@dataclass
+class _Compute:
+    """How an experts module computes, read from the module once."""
+
+    w1: str
+    w2: str
+    b1: str | None
+    b2: str | None
+    transpose_b: bool
+    act: object  # pipeline.Gate or a callable [N, 2I] -> [N, I]
+    post: object = None
+
+
+def compute_spec(module: nn.Module) -> _Compute:
+    """The expert MLP of ``module``: ``ms.nn.GroupedExperts``, or a transformers experts module
+    (``has_gate``, ``has_bias``, ``is_transposed``, ``_apply_gate`` / ``act_fn``, post-expert norm)."""
+    from ..nn.moe import GroupedExperts
+
+    params = module._parameters
+    if isinstance(module, GroupedExperts):
+        has_bias = module.gate_up_proj_bias is not None
+        return _Compute(
+            "gate_up_proj",
+            "down_proj",
+            "gate_up_proj_bias" if has_bias else None,
+            "down_proj_bias" if has_bias else None,
+            module.transpose_b,
+            pipeline.Gate(module.activation, module.layout, module.alpha, module.limit),
+        )
+    has_gate = getattr(module, "has_gate", True) and params.get("gate_up_proj") is not None
+    has_bias = bool(getattr(module, "has_bias", False))
+    w1 = "gate_up_proj" if has_gate else "up_proj"
+    b1 = ("gate_up_proj_bias" if has_gate else "up_proj_bias") if has_bias else None
+    alpha = float(getattr(module, "alpha", 1.702))
+    limit = float(getattr(module, "limit", 7.0))
+    act = None
+    if has_gate:
+        from ..integrations.transformers import _experts_gate  # a transformers module: it is installed
+
+        gate = _experts_gate(module)
+        if gate:
+            act = pipeline.Gate(gate[0], gate[1], alpha, limit)
+    if act is None:
+        fn = module._apply_gate if has_gate else module.act_fn
+        dtype = params["down_proj"].dtype
+        act = lambda h: fn(h).to(dtype)  # noqa: E731
+    post = module.post_expert_norm if getattr(module, "has_post_expert_norm", False) else None
+    return _Compute(
+        w1,
+        "down_proj",
+        b1,
+        "down_proj_bias" if has_bias else None,
+        not getattr(module, "is_transposed", False),
+        act,
+        post,
+    )
+
+
+@dataclass
+class ExpertGroupState:
+    """One experts module in the cache: its units, the layout of an expert in a slot, its weights
+    as strided views of every slot, and its router (for predicting its experts)."""
+
+    name: str
+    first_unit: int
+    num_experts: int
+    top_k: int
+    specs: dict[str, tuple[int, torch.dtype, tuple[int, ...]]]  # attr -> (slot offset, dtype, expert shape)
+    params: list[nn.Parameter]
+    compute: _Compute | None = None
+    experts: pipeline.Experts | None = None  # the slots' weights
+    router: weakref.ref | None = None
+    dtype: torch.dtype = torch.float32
+    original_forward: object = None
+
+
+@dataclass
+class CacheCounters:
+    lookups: int = 0  # distinct experts looked up per call (a batch's union), summed over calls
+    selections: int = 0  # (token, expert) selections
+    hits: int = 0
+    misses: int = 0
+    predicted: int = 0  # experts predicted for the next experts module
+    predicted_used: int = 0  # ... that it then selected
+    predicted_lookups: int = 0  # lookups of calls that had a prediction
+    calls: int = 0
+
+    def as_dict(self) -> dict:
+        n = self.hits + self.misses
+        return {
+            "expert_lookups": self.lookups,
+            "expert_selections": self.selections,
+            "expert_hits": self.hits,
+            "expert_misses": self.misses,
+            "expert_hit_rate": self.hits / n if n else 0.0,
+            "expert_calls": self.calls,
+            "prefetch_predicted": self.predicted,
+            "prefetch_correct": self.predicted_used,
+            # precision: how often a predicted expert was then selected; recall: how much of the
+            # selection was predicted
+            "prefetch_precision": self.predicted_used / self.predicted if self.predicted else 0.0,
+            "prefetch_recall": self.predicted_used / self.predicted_lookups if self.predicted_lookups else 0.0,
+        }
+
+
+@dataclass
+class ExpertCache:
+    streamer: object  # moestream._C.Streamer with contiguous slots, one expert per slot
+    groups: list[ExpertGroupState] = field(default_factory=list)
+    prefetch: bool = True
+    counters: CacheCounters = field(default_factory=CacheCounters)
+    _predicted: dict[int, set[int]] = field(default_factory=dict)
+
+    # -- binding ------------------------------------------------------------------------------------
+    def bind(self, modules: list[nn.Module], routers: list[nn.Module | None]) -> None:
+        """Builds the slot views and replaces each experts module's forward with the cached one."""
+        arr = self.streamer.slot_array()
+        S, slot_bytes = self.streamer.num_slots, self.streamer.slot_bytes
+        for gi, (g, m, r) in enumerate(zip(self.groups, modules, routers)):
+            g.compute = compute_spec(m)
+            views = {}
+            for attr, (off, dtype, shape) in g.specs.items():
+                per_slot = slot_bytes // dtype.itemsize
+                inner = torch.empty(shape, device="meta").stride() if shape else ()
+                with torch.inference_mode(False):
+                    views[attr] = arr.view(dtype).as_strided((S, *shape), (per_slot, *inner), off // dtype.itemsize)
+            c = g.compute
+            g.experts = pipeline.Experts(
+                views[c.w1],
+                views[c.w2],
+                views.get(c.b1) if c.b1 else None,
+                views.get(c.b2) if c.b2 else None,
+                c.transpose_b,
+            )
+            g.dtype = views[c.w1].dtype
+            g.router = None if r is None else weakref.ref(r)
+            g.original_forward = m.__dict__.get("forward")
+            m.forward = _CachedForward(self, gi)
+
+    def unbind(self, modules: list[nn.Module | None]) -> None:
+        for g, m in zip(self.groups, modules):
+            if m is None:
+                continue
+            if g.original_forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = g.original_forward
+
+    # -- the cached expert path ---------------------------------------------------------------------
+    def run(self, gi: int, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        g = self.groups[gi]
+        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
+            raise RuntimeError(
+                "moestream.offload: the experts of an offloaded model are cached slots (inference only); "
+                "run it under torch.no_grad() or torch.inference_mode()"
+            )
+        out_dtype = x.dtype
+        xs = x.reshape(-1, x.shape[-1]).to(g.dtype)
+        ids = ids.reshape(xs.shape[0], -1)
+        weights = weights.reshape(ids.shape)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= g.num_experts):
+            raise ValueError(
+                f"moestream.offload: {g.name}: expert ids must be in [0, {g.num_experts}), got "
+                f"[{int(ids.min())}, {int(ids.max())}]"
+            )
+        need = torch.unique(ids).tolist()
+        c = self.counters
+        c.calls += 1
+        c.lookups += len(need)
+        c.selections += ids.numel()
+        pred = self._predicted.pop(gi, None)
+        if pred is not None:
+            c.predicted_used += len(pred.intersection(need))
+            c.predicted_lookups += len(need)
+        rows, perm, offsets = ops.permute(xs, ids, g.num_experts)
+        ends = [0, *offsets.tolist()]
+        y = torch.empty_like(rows)
+        S = self.streamer.num_slots
+        chunks = [need[i : i + S] for i in range(0, len(need), S)] or [[]]
+        for ci, chunk in enumerate(chunks):
+            self._run_chunk(g, gi, chunk, rows, ends, y, xs if ci == len(chunks) - 1 else None)
+        return ops.unpermute(y, perm, weights).to(out_dtype).reshape(x.shape)
+
+    def _run_chunk(self, g, gi, chunk, rows, ends, y, x_for_prediction) -> None:
+        st, c = self.streamer, self.counters
+        units = {e: g.first_unit + e for e in chunk}
+        cached = [e for e in chunk if st.is_cached(units[e])]
+        c.hits += len(cached)
+        c.misses += len(chunk) - len(cached)
+        pinned, slot = [], {}
+        try:
+            for e in chunk:  # hits refresh their recency; misses are queued in expert order
+                slot[e] = st.request(units[e])
+                pinned.append(units[e])
+            if x_for_prediction is not None and self.prefetch:
+                self._predict(gi + 1, x_for_prediction)
+            pending = [e for e in chunk if not st.is_ready(units[e])]
+            todo = [e for e in chunk if e not in set(pending)]
+            while True:
+                for e in todo:
+                    try:
+                        st.wait(units[e])  # counts the acquire; blocks for the first of a wave only
+                    except BaseException:
+                        pinned.remove(units[e])  # a failed load unpins its unit
+                        raise
+                self._compute(g, todo, slot, rows, ends, y)
+                if not pending:
+                    break
+                # the next wave: the oldest pending load, and every other one completed by then
+                todo = [pending.pop(0)]
+                try:
+                    st.wait(units[todo[0]])
+                except BaseException:
+                    pinned.remove(units[todo[0]])
+                    raise
+                done = {e for e in pending if st.is_ready(units[e])}
+                todo += [e for e in pending if e in done]
+                pending = [e for e in pending if e not in done]
+        finally:
+            for u in pinned:
+                st.release(u)
+
+    def _compute(self, g: ExpertGroupState, es: list[int], slot: dict, rows: Tensor, ends: list, y: Tensor):
+        es = sorted((e for e in es if ends[e + 1] > ends[e]), key=lambda e: slot[e])
+        if not es:
+            return
+        S = self.streamer.num_slots
+        counts = [0] * S
+        idx = []
+        for e in es:
+            counts[slot[e]] = ends[e + 1] - ends[e]
+            idx.extend(range(ends[e], ends[e + 1]))
+        dev = rows.device
+        offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dev)
+        if len(idx) == rows.shape[0] and idx == list(range(rows.shape[0])):
+            y_w = pipeline.expert_mlp(ops.OPS, rows, offs, g.experts, g.compute.act, g.compute.post)
+            y.copy_(y_w)
+            return
+        index = torch.tensor(idx, dtype=torch.int64, device=dev)
+        y_w = pipeline.expert_mlp(
+            ops.OPS, rows.index_select(0, index), offs, g.experts, g.compute.act, g.compute.post
+        )
+        y.index_copy_(0, index, y_w.to(y.dtype))
+
+    def _predict(self, gj: int, x: Tensor) -> None:
+        """Queues the experts module gj's predicted experts: its router applied to x."""
+        if gj >= len(self.groups):
+            return
+        g = self.groups[gj]
+        router = g.router() if g.router is not None else None
+        if router is None:
+            return
+        w = router._parameters.get("weight")
+        if w is None or w.device.type == "meta" or w.shape[-1] != x.shape[-1]:
+            return
+        b = router._parameters.get("bias")
+        scores = F.linear(x.to(w.dtype), w, b).float()
+        corr = getattr(router, "e_score_correction_bias", None)
+        if isinstance(corr, Tensor) and corr.shape == (g.num_experts,):
+            scores = torch.sigmoid(scores) + corr.float()
+        k = min(g.top_k, g.num_experts)
+        pred = set(torch.topk(scores, k, dim=-1).indices.unique().tolist())
+        self._predicted[gj] = pred
+        self.counters.predicted += len(pred)
+        st = self.streamer
+        for e in sorted(pred):
+            st.prefetch(g.first_unit + e)
+
+    def stats(self) -> dict:
+        s = self.counters.as_dict()
+        es = self.streamer.stats()
+        s.update(
+            expert_slots=int(es["num_slots"]),
+            expert_slot_bytes=int(es["slot_bytes"]),
+            expert_loads=int(es["loads"]),
+            expert_evictions=int(es["evictions"]),
+            expert_bytes_read=int(es["bytes_read"]),
+            expert_bytes_loaded=int(es["bytes_loaded"]),
+            expert_wait_seconds=float(es["wait_seconds"]),
+        )
+        return s
+
+    def reset(self) -> None:
+        self.counters = CacheCounters()
+        self._predicted.clear()
+        self.streamer.reset_stats()
+
+
+class _CachedForward:
+    """The forward an experts module gets while its model is offloaded with an expert cache."""
+
+    def __init__(self, cache: ExpertCache, index: int) -> None:
+        self._cache = weakref.ref(cache)
+        self._index = index
+
+    def __call__(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *args, **kwargs):
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("moestream.offload: the expert cache of this module was freed")
+        return cache.run(self._index, hidden_states, top_k_index, top_k_weights)
