@@ -70,10 +70,11 @@ def reference(family: str, device: str):
 @pytest.mark.parametrize("storage", ["cpu", "disk"])
 @pytest.mark.parametrize("prefetch", [1, 3])
 def test_generate_matches_unoffloaded(family, storage, prefetch, device, tmp_path):
+    # whole layers, experts included (the expert cache has its own tests: test_expert_cache.py)
     base, ids, ref = reference(family, device)
     model = copy.deepcopy(base)
     out_dir = str(tmp_path / "off") if storage == "disk" else None
-    ms.offload(model, device=device, storage=storage, offload_dir=out_dir, prefetch=prefetch)
+    ms.offload(model, device=device, storage=storage, offload_dir=out_dir, prefetch=prefetch, experts="layer")
     out = generate(model, ids)
     assert torch.equal(out, ref), f"{family} {storage} prefetch={prefetch}: tokens differ"
     st = ms.offload_stats(model)
