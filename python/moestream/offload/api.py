@@ -47,7 +47,11 @@ def install(
         state = materialize(plan, entries, opts)
         cached = [] if plan.experts is None else xmods
         state.bind(
-            model, [modules[u.module] for u in plan.units], [x.module for x in cached], [x.router for x in cached]
+            model,
+            [modules[u.module] for u in plan.units],
+            [x.module for x in cached],
+            [x.router for x in cached],
+            [x.dense for x in cached],
         )
     return state
 

@@ -43,12 +43,21 @@ class _Compute:
     post: object = None
 
 
-def compute_spec(module: nn.Module) -> _Compute:
+def compute_spec(module: nn.Module, dense: bool = False) -> _Compute:
     """The expert MLP of ``module``: ``ms.nn.GroupedExperts``, or a transformers experts module
     (``has_gate``, ``has_bias``, ``is_transposed``, ``_apply_gate`` / ``act_fn``, post-expert norm)."""
     from ..nn.moe import GroupedExperts
 
     params = module._parameters
+    if dense:
+        # transformers' Llama 4: bmm(x, gate_up_proj [E, H, 2I]) -> up * act_fn(gate) -> bmm(down_proj [E, I, H])
+        fn, dtype = module.act_fn, params["down_proj"].dtype
+
+        def act(h: Tensor) -> Tensor:
+            gate, up = h.chunk(2, dim=-1)
+            return (up * fn(gate)).to(dtype)
+
+        return _Compute("gate_up_proj", "down_proj", None, None, False, act)
     if isinstance(module, GroupedExperts):
         has_bias = module.gate_up_proj_bias is not None
         return _Compute(
@@ -144,12 +153,12 @@ class ExpertCache:
     _predicted: dict[int, set[int]] = field(default_factory=dict)
 
     # -- binding ------------------------------------------------------------------------------------
-    def bind(self, modules: list[nn.Module], routers: list[nn.Module | None]) -> None:
+    def bind(self, modules: list[nn.Module], routers: list[nn.Module | None], dense: list[bool]) -> None:
         """Builds the slot views and replaces each experts module's forward with the cached one."""
         arr = self.streamer.slot_array()
         S, slot_bytes = self.streamer.num_slots, self.streamer.slot_bytes
-        for gi, (g, m, r) in enumerate(zip(self.groups, modules, routers)):
-            g.compute = compute_spec(m)
+        for gi, (g, m, r, d) in enumerate(zip(self.groups, modules, routers, dense)):
+            g.compute = compute_spec(m, d)
             views = {}
             for attr, (off, dtype, shape) in g.specs.items():
                 per_slot = slot_bytes // dtype.itemsize
@@ -167,7 +176,7 @@ class ExpertCache:
             g.dtype = views[c.w1].dtype
             g.router = None if r is None else weakref.ref(r)
             g.original_forward = m.__dict__.get("forward")
-            m.forward = _CachedForward(self, gi)
+            m.forward = (_CachedDenseForward if d else _CachedForward)(self, gi)
 
     def unbind(self, modules: list[nn.Module | None]) -> None:
         for g, m in zip(self.groups, modules):
@@ -212,6 +221,21 @@ class ExpertCache:
         for ci, chunk in enumerate(chunks):
             self._run_chunk(g, gi, chunk, rows, ends, y, xs if ci == len(chunks) - 1 else None)
         return ops.unpermute(y, perm, weights).to(out_dtype).reshape(x.shape)
+
+    def run_dense(self, gi: int, routed_in: Tensor) -> Tensor:
+        """The dense form (routed_in [E * T, H], row e * T + t = token t's input to expert e, zero
+        where t did not select e): only the nonzero rows run, each through its expert; the zero
+        rows' outputs are zero (no biases, act(0) * 0 = 0) as in the dense product."""
+        g = self.groups[gi]
+        E, H = g.num_experts, routed_in.shape[-1]
+        x3 = routed_in.reshape(E, -1, H)
+        e_idx, t_idx = (x3 != 0).any(-1).nonzero(as_tuple=True)
+        out = torch.zeros_like(x3)
+        if e_idx.numel():
+            rows = x3[e_idx, t_idx]
+            ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+            out[e_idx, t_idx] = self.run(gi, rows, e_idx[:, None], ones).to(out.dtype)
+        return out.view(-1, H)
 
     def _run_chunk(self, g, gi, chunk, rows, ends, y, x_for_prediction) -> None:
         st, c = self.streamer, self.counters
@@ -330,3 +354,11 @@ class _CachedForward:
         if cache is None:
             raise RuntimeError("moestream.offload: the expert cache of this module was freed")
         return cache.run(self._index, hidden_states, top_k_index, top_k_weights)
+
+
+class _CachedDenseForward(_CachedForward):
+    def __call__(self, hidden_states: Tensor, *args, **kwargs):
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("moestream.offload: the expert cache of this module was freed")
+        return cache.run_dense(self._index, hidden_states)

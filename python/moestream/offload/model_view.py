@@ -203,6 +203,7 @@ class ExpertModule:
     top_k: int
     router: nn.Module | None = None
     router_name: str | None = None
+    dense: bool = False  # called as module(routed_in [E * T, H]) (transformers' Llama 4)
 
 
 def _routed_signature(module: nn.Module) -> bool:
@@ -270,7 +271,13 @@ def find_expert_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list
             if spec is None:
                 continue
             attrs, E = spec
-            if not _routed_signature(m) or not set(attrs) <= EXPERT_ATTRS:
+            routed = _routed_signature(m)
+            # a dense module (every expert on every routed input, zeros where a token did not pick
+            # the expert) is cached when it has no biases: a zero input row then gives a zero row
+            dense_ok = not routed and set(attrs) == {"gate_up_proj", "down_proj"} and callable(
+                getattr(m, "act_fn", None)
+            )
+            if not (routed or dense_ok) or not set(attrs) <= EXPERT_ATTRS:
                 dense.append(name_of[id(m)])
                 continue
             parent = next((p for p in b.modules() if any(c is m for c in p.children())), b)
@@ -286,6 +293,7 @@ def find_expert_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list
                     top_k=_top_k(parent, m, model),
                     router=router,
                     router_name=None if rname is None else name_of[id(router)],
+                    dense=not routed,
                 )
             )
     return found, dense

@@ -152,6 +152,11 @@ class OffloadOptions:
                 "moestream.offload: cpu_experts=True runs missing experts on the CPU instead of moving them "
                 f"to a CUDA device; the device here is {device.type!r}, where the experts run on the CPU anyway"
             )
+        if self.cpu_experts:
+            raise NotImplementedError(
+                "moestream.offload: cpu_experts=True is not available yet: on CUDA every missing expert is "
+                "moved to the device's expert cache"
+            )
         budget = parse_bytes(self.max_device_memory)
         # O_DIRECT for disk storage: measured cold reads 2-7 GB/s direct vs 0.5-1.8 GB/s through the
         # page cache on the CI VM (the cache also thrashes when the model is larger than RAM).

@@ -100,11 +100,12 @@ class OffloadState:
         unit_modules: list[nn.Module],
         expert_modules: list[nn.Module] = (),
         routers: list[nn.Module | None] = (),
+        dense: list[bool] = (),
     ) -> None:
         """Installs the hooks on each unit's module (and the expert cache's forward on each experts
         module) and attaches this state to the model."""
         if self.cache is not None:
-            self.cache.bind(list(expert_modules), list(routers))
+            self.cache.bind(list(expert_modules), list(routers), list(dense) or [False] * len(expert_modules))
             self._cache_modules = [weakref.ref(m) for m in expert_modules]
         self.handles.append(model.register_forward_pre_hook(self._enter))
         self.handles.append(model.register_forward_hook(self._exit, always_call=True))
