@@ -68,12 +68,14 @@ def test_generate_matches_in_memory_with_evictions(family, patched, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_storage_cpu_batches_and_lfu(family):
+@pytest.mark.parametrize("gather", [False, True], ids=["slots", "gathered"])
+def test_storage_cpu_batches_and_lfu(family, gather):
     base = _base(family)
     ids = testing.input_ids(3, 6, seed=5)  # several sequences: the union of their experts per layer
     want = _generate(base, ids)
     model = copy.deepcopy(base)
     ms.offload(model, device="cpu", storage="cpu", expert_slots=_top_k(base) + 1, cache_policy="lfu")
+    get_state(model).cache.gather = gather  # the CUDA way of computing (weights copied out of the slots)
     assert torch.equal(_generate(model, ids), want)
     st = ms.offload_stats(model)
     assert st["expert_misses"] > 0 and st["expert_hits"] + st["expert_misses"] == st["expert_lookups"]

@@ -149,6 +149,9 @@ class ExpertCache:
     streamer: object  # moestream._C.Streamer with contiguous slots, one expert per slot
     groups: list[ExpertGroupState] = field(default_factory=list)
     prefetch: bool = True
+    # copy each wave's experts out of the slots before computing: CUDA's grouped_mm makes strided
+    # weights contiguous (all slots); the CPU kernel reads the strided slot views in place
+    gather: bool = False
     counters: CacheCounters = field(default_factory=CacheCounters)
     _predicted: dict[int, set[int]] = field(default_factory=dict)
 
@@ -280,22 +283,30 @@ class ExpertCache:
         es = sorted((e for e in es if ends[e + 1] > ends[e]), key=lambda e: slot[e])
         if not es:
             return
-        S = self.streamer.num_slots
-        counts = [0] * S
         idx = []
         for e in es:
-            counts[slot[e]] = ends[e + 1] - ends[e]
             idx.extend(range(ends[e], ends[e + 1]))
         dev = rows.device
+        lengths = [ends[e + 1] - ends[e] for e in es]
+        if self.gather:
+            # the wave's experts copied out of their slots into one [W, ...] stack (device-to-device,
+            # small next to the link that filled them): for kernels that want contiguous weights
+            sel = torch.tensor([slot[e] for e in es], dtype=torch.int64, device=dev)
+            experts = g.experts.map(lambda t: t.index_select(0, sel))
+            counts = lengths
+        else:
+            # every slot is a group; the slots of other experts get no rows
+            experts = g.experts
+            counts = [0] * self.streamer.num_slots
+            for e, n in zip(es, lengths):
+                counts[slot[e]] = n
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dev)
+        act, post = g.compute.act, g.compute.post
         if len(idx) == rows.shape[0] and idx == list(range(rows.shape[0])):
-            y_w = pipeline.expert_mlp(ops.OPS, rows, offs, g.experts, g.compute.act, g.compute.post)
-            y.copy_(y_w)
+            y.copy_(pipeline.expert_mlp(ops.OPS, rows, offs, experts, act, post))
             return
         index = torch.tensor(idx, dtype=torch.int64, device=dev)
-        y_w = pipeline.expert_mlp(
-            ops.OPS, rows.index_select(0, index), offs, g.experts, g.compute.act, g.compute.post
-        )
+        y_w = pipeline.expert_mlp(ops.OPS, rows.index_select(0, index), offs, experts, act, post)
         y.index_copy_(0, index, y_w.to(y.dtype))
 
     def _predict(self, gj: int, x: Tensor) -> None:

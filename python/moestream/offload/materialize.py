@@ -139,7 +139,7 @@ def _expert_cache(plan: Plan, entries: list[Entry], opts: Resolved, pool, placeh
     )
     streamer = _C.Streamer(pool, config)
     files = _Files(streamer)
-    cache = ExpertCache(streamer, prefetch=opts.expert_prefetch)
+    cache = ExpertCache(streamer, prefetch=opts.expert_prefetch, gather=opts.device.type == "cuda")
     bar = progress_bar(ep.expert_bytes, "moestream: filling host memory (experts)", bar_enabled and pool is not None)
     for g in ep.groups:
         specs, params = {}, []
