@@ -243,5 +243,5 @@ def test_missing_expert_tensor_is_named(tmp_path):
     gone = next(n for n in t if n.endswith("mlp.experts.down_proj") or ".experts.0.down_proj" in n)
     del t[gone]
     save_file(t, layers[1], metadata={"format": "pt"})
-    with pytest.raises((ValueError, KeyError), match=re.escape(gone.split(".experts")[0])):
+    with pytest.raises(ValueError, match=re.escape(gone) + ".*" + re.escape(os.path.basename(layers[1]))):
         ms.load_offloaded(ckpt, device="cpu", storage="disk")

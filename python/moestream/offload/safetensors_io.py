@@ -237,6 +237,6 @@ def checkpoint_tensors(checkpoint_dir: str) -> tuple[dict[str, TensorInfo], dict
     if missing:
         raise ValueError(
             f"moestream: the index of '{checkpoint_dir}' lists {len(missing)} tensors not found in their files, "
-            f"e.g. {missing[:3]}"
+            "e.g. " + ", ".join(f"'{n}' (in '{weight_map[n]}')" for n in missing[:3])
         )
     return out, meta
