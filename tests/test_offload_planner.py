@@ -140,3 +140,65 @@ def test_options_are_checked_once_with_their_names():
     assert _opts(pin=True).pin == _C.PinMode.mlock and _opts().pin == _C.PinMode.none
     with pytest.raises(TypeError, match=r"moestream.load_offloaded: unknown argument\(s\) \['prefech'\]"):
         ms.load_offloaded("/nonexistent", device="cpu", prefech=3)
+
+
+def _moe_layout(num_blocks=3, E=8, k=2, expert=(6_000, 3_000), attn=20_000, router=True):
+    """embed -> blocks (attention, router [E, H], experts gate_up [E, ...] and down [E, ...]) -> head."""
+    from moestream.offload.planner import ExpertGroupSpec
+
+    ts, groups, key = [], [], 0
+
+    def add(name, nbytes, is_param=True):
+        nonlocal key
+        ts.append(TensorSpec(key, (name,), nbytes, is_param, None, (name.rsplit(".", 1)[0],)))
+        key += 1
+        return key - 1
+
+    add("embed.weight", 64 * KiB)
+    for b in range(num_blocks):
+        add(f"layers.{b}.attn.weight", attn)
+        r = add(f"layers.{b}.mlp.gate.weight", E * 128) if router else None
+        gu = add(f"layers.{b}.mlp.experts.gate_up_proj", E * expert[0])
+        dn = add(f"layers.{b}.mlp.experts.down_proj", E * expert[1])
+        groups.append(ExpertGroupSpec(f"layers.{b}.mlp.experts", b, (gu, dn), E, k, (r,) if router else ()))
+    add("head.weight", 64 * KiB)
+    return ModelLayout(ts, [f"layers.{b}" for b in range(num_blocks)], ["embed"], ["head"], groups)
+
+
+def test_expert_plan_slots_units_and_budget():
+    layout = _moe_layout()
+    eslot = _round(_round(6_000, ALIGN) + 3_000, PAGE)
+    plan = plan_offload(layout, _opts(prefetch=1))
+    ep = plan.experts
+    assert ep is not None and ep.slot_bytes == eslot and ep.min_slots == 2
+    # the layer units hold only the attention; the routers stay resident
+    assert [[t.name for t in u.tensors] for u in plan.units][0] == ["layers.0.attn.weight"]
+    assert plan.resident_bytes == 2 * 64 * KiB + 3 * 8 * 128
+    assert [(g.module, g.first_unit) for g in ep.groups] == [(f"layers.{b}.mlp.experts", 8 * b) for b in range(3)]
+    g = ep.groups[0]
+    assert [(t.offset, t.nbytes) for t in g.tensors] == [(0, 6_000), (_round(6_000, ALIGN), 3_000)]
+    assert ep.num_slots == 8 * plan.num_slots  # no budget: one layer's experts per layer slot
+    assert ep.expert_bytes == 3 * 8 * 9_000
+    # a budget: the cache takes what the resident weights and the layer slots leave
+    budget = plan.resident_bytes + plan.ram_extra + 2 * plan.slot_bytes + 5 * eslot + 100
+    p2 = plan_offload(layout, _opts(prefetch=1, max_device_memory=budget))
+    assert p2.experts.num_slots == 5 and p2.device_bytes <= budget
+    # below one layer plus k experts: refused, naming the minimum
+    need = plan.resident_bytes + plan.ram_extra + plan.slot_bytes + 2 * eslot
+    with pytest.raises(ValueError, match="expert cache at least 2 experts"):
+        plan_offload(layout, _opts(max_device_memory=need // 4))
+    assert plan_offload(layout, _opts(max_device_memory=need)).experts.num_slots == 2
+    # experts="layer": whole layers again
+    p3 = plan_offload(layout, _opts(experts="layer"))
+    assert p3.experts is None and len(p3.units[0].tensors) == 4
+
+
+def test_expert_plan_on_storage_cpu_and_cuda():
+    layout = _moe_layout(num_blocks=2)
+    p = plan_offload(layout, _opts(storage="cpu"))
+    offs = [o for g in p.experts.groups for o in g.host_offsets]
+    assert len(offs) == 4 and all(o % PAGE == 0 for o in offs) and offs == sorted(offs)
+    assert p.host_bytes >= offs[-1] + 8 * 3_000
+    cuda = dataclasses.replace(_opts(storage="disk"), device=torch.device("cuda", 0), pin=_C.PinMode.cuda)
+    pc = plan_offload(layout, cuda)
+    assert pc.experts.num_slots == 8 * pc.num_slots and pc.ram_extra == 0 and pc.num_staging > 0
