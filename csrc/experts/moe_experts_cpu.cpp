@@ -522,6 +522,10 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
   const scalar_t* w2p = w2.const_data_ptr<scalar_t>();
   const acc* b1p = b1.defined() ? b1.const_data_ptr<acc>() : nullptr;
   const acc* b2p = b2.defined() ? b2.const_data_ptr<acc>() : nullptr;
+  // expert strides: each expert's matrix is contiguous, the experts need not be (an expert cache's
+  // slots are one strided [slots, ...] view)
+  const int64_t sw1 = w1.stride(0), sw2 = w2.stride(0);
+  const int64_t sb1 = b1.defined() ? b1.stride(0) : 0, sb2 = b2.defined() ? b2.stride(0) : 0;
   const acc* wp = weights.const_data_ptr<acc>();
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc>::value);
   at::Tensor a_buf = cpu::empty_large({N, I}, acc_opts);
@@ -546,7 +550,7 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
     acc* xs = s.xs.get(m * H);
     for (int64_t r = 0; r < m; ++r) cpu::to_acc_fast(xp + (order[r0 + r] / k) * H, xs + r * H, H);
     acc* h = s.h.get(m * 2 * cb);
-    const scalar_t* W = w1p + e * H * 2 * I;
+    const scalar_t* W = w1p + e * sw1;
     // local h keeps the global layout: [gate block | up block] (concat) or pairs (interleaved)
     if (layout == ActLayout::kInterleaved || cb == I) {
       block_mm<scalar_t>(m, 2 * cb, H, xs, H, W, ld1, tb, 2 * j0, h, 2 * cb, s.mm);
@@ -557,7 +561,7 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
     acc* bias = nullptr;
     if (b1p) {
       bias = s.bias.get(2 * cb);
-      const acc* b = b1p + e * 2 * I;
+      const acc* b = b1p + e * sb1;
       if (layout == ActLayout::kInterleaved) {
         std::copy(b + 2 * j0, b + 2 * j0 + 2 * cb, bias);
       } else {
@@ -586,9 +590,9 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
   auto down = [&](int64_t e, int64_t n0, int64_t n1, Scratch& s) {
     const int64_t nb = n1 - n0, m = counts[e], r0 = offsets[e];
     acc* C = Y + r0 * H + n0;
-    block_mm<scalar_t>(m, nb, I, A + r0 * I, I, w2p + e * I * H, ld2, tb, n0, C, H, s.mm);
+    block_mm<scalar_t>(m, nb, I, A + r0 * I, I, w2p + e * sw2, ld2, tb, n0, C, H, s.mm);
     if (b2p) {
-      const acc* b = b2p + e * H + n0;
+      const acc* b = b2p + e * sb2 + n0;
       for (int64_t r = 0; r < m; ++r)
         for (int64_t c = 0; c < nb; ++c) C[r * H + c] += b[c];
     }
@@ -631,6 +635,17 @@ void moe_experts_kernel(const at::Tensor& x, const std::vector<int64_t>& order, 
                    });
 }
 
+// t [E, ...] with every t[e] contiguous (the experts themselves may be strided apart): t itself;
+// otherwise a contiguous copy.
+at::Tensor experts_contiguous(const at::Tensor& t) {
+  int64_t want = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != want) return t.contiguous();
+    want *= t.size(d);
+  }
+  return t.stride(0) >= 0 ? t : t.contiguous();
+}
+
 // x [T, H]; ids [T, k] int32 | int64 in [0, E); weights [T, k] any float dtype;
 // w_gate_up [E, H, 2I] and w_down [E, I, H] (transpose_b: [E, 2I, H] and [E, H, I]) in x's dtype;
 // b_gate_up [E, 2I], b_down [E, H] optional, any float dtype -> out [T, H] in x's dtype.
@@ -646,8 +661,8 @@ at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at:
   const int64_t T = d.T, H = d.H, k = d.k, E = d.E;
   const auto acc_type = acc_dtype(x.scalar_type());
   at::Tensor b1, b2;
-  if (b_gate_up.has_value()) b1 = b_gate_up->to(acc_type).contiguous();
-  if (b_down.has_value()) b2 = b_down->to(acc_type).contiguous();
+  if (b_gate_up.has_value()) b1 = experts_contiguous(b_gate_up->to(acc_type));
+  if (b_down.has_value()) b2 = experts_contiguous(b_down->to(acc_type));
 
   // counting sort of the flat (token, slot) index t * k + s by expert: stable, so each expert's
   // rows come in (token, slot) order. order[row] = flat index; pos[flat index] = row.
@@ -679,8 +694,8 @@ at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at:
   at::Tensor outc = out.is_contiguous() ? out : at::empty({T, H}, x.options());
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weights.to(acc_type).contiguous();
-  const at::Tensor w1c = w_gate_up.contiguous();
-  const at::Tensor w2c = w_down.contiguous();
+  const at::Tensor w1c = experts_contiguous(w_gate_up);
+  const at::Tensor w2c = experts_contiguous(w_down);
   MS_DISPATCH_FLOATS(x.scalar_type(), "moe_experts_cpu", [&] {
     moe_experts_kernel<scalar_t>(xc, order, pos, offsets, counts, k, wc, w1c, w2c, b1, b2, act_kind, act_layout,
                                  transpose_b, alpha, limit, outc);

@@ -300,14 +300,41 @@ class ExpertCache:
             counts = [0] * self.streamer.num_slots
             for e, n in zip(es, lengths):
                 counts[slot[e]] = n
-        offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dev)
         act, post = g.compute.act, g.compute.post
-        if len(idx) == rows.shape[0] and idx == list(range(rows.shape[0])):
+        whole = len(idx) == rows.shape[0] and idx == list(range(rows.shape[0]))
+        index = None if whole else torch.tensor(idx, dtype=torch.int64, device=dev)
+        if self._fused(g, dev):
+            # the fused expert kernel over the slots: each row routed to its expert's slot with weight 1
+            # (it reads each slot's strided weights in place; measured 2x the grouped_mm path at decode)
+            sid = torch.tensor([slot[e] for e, n in zip(es, lengths) for _ in range(n)], dtype=torch.int64)
+            ones = torch.ones(len(idx), 1, dtype=torch.float32)
+            x_w = rows if whole else rows.index_select(0, index)
+            ex = g.experts
+            y_w = ops.moe_experts(
+                x_w, sid[:, None], ones, ex.w_gate_up, ex.w_down, ex.b_gate_up, ex.b_down,
+                act.kind, act.layout, ex.transpose_b, act.alpha, act.limit,
+            )
+            if whole:
+                y.copy_(y_w)
+            else:
+                y.index_copy_(0, index, y_w.to(y.dtype))
+            return
+        offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dev)
+        if whole:
             y.copy_(pipeline.expert_mlp(ops.OPS, rows, offs, experts, act, post))
             return
-        index = torch.tensor(idx, dtype=torch.int64, device=dev)
         y_w = pipeline.expert_mlp(ops.OPS, rows.index_select(0, index), offs, experts, act, post)
         y.index_copy_(0, index, y_w.to(y.dtype))
+
+    def _fused(self, g: ExpertGroupState, dev: torch.device) -> bool:
+        """Whether the fused CPU kernel can run this group on its slots in place: a fused gate, no
+        post-expert norm, biases (if any) already in the accumulation dtype (else each call would
+        convert every slot's biases)."""
+        c = g.compute
+        if self.gather or dev.type != "cpu" or not isinstance(c.act, pipeline.Gate) or c.post is not None:
+            return False
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        return all(b is None or b.dtype == acc for b in (g.experts.b_gate_up, g.experts.b_down))
 
     def _predict(self, gj: int, x: Tensor) -> None:
         """Queues the experts module gj's predicted experts: its router applied to x."""
