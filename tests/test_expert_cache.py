@@ -245,3 +245,35 @@ def test_missing_expert_tensor_is_named(tmp_path):
     save_file(t, layers[1], metadata={"format": "pt"})
     with pytest.raises(ValueError, match=re.escape(gone) + ".*" + re.escape(os.path.basename(layers[1]))):
         ms.load_offloaded(ckpt, device="cpu", storage="disk")
+
+
+@pytest.mark.parametrize("routing", ["mixtral", "deepseek_v3", "gpt_oss", "llama4"])
+def test_ms_nn_moe_blocks(routing):
+    """Blocks that are only ms.nn.MoE (router + experts): nothing else streams per layer."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gpt = routing == "gpt_oss"
+            self.layers = torch.nn.ModuleList(
+                ms.nn.MoE(32, 24, 6, 2 if routing != "llama4" else 1, routing=routing, expert_bias=gpt,
+                          activation="gptoss" if gpt else "swiglu")
+                for _ in range(3)
+            )
+
+        def forward(self, x):
+            for layer in self.layers:
+                y = layer(x)
+                x = x + (y[0] if isinstance(y, tuple) else y)
+            return x
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        want = net(x)
+    ms.offload(net, device="cpu", storage="cpu", expert_slots=2)
+    with torch.no_grad():
+        assert torch.equal(net(x), want)
+    st = ms.offload_stats(net)
+    assert st["expert_misses"] > 0 and st["expert_hits"] + st["expert_misses"] == st["expert_lookups"]

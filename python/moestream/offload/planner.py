@@ -258,6 +258,8 @@ def plan_offload(layout: ModelLayout, opts: Resolved) -> Plan:
         emin = opts.expert_slots
     ecache_min = emin * eslot  # the smallest expert cache: one token's k experts of one layer
     unit_of, resident, slot_need = _assign(layout, unit_modules, cached)
+    if slot_need == 0 and egroups:
+        slot_need = PAGE  # blocks that are only experts and routers: empty layer units, one small slot
     if slot_need == 0:
         raise ValueError("moestream.offload: the blocks have no parameters to stream")
 
