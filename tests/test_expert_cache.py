@@ -277,3 +277,17 @@ def test_ms_nn_moe_blocks(routing):
         assert torch.equal(net(x), want)
     st = ms.offload_stats(net)
     assert st["expert_misses"] > 0 and st["expert_hits"] + st["expert_misses"] == st["expert_lookups"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and ms.with_cuda), reason="needs a CUDA device and build")
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_cuda_expert_cache_generate(storage, tmp_path):
+    base = _base("qwen3_moe").to("cuda")
+    ids = testing.input_ids(2, 5, seed=9).cuda()
+    want = _generate(base, ids)
+    model = copy.deepcopy(base)
+    ms.offload(model, device="cuda", storage=storage, offload_dir=str(tmp_path), expert_slots=2)
+    assert torch.equal(_generate(model, ids), want)
+    st = ms.offload_stats(model)
+    assert st["expert_misses"] > 0 and st["expert_hits"] + st["expert_misses"] == st["expert_lookups"]
