@@ -714,6 +714,8 @@ def test_save_load_round_trip_patched_at_construction(tmp_path, monkeypatch):
             p.add_(0.01)
         want = model(ids).logits
     model.save_pretrained(tmp_path)
+    # the experts implementation is runtime state: nothing of moestream in the saved config
+    assert "moestream" not in (tmp_path / "config.json").read_text()
     loaded = AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager", experts_implementation="eager"
     )
@@ -740,7 +742,7 @@ def test_sdpa_dispatch_patched_at_construction(monkeypatch):
         assert rel_err(sdpa(ids).logits, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "llama4"])
 def test_generate_with_every_cache_patched_at_construction(family, monkeypatch):
     ids = tiny.input_ids(batch=2, seq=5, seed=3)
     kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
