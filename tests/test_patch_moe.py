@@ -429,3 +429,352 @@ def test_training_follows_transformers_loss_curve(family):
     assert ours[-1] < 0.7 * ours[0], ours
     for step, (a, b) in enumerate(zip(ours, ref)):
         assert abs(a - b) <= 1e-3 * abs(b) + 1e-4 * step, (step, a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# regressions from transformers' own model tests run with patch_moe applied at construction
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_under_meta_default_device(family):
+    # transformers builds models under a meta default device: nothing patch_moe makes may land there
+    model = tiny.build_model(family, "small")
+    ids = tiny.input_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        with torch.device("meta"):
+            assert ms.patch_moe(model) == _moe_layers(model)
+        assert not any(t.is_meta for t in model.state_dict().values())
+        assert rel_err(model(ids).logits, ref) <= 1e-5
+
+
+class _ErfGelu(torch.nn.Module):
+    """Exact gelu written out: a class patch_moe does not know, so only the probe can tell."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.erf(x / 2.0**0.5))
+
+
+def _init_context():
+    """transformers' own init context (from_pretrained): meta default device, torch.linspace patched."""
+    import contextlib
+
+    from transformers import initialization
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.device("meta"))
+    stack.enter_context(initialization.meta_device_safe_creation_ops())
+    return stack
+
+
+def test_gate_probe_is_deterministic_inside_transformers_init_context():
+    from moestream.integrations import transformers as integ
+
+    want = integ._probe_input()
+    with _init_context():
+        for _ in range(3):
+            x = integ._probe_input()
+            assert x.device.type == "cpu" and torch.equal(x, want)
+    # all values distinct: gate and up columns differ in both layouts
+    assert want.unique().numel() == want.numel()
+    ids = tiny.input_ids()
+    for act in ("gelu", "custom"):
+        model = tiny.build_model("mixtral", "small", hidden_act="gelu")
+        if act == "custom":
+            for layer in model.model.layers:
+                layer.mlp.experts.act_fn = _ErfGelu()
+        with torch.no_grad():
+            ref = model(ids).logits
+            for _ in range(5):
+                with _init_context():
+                    ms.patch_moe(model)
+                assert model.model.layers[0].mlp.experts.activation == "geglu", act
+                assert rel_err(model(ids).logits, ref) <= 1e-5
+                ms.unpatch_moe(model)
+
+
+def test_gate_read_from_the_module_and_probe_refuses_ambiguity(monkeypatch):
+    from moestream.integrations import transformers as integ
+
+    # transformers' own activations are read, not probed
+    kinds = {"mixtral": "swiglu", "gpt_oss": "gptoss", "llama4": "swiglu"}
+    for family, kind in kinds.items():
+        model = tiny.build_model(family, "small")
+        block = next(m for m in model.modules() if type(m).__name__ in _BLOCK_NAMES)
+        assert integ._structural_gate(block.experts)[0] == kind
+    gelu = tiny.build_model("qwen3_moe", "small", hidden_act="gelu").model.layers[0].mlp.experts
+    assert integ._structural_gate(gelu) == ("geglu", "concat")
+    tanh_gelu = tiny.build_model("qwen3_moe", "small", hidden_act="gelu_pytorch_tanh")
+    assert integ._structural_gate(tanh_gelu.model.layers[0].mlp.experts) is None
+    with pytest.raises(ValueError, match="activation that moestream does not implement"):
+        ms.patch_moe(tanh_gelu)  # close to exact gelu, but not it: refused, not approximated
+
+    # a probe whose answer is not unique is refused with a clear error (zeros: every kind gives 0)
+    model = tiny.build_model("mixtral", "small")
+    for layer in model.model.layers:
+        layer.mlp.experts.act_fn = _ErfGelu()
+    monkeypatch.setattr(integ, "_probe_input", lambda: torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="matches several activations"):
+        ms.patch_moe(model)
+    assert type(model.model.layers[0].mlp).__module__.startswith("transformers.")
+    # the experts implementation then runs the module's own gate (slower, still right)
+    ids = tiny.input_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.set_experts_implementation("moestream")
+        assert rel_err(model(ids).logits, ref) <= 1e-5
+    assert model.model.layers[0].mlp.experts.__dict__["_moestream_gate"] == ()
+
+
+DISPATCH_FAMILIES = [f for f in FAMILIES if f != "llama4"]  # Llama 4's experts do not dispatch
+
+
+@pytest.mark.parametrize("family", DISPATCH_FAMILIES)
+def test_set_experts_implementation_honoured_on_patched_blocks(family, monkeypatch):
+    import transformers.integrations.moe as hf_moe
+
+    # (transformers' grouped_mm needs rows of a multiple of 16 bytes: OLMoE's test hidden size is 42)
+    model = tiny.build_model(family, "small", **({"hidden": 48} if family == "olmoe" else {}))
+    ids = tiny.input_ids()
+    with torch.no_grad():
+        refs = {}
+        for impl in ("eager", "grouped_mm", "batched_mm"):
+            model.set_experts_implementation(impl)
+            refs[impl] = model(ids).logits
+        ms.patch_moe(model)
+        assert model.config._experts_implementation == "moestream"  # what runs now
+        calls = []
+
+        def counting(self, *args):
+            calls.append(type(self).__name__)
+            return hf_moe.ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, *args)
+
+        monkeypatch.setitem(hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "counting", counting)
+        model.set_experts_implementation("counting")
+        out = model(ids).logits
+        n = _moe_layers(model)
+        assert len(calls) == n and all(c.startswith("Moestream") for c in calls)  # the patched experts
+        assert rel_err(out, refs["grouped_mm"]) <= 1e-5
+        for impl, ref in refs.items():
+            model.set_experts_implementation(impl)
+            assert rel_err(model(ids).logits, ref) <= 1e-5, impl
+        # and back to moestream's fused path
+        fused = []
+        real = ms.ops.moe_experts
+        monkeypatch.setattr(ms.ops, "moe_experts", lambda *a: fused.append(1) or real(*a))
+        model.set_experts_implementation("moestream")
+        assert rel_err(model(ids).logits, refs["eager"]) <= 1e-5
+        assert len(fused) == n
+        # unpatch restores what the config said before patching, unless changed meanwhile
+        model.set_experts_implementation("eager")
+        ms.unpatch_moe(model)
+        assert model.config._experts_implementation == "eager"
+        ms.patch_moe(model)
+        ms.unpatch_moe(model)
+        assert model.config._experts_implementation == "eager"
+
+
+def test_deepseek_v3_k_beyond_kept_groups():
+    # transformers' DeepSeek-V3 test config: 8 experts, 2 groups, 1 kept, k = 8
+    model = tiny.build_model("deepseek_v3", "small", groups=2, topk_groups=1, k=8)
+    ids = tiny.input_ids()
+    ref, ref_grads = _forward_backward(model, ids)
+    assert ms.patch_moe(model) == 2
+    out, grads = _forward_backward(model, ids)
+    assert rel_err(out.logits, ref.logits) <= 1e-5
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) <= 1e-5, name
+
+
+def test_llama4_patched_matches_transformers_odd_sizes_and_k2():
+    # Llama 4 has no unit tests in transformers: odd sizes, k = 2 (weights on the inputs of two
+    # experts per token), forward, backward and greedy decoding
+    model = tiny.build_model("llama4", "odd", k=2)
+    ids = tiny.input_ids()
+    ref, ref_grads = _forward_backward(model, ids)
+    ms.patch_moe(model)
+    assert isinstance(model.model.layers[0].feed_forward, ms.nn.MoE)
+    out, grads = _forward_backward(model, ids)
+    assert rel_err(out.logits, ref.logits) <= 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) <= 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------
+# patch_moe applied as transformers constructs each model (in post_init, where a library wrapping
+# transformers' model classes applies it): transformers' behaviours are unchanged
+
+
+def _maybe_patch(model) -> None:
+    # (sub)models without MoE blocks are left alone; outer models find theirs already patched
+    if any(type(m).__name__ in _BLOCK_NAMES for m in model.modules()):
+        ms.patch_moe(model)
+
+
+def _patch_at_construction(monkeypatch) -> None:
+    """From now on, every transformers model is patched by its own post_init."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.post_init
+
+    def post_init(self):
+        original(self)
+        _maybe_patch(self)
+
+    monkeypatch.setattr(PreTrainedModel, "post_init", post_init)
+
+
+def _is_patched(model) -> bool:
+    blocks = [m for m in model.modules() if isinstance(m, ms.nn.MoE)]
+    return len(blocks) == _moe_layers(model) > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "llama4"])
+def test_construction_patched_model_same_init_and_outputs(family, monkeypatch):
+    ids = tiny.input_ids()
+    plain = tiny.build_model(family, "small")
+    with torch.no_grad():
+        ref = plain(ids).logits
+    _patch_at_construction(monkeypatch)
+    model = tiny.build_model(family, "small")
+    assert _is_patched(model)
+    # transformers' weight init dispatches on the replacements' classes: the same random weights
+    sd, psd = model.state_dict(), plain.state_dict()
+    assert list(sd) == list(psd)
+    for k in sd:
+        torch.testing.assert_close(sd[k], psd[k], rtol=0, atol=0, msg=k)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, ref) <= 1e-5
+
+
+def test_construction_on_meta_then_init(monkeypatch):
+    # transformers' test_can_be_initialized_on_meta, test_all_tensors_are_parameter_or_buffer,
+    # test_init_weights_can_init_buffers
+    from transformers import DeepseekV3ForCausalLM
+
+    _patch_at_construction(monkeypatch)
+    config = tiny.family_config("deepseek_v3", "small")
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    assert _is_patched(model)
+    assert all(t.is_meta for t in model.state_dict().values())
+    for m in model.modules():  # every tensor is a parameter or a buffer
+        assert not [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)], type(m).__name__
+    model.to_empty(device="cpu")
+    model.init_weights()
+    fresh = DeepseekV3ForCausalLM(config)
+    assert [n for n, _ in model.named_buffers()] == [n for n, _ in fresh.named_buffers()]
+    for (name, b), (_, want) in zip(model.named_buffers(), fresh.named_buffers()):
+        torch.testing.assert_close(b, want, rtol=0, atol=0, msg=name)
+    # the correction bias (a buffer of the replaced router) was initialised, not left as garbage
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_from_pretrained_with_dtype_patched_at_construction(family, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    ids = tiny.input_ids()
+    plain = tiny.build_model(family, "small")
+    plain.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref64 = plain.to(torch.float64)(ids).logits
+    _patch_at_construction(monkeypatch)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path,
+        dtype=torch.bfloat16,
+        output_loading_info=True,
+        attn_implementation="eager",
+        experts_implementation="eager",
+    )
+    assert _is_patched(model)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    sd = plain.state_dict()
+    for k, v in model.state_dict().items():  # loaded into the replacements
+        torch.testing.assert_close(v, sd[k].to(torch.bfloat16), rtol=0, atol=0, msg=k)
+    with torch.no_grad():
+        out = model(ids).logits
+        ms.unpatch_moe(model)
+        ref16 = model(ids).logits  # transformers' own bf16 path on the same checkpoint
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref64) <= 2 * rel_err(ref16, ref64) + 1e-3
+
+
+def test_save_load_round_trip_patched_at_construction(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    _patch_at_construction(monkeypatch)
+    ids = tiny.input_ids()
+    model = tiny.build_model("mixtral", "small")
+    assert _is_patched(model)
+    with torch.no_grad():
+        for p in model.parameters():  # weights that differ from any fresh init
+            p.add_(0.01)
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    # the experts implementation is runtime state: nothing of moestream in the saved config
+    assert "moestream" not in (tmp_path / "config.json").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", experts_implementation="eager"
+    )
+    assert _is_patched(loaded)
+    sd, lsd = model.state_dict(), loaded.state_dict()
+    assert list(sd) == list(lsd)
+    for k in sd:
+        torch.testing.assert_close(lsd[k], sd[k], rtol=0, atol=0, msg=k)
+    with torch.no_grad():
+        assert rel_err(loaded.eval()(ids).logits, want) <= 1e-5
+
+
+def test_sdpa_dispatch_patched_at_construction(monkeypatch):
+    _patch_at_construction(monkeypatch)
+    ids = tiny.input_ids()
+    eager = tiny.build_model("qwen3_moe", "small")
+    sdpa = tiny.build_model("qwen3_moe", "small", attn_implementation="sdpa")
+    assert _is_patched(sdpa) and sdpa.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        ref = eager(ids).logits
+        assert rel_err(sdpa(ids).logits, ref) <= 1e-5
+        sdpa.set_attn_implementation("eager")
+        assert sdpa.config._attn_implementation == "eager"
+        assert rel_err(sdpa(ids).logits, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "llama4"])
+def test_generate_with_every_cache_patched_at_construction(family, monkeypatch):
+    ids = tiny.input_ids(batch=2, seq=5, seed=3)
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    caches = ["dynamic", "static"]
+    if torch.cuda.is_available():  # (transformers' offloaded caches need a CUDA device)
+        caches += ["offloaded", "offloaded_static"]
+    plain = tiny.build_model(family, "small")
+    plain.config.output_router_logits = False
+    with torch.no_grad():
+        refs = {c: plain.generate(ids, cache_implementation=c, **kw) for c in caches}
+    _patch_at_construction(monkeypatch)
+    model = tiny.build_model(family, "small")
+    model.config.output_router_logits = False
+    assert _is_patched(model)
+    with torch.no_grad():
+        for c in caches:
+            out = model.generate(ids, cache_implementation=c, **kw)
+            assert out.shape == (2, 11) and torch.equal(out, refs[c]), c
+
+
+def test_export_patched_at_construction(monkeypatch):
+    # (torch.compile with fullgraph=True: test_torch_compile_patched_model, the same modules)
+    _patch_at_construction(monkeypatch)
+    ids = tiny.input_ids()
+    model = tiny.build_model("olmoe", "small")
+    model.config.output_router_logits = False
+    assert _is_patched(model)
+    with torch.no_grad():
+        want = model(ids).logits
+        torch._dynamo.reset()
+        exported = torch.export.export(model, (ids,), kwargs={"use_cache": False})
+        targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        assert any("moestream" in t for t in targets)  # moestream's ops in the exported graph
+        out = exported.module()(ids, use_cache=False).logits
+    assert rel_err(out, want) <= 1e-5

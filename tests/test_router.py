@@ -50,6 +50,26 @@ VARIANTS = {
         {"k": 33, "score": "sigmoid", "bias": True, "num_groups": 4, "topk_groups": 3},
     ),
     "k_equals_e": (16, {"k": 16, "normalize": True}),
+    # k beyond the experts of the kept groups (transformers accepts it): the remaining picks come
+    # from the dropped groups, lowest ids first, with their real weights
+    "groups_k_beyond_kept": (
+        16,
+        {
+            "k": 7,
+            "score": "sigmoid",
+            "bias": True,
+            "num_groups": 4,
+            "topk_groups": 1,
+            "normalize": True,
+            "scale": 2.5,
+        },
+    ),
+    # transformers' DeepSeek-V3 test config: 8 experts, 2 groups, 1 kept, k = 8
+    "groups_k_equals_e": (
+        8,
+        {"k": 8, "score": "sigmoid", "bias": True, "num_groups": 2, "topk_groups": 1, "normalize": True},
+    ),
+    "topk_first_groups_k_beyond_kept": (12, {"k": 5, "topk_first": True, "num_groups": 3, "topk_groups": 1}),
 }
 
 
@@ -201,7 +221,17 @@ def test_router_topk_gradcheck(device, variant):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "variant", ["mixtral", "olmoe", "deepseek_v3", "gpt_oss", "llama4", "softmax_bias_groups"]
+    "variant",
+    [
+        "mixtral",
+        "olmoe",
+        "deepseek_v3",
+        "gpt_oss",
+        "llama4",
+        "softmax_bias_groups",
+        "groups_k_beyond_kept",
+        "topk_first_groups_k_beyond_kept",
+    ],
 )
 def test_router_topk_backward_matches_reference(device, variant, dtype):
     logits, kw = _args(variant, device, dtype)
@@ -305,6 +335,72 @@ def test_matches_transformers_deepseek_v3_router():
     scores, idx = _rows_sorted(scores, idx)
     assert torch.equal(ids, idx)
     assert rel_err(w, scores) <= 1e-6
+
+
+def test_k_beyond_kept_groups_picks_dropped_groups_with_real_weights(device):
+    # E = 16 in 4 groups, 1 kept, k = 7: the 4 kept experts first (by score), then 3 from the
+    # dropped groups, lowest ids first, weighted by their own scores
+    E, G, k, T = 16, 4, 7, 23
+    logits = torch.randn(T, E, device=device)
+    bias = 0.1 * torch.randn(E, device=device)
+    for normalize in (False, True):
+        w, ids = ms.router_topk(
+            logits, k, score="sigmoid", bias=bias, num_groups=G, topk_groups=1, normalize=normalize
+        )
+        ids, w = ids.cpu(), w.cpu()
+        s = torch.sigmoid(logits.cpu())
+        sel = (s + bias.cpu()).view(T, G, E // G)
+        kept = sel.topk(2, dim=-1).values.sum(-1).argmax(-1)  # the one kept group per token
+        for t in range(T):
+            g = int(kept[t])
+            in_kept = torch.arange(g * 4, g * 4 + 4)
+            order = in_kept[sel[t, g].argsort(descending=True)]
+            assert ids[t, :4].tolist() == order.tolist()
+            dropped = [e for e in range(E) if e // 4 != g][:3]
+            assert ids[t, 4:].tolist() == dropped
+            raw = s[t, ids[t]]
+            want = raw / (raw.sum() + 1e-20) if normalize else raw
+            torch.testing.assert_close(w[t], want, rtol=1e-6, atol=1e-7)
+
+
+def test_matches_transformers_deepseek_v3_router_k_beyond_kept_groups():
+    pytest.importorskip("transformers")
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    H, T = 24, 41
+    for E, n_group, k in ((8, 2, 8), (16, 4, 7)):
+        cfg = DeepseekV3Config(
+            hidden_size=H, n_routed_experts=E, num_experts_per_tok=k, n_group=n_group, topk_group=1,
+            norm_topk_prob=False, routed_scaling_factor=1.5,
+        )  # fmt: skip
+        r = DeepseekV3TopkRouter(cfg)
+        with torch.no_grad():
+            r.weight.copy_(torch.randn_like(r.weight))
+            r.e_score_correction_bias.copy_(0.1 * torch.randn(E))
+            logits, scores, idx = r(_hidden(T, H))
+            w, ids = ms.router_topk(
+                logits, k, score="sigmoid", bias=r.e_score_correction_bias, num_groups=n_group,
+                topk_groups=1, normalize=False, scale=1.5,
+            )  # fmt: skip
+        per = E // n_group
+        if k == E:  # every expert: the same (id, weight) pairs
+            w, ids = _rows_sorted(w, ids)
+            scores, idx = _rows_sorted(scores, idx)
+            assert torch.equal(ids, idx)
+            assert rel_err(w, scores) <= 1e-6
+            continue
+        # torch.topk's choice among the dropped groups' equal (-inf) entries is unspecified: the
+        # kept group's experts agree, and every pick carries the weight transformers gives it
+        for t in range(T):
+            ours = dict(zip(ids[t].tolist(), w[t].tolist()))
+            theirs = dict(zip(idx[t].tolist(), scores[t].tolist()))
+            kept = ids[t, :per].tolist()
+            assert sorted(e for e in theirs if e // per == kept[0] // per) == sorted(kept)
+            for e in kept:
+                assert abs(ours[e] - theirs[e]) <= 1e-6 * abs(theirs[e])
+            want = torch.sigmoid(logits[t, ids[t]]) * 1.5
+            assert rel_err(w[t], want) <= 1e-6
 
 
 def test_matches_transformers_gpt_oss_and_llama4_routers():
@@ -499,6 +595,7 @@ def _opcheck_cases(device):
         (op.router_topk.default, (xg, 4, "sigmoid", False, bias, 4, 2, True, 2.5)),
         (op.router_topk.default, (xg, 4, "softmax", True, bias, 1, 1, False, 1.0)),
         (op.router_topk.default, (x.double(), 16, "sigmoid", True, None, 1, 1, False, 1.0)),
+        (op.router_topk.default, (xg, 7, "sigmoid", False, bias, 4, 1, True, 2.5)),  # k > kept
         (op.router_topk_backward.default, (gw, x, ids, "softmax", False, True, 1.0)),
         (op.router_topk_backward.default, (gw, x.half(), ids.int(), "sigmoid", True, False, 2.0)),
         (op.router_aux_loss.default, (xg, ids, None)),
@@ -510,7 +607,7 @@ def _opcheck_cases(device):
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(device, case):
     op, args = _opcheck_cases(device)[case]
     torch.library.opcheck(op, args)
@@ -544,8 +641,9 @@ def test_router_topk_bad_input(device):
         ms.router_topk(x, 2, num_groups=4, topk_groups=5)
     with pytest.raises(RuntimeError, match="topk_groups must be in"):
         ms.router_topk(x, 2, num_groups=4, topk_groups=0)
-    with pytest.raises(RuntimeError, match=r"k must be <= topk_groups \* E / num_groups = 4"):
-        ms.router_topk(x, 5, num_groups=4, topk_groups=2)
+    # k beyond the kept groups' experts is accepted (as by transformers); only k > E is refused
+    with pytest.raises(RuntimeError, match=r"k must be in \[1, E\].*got k = 9"):
+        ms.router_topk(x, 9, num_groups=4, topk_groups=2)
 
 
 def test_router_topk_backward_bad_input(device):

@@ -59,8 +59,10 @@ inline void check_router_ids_range(const at::Tensor& ids, int64_t E, const char*
 }
 
 // logits [T, E] float, k in [1, E], score "softmax" | "sigmoid", bias [E] float (optional),
-// num_groups divides E, topk_groups in [1, num_groups], k <= topk_groups * E / num_groups (the
-// experts left after group selection).
+// num_groups divides E, topk_groups in [1, num_groups]. k may exceed the topk_groups * E / num_groups
+// experts of the kept groups, as transformers' DeepSeek-V3 router allows: the dropped groups'
+// selection values are -inf, so the remaining picks come from them (lowest ids first) with their
+// real weights.
 inline RouterDims check_router_topk_args(const at::Tensor& logits, int64_t k, std::string_view score,
                                          const std::optional<at::Tensor>& bias, int64_t num_groups,
                                          int64_t topk_groups) {
@@ -74,9 +76,6 @@ inline RouterDims check_router_topk_args(const at::Tensor& logits, int64_t k, st
            ", got num_groups = ", num_groups);
   MS_CHECK(topk_groups >= 1 && topk_groups <= num_groups, op, "topk_groups must be in [1, num_groups = ", num_groups,
            "], got ", topk_groups);
-  MS_CHECK(k <= topk_groups * (E / num_groups), op,
-           "k must be <= topk_groups * E / num_groups = ", topk_groups * (E / num_groups),
-           " (experts left after group selection), got k = ", k);
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     check_same_device(logits, b, op, "logits", "bias");

@@ -321,7 +321,7 @@ void router_topk_kernel(const scalar_t* logits, const acc_t<scalar_t>* bias, int
 }
 
 // logits [T, E] float (any of the four float dtypes), k in [1, E], bias [E] float (optional),
-// num_groups divides E, topk_groups in [1, num_groups], k <= topk_groups * E / num_groups
+// num_groups divides E, topk_groups in [1, num_groups] (k may exceed the kept groups' experts)
 // -> weights [T, k] float32 (float64 for float64 logits), ids [T, k] int64.
 std::tuple<at::Tensor, at::Tensor> router_topk_cpu(const at::Tensor& logits, int64_t k, std::string_view score,
                                                    bool topk_first, const std::optional<at::Tensor>& bias,

@@ -53,7 +53,9 @@ def router_topk(
     - ``score="softmax"``, ``topk_first=False``: softmax over E, then top-k (Mixtral, Qwen2/3-MoE,
       OLMoE; add ``normalize=True`` where the model renormalises).
     - ``score="sigmoid"`` with ``bias``, groups and ``normalize``/``scale``: DeepSeek-V3
-      (bias [E] is added for selection only; groups are ranked by the sum of their top-2 scores).
+      (bias [E] is added for selection only; groups are ranked by the sum of their top-2 scores;
+      a k beyond the kept groups' experts continues with the dropped groups' experts, lowest ids
+      first, with their real weights, like transformers).
     - ``topk_first=True``: top-k on the logits, then softmax over the k (GPT-OSS) or sigmoid (Llama 4).
     - ``normalize`` divides by (sum + 1e-20); ``scale`` multiplies the result (routed scaling factor).
 

@@ -61,6 +61,9 @@ def router_topk(
     - ``topk_first``: top-k on the logits, then softmax over the k (GPT-OSS) or sigmoid (Llama 4);
     - ``bias`` is added to the scores for selection only (DeepSeek-V3's correction bias);
     - group-limited: groups ranked by the sum of their top-2 scores, the best ``topk_groups`` kept;
+      the others' selection values become -inf, so a k larger than the kept experts also picks
+      from the dropped groups (lowest ids first), with their real weights, as transformers'
+      DeepSeek-V3 router does (its ``torch.topk`` picks some of those equal -inf entries);
     - ``normalize`` divides by (sum + 1e-20); ``scale`` multiplies last.
     """
     acc = _acc_dtype(logits)

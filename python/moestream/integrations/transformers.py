@@ -4,6 +4,11 @@
   :class:`moestream.nn.MoE` built around the *same* Parameter objects (no copy, no extra memory,
   identical ``state_dict()`` keys, so ``save_pretrained`` / ``from_pretrained`` round-trip);
   :func:`unpatch_moe` puts the original blocks back.
+- The patched blocks' experts follow transformers' choice of experts implementation:
+  :func:`patch_moe` sets ``config._experts_implementation = "moestream"`` (moestream's fused path);
+  a later ``model.set_experts_implementation("eager" | "grouped_mm" | ...)`` makes them run that
+  implementation from transformers' registry on the same parameters (the router stays moestream's);
+  :func:`unpatch_moe` restores the previous setting.
 - Importing this module registers ``"moestream"`` in transformers' experts registry, so
   ``model.set_experts_implementation("moestream")`` (or ``from_pretrained(...,
   experts_implementation="moestream")``) runs transformers' own experts modules on moestream's ops
@@ -25,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import transformers.activations as _hf_act
 import transformers.integrations.moe as _hf_moe
 from torch import Tensor, nn
 
@@ -36,33 +42,104 @@ __all__ = ["SUPPORTED_FAMILIES", "moestream_experts_forward", "patch_moe", "regi
 
 # ----------------------------------------------------------------------------------------------
 # gate (activation) detection: which fused kind reproduces a module's gate exactly
+#
+# Read from the module first: transformers' default gate (``act_fn(gate) * up`` on the two halves)
+# with an ``act_fn`` of a class known to compute silu / exact gelu, or GPT-OSS's own gate. Only other
+# gates are probed numerically, on a fixed input built on the CPU: patch_moe also runs inside
+# transformers' init context (meta default device, torch.linspace patched), where tensors made on
+# the ambient device hold no data.
+
+
+class _AmbiguousGateError(ValueError):
+    """The numerical probe of a gate matched more than one fused kind."""
+
+
+def _act_kind(act: object) -> str | None:
+    """The fused kind, ``"swiglu"`` / ``"geglu"``, when ``act`` is an activation module whose exact
+    class (a subclass could override ``forward``) computes silu / exact (erf) gelu; else None."""
+    if act is None or "forward" in vars(act):
+        return None
+    cls = type(act)
+    if cls is nn.SiLU or cls is getattr(_hf_act, "SiLUActivation", None):
+        return "swiglu"
+    if cls is nn.GELU:
+        return "geglu" if act.approximate == "none" else None
+    if cls is getattr(_hf_act, "GELUActivation", None):
+        fn = act.act
+        # its two forms: torch's gelu, or the erf formula written out
+        if fn is nn.functional.gelu or getattr(fn, "__func__", None) is _hf_act.GELUActivation._gelu_python:
+            return "geglu"
+    return None
+
+
+def _gpt_oss_gate() -> Callable | None:
+    mod = sys.modules.get("transformers.models.gpt_oss.modeling_gpt_oss")
+    cls = getattr(mod, "GptOssExperts", None)
+    return getattr(cls, "_apply_gate", None)
+
+
+def _structural_gate(module: nn.Module) -> tuple[str, str] | None:
+    """The (kind, layout) of ``module``'s gate read from what the module is, or None when only a
+    probe can tell (a gate or activation transformers does not define)."""
+    if "_apply_gate" in vars(module):  # replaced on the instance
+        return None
+    fn = getattr(type(module), "_apply_gate", None)
+    if fn is None or fn is _hf_moe._default_apply_gate:
+        # act_fn(gate) * up on the two halves (Llama 4's forward, written out, is the same)
+        kind = _act_kind(getattr(module, "act_fn", None))
+        return (kind, "concat") if kind else None
+    if fn is _gpt_oss_gate():
+        return "gptoss", "interleaved"
+    return None
 
 
 def _probe_input() -> Tensor:
-    # values on both sides of GPT-OSS's clamp limit, gate and up columns different in both layouts
-    x = torch.linspace(-12.0, 12.0, 3 * 32, dtype=torch.float32).reshape(3, 32)
-    return x[:, torch.randperm(32, generator=torch.Generator().manual_seed(0))].contiguous()
+    # Values on both sides of GPT-OSS's clamp limit, gate and up columns different in both layouts
+    # (a fixed permutation: 13 is prime to 32). Every tensor is made on the CPU explicitly, with no
+    # random numbers, so the probe is the same whatever the default device or RNG state.
+    cpu = torch.device("cpu")
+    x = torch.arange(3 * 32, dtype=torch.float32, device=cpu) * (24.0 / 95.0) - 12.0
+    perm = (torch.arange(32, device=cpu) * 13) % 32
+    return x.reshape(3, 32)[:, perm].contiguous()
+
+
+def _try_gate(gate_fn: Callable[[Tensor], Tensor], x: Tensor) -> object:
+    try:
+        with torch.no_grad():
+            return gate_fn(x)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError):
+        return None  # a gate that cannot run on the probe: no fused kind for it
 
 
 def _match_gate(gate_fn: Callable[[Tensor], Tensor], alpha: float, limit: float) -> tuple[str, str] | None:
     """The (kind, layout) of :func:`moestream.gated_activation` that equals ``gate_fn`` on a probe,
-    or None when none does (the caller then runs ``gate_fn`` itself)."""
-    x = _probe_input()
-    try:
-        with torch.no_grad():
-            want = gate_fn(x)
-    except Exception:
+    or None when none does (the caller then runs ``gate_fn`` itself, or refuses). Raises
+    :class:`_AmbiguousGateError` when several do."""
+    # in float64 where the gate allows it: a formula that is exact in theory but cancels in float32
+    # (1 + erf(x / sqrt 2) for very negative x) still matches, while tanh-approximated gelu does not
+    for dtype in (torch.float64, torch.float32):
+        x = _probe_input().to(dtype)
+        want = _try_gate(gate_fn, x)
+        if want is not None:
+            break
+    if not isinstance(want, Tensor) or want.shape != (3, 16) or want.device != x.device:
         return None
-    if not isinstance(want, Tensor) or want.shape != (3, 16):
+    if not bool(torch.isfinite(want).all()):
         return None
     from ..reference import gated_activation as ref
 
+    matches = []
     for kind in ("swiglu", "geglu", "gptoss"):
         for layout in ("concat", "interleaved"):
             got = ref(x, kind, layout, alpha, limit)
             if torch.allclose(got, want.to(got.dtype), rtol=1e-5, atol=1e-6):
-                return kind, layout
-    return None
+                matches.append((kind, layout))
+    if len(matches) > 1:
+        raise _AmbiguousGateError(
+            f"moestream: the numerical probe of the gate {gate_fn!r} matches several activations "
+            f"({', '.join(f'{k}/{lay}' for k, lay in matches)}); cannot tell which one it computes"
+        )
+    return matches[0] if matches else None
 
 
 def _act_gate(act_fn: Callable, up_first: bool = False) -> Callable[[Tensor], Tensor]:
@@ -75,9 +152,14 @@ def _act_gate(act_fn: Callable, up_first: bool = False) -> Callable[[Tensor], Te
 
 @torch.compiler.disable
 def _detect_experts_gate(module: nn.Module) -> tuple[str, str] | tuple[()]:
-    alpha = float(getattr(module, "alpha", 1.702))
-    limit = float(getattr(module, "limit", 7.0))
-    match = _match_gate(module._apply_gate, alpha, limit)
+    match = _structural_gate(module)
+    if match is None:
+        alpha = float(getattr(module, "alpha", 1.702))
+        limit = float(getattr(module, "limit", 7.0))
+        try:
+            match = _match_gate(module._apply_gate, alpha, limit)
+        except _AmbiguousGateError:
+            match = None  # the module's own gate runs: slower, never wrong
     result = match if match is not None else ()
     module.__dict__["_moestream_gate"] = result
     return result
@@ -171,6 +253,40 @@ def _compat_class(ours: type, theirs: type) -> type:
         cls = type(name, (ours, theirs), ns)
         _COMPAT[(ours, theirs)] = cls
     return cls
+
+
+def _experts_implementation(module: nn.Module) -> str | None:
+    """The name in transformers' experts registry that ``module`` (a patched experts module) is to
+    run: its config's ``_experts_implementation`` when the module it replaces dispatches through the
+    registry (``@use_experts_implementation``; Llama 4's does not), else None."""
+    if not getattr(module, "_moestream_dispatches", False):
+        return None
+    return getattr(getattr(module, "config", None), "_experts_implementation", None)
+
+
+class _PatchedExperts(GroupedExperts):
+    """:class:`GroupedExperts` standing in for a transformers experts module, honouring transformers'
+    choice of experts implementation: ``"moestream"`` (what :func:`patch_moe` sets) runs moestream's
+    fused path; any other name (``model.set_experts_implementation("eager" | "grouped_mm" | ...)``)
+    runs transformers' own dispatch on the same parameters, as the replaced module would."""
+
+    def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        impl = _experts_implementation(self)
+        if impl is None or impl == "moestream":
+            return GroupedExperts.forward(self, x, ids, weights)
+        return type(self)._transformers_class.forward(self, x, ids, weights)
+
+
+def _adopt_attributes(dst: nn.Module, src: nn.Module) -> None:
+    """Give ``dst`` the plain attributes and (parameter-free) submodules of ``src`` that it lacks:
+    what transformers' experts functions read (``config``, ``has_gate``, ``is_transposed``,
+    ``act_fn``, ...). Parameters and buffers are not touched (``_build`` shares those)."""
+    for key, value in vars(src).items():
+        if key not in vars(dst):
+            dst.__dict__[key] = value
+    for name, mod in src._modules.items():
+        if name not in dst._modules and mod is not None and not any(True for _ in mod.parameters()):
+            dst._modules[name] = mod
 
 
 class _Llama4RouterOutput(Router):
@@ -272,16 +388,19 @@ def _routing(fam: _Family, router: nn.Module) -> Routing:
 
 def _experts_spec(fam: _Family, experts: nn.Module) -> dict:
     """GroupedExperts arguments reproducing transformers' experts module ``experts``."""
+    alpha, limit = 1.702, 7.0
     if fam.name == "gpt_oss":
         alpha, limit = float(experts.alpha), float(experts.limit)
-        gate = _match_gate(experts._apply_gate, alpha, limit)
         spec = {"weight_layout": "in_out", "bias": True, "alpha": alpha, "limit": limit}
     elif fam.name == "llama4":
-        gate = _match_gate(_act_gate(experts.act_fn, up_first=True), 1.702, 7.0)
         spec = {"weight_layout": "in_out", "bias": False}
     else:
-        gate = _match_gate(_act_gate(experts.act_fn), 1.702, 7.0)
         spec = {"weight_layout": "out_in", "bias": False}
+    gate = _structural_gate(experts)
+    if gate is None:
+        # (Llama 4's experts have no _apply_gate: their forward computes up * act_fn(gate))
+        gate_fn = getattr(experts, "_apply_gate", None) or _act_gate(experts.act_fn, up_first=True)
+        gate = _match_gate(gate_fn, alpha, limit)
     if gate is None:
         act = getattr(experts, "act_fn", None)
         raise ValueError(
@@ -349,7 +468,12 @@ def _build(fam: _Family, block: nn.Module) -> MoE:
     else:
         router.__class__ = _compat_class(Router, type(hf_router))
         moe.__class__ = _compat_class(MoE, type(block))
-    experts.__class__ = _compat_class(GroupedExperts, type(hf_experts))
+    experts.__class__ = _compat_class(_PatchedExperts, type(hf_experts))
+    # transformers' experts functions run on the replacement too (set_experts_implementation)
+    experts.__dict__["_moestream_dispatches"] = "is_transposed" in vars(hf_experts) and hasattr(
+        hf_experts, "config"
+    )
+    _adopt_attributes(experts, hf_experts)
     if isinstance(router, nn.Linear):  # Llama4Router is an nn.Linear: keep what tools read from one
         router.in_features, router.out_features = hf_router.in_features, hf_router.out_features
     # registration order of the original, so state_dict() lists the keys in the same order
@@ -405,6 +529,14 @@ def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
                 d[key] = value
 
 
+def _copy_init_flag(src: nn.Module, dst: nn.Module) -> None:
+    """transformers marks modules it has initialised (``_is_hf_initialized``) and skips them in later
+    ``init_weights`` passes (each nested model's post_init runs one): the replacement of an
+    initialised module is initialised too, or its weights would be drawn again."""
+    if "_is_hf_initialized" in vars(src):
+        dst.__dict__["_is_hf_initialized"] = src.__dict__["_is_hf_initialized"]
+
+
 def _pairs(fam_router: str, orig: nn.Module, new: nn.Module) -> Iterable[tuple[nn.Module, nn.Module]]:
     yield orig, new
     yield getattr(orig, fam_router), getattr(new, fam_router)
@@ -452,6 +584,11 @@ def patch_moe(model: nn.Module, *, families: Iterable[str] | None = None) -> int
     restricts to some of ``"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
     "llama4"``). Blocks already patched are left alone. Raises ``ValueError`` when the model has no
     block to patch. Undo with :func:`unpatch_moe`.
+
+    The config the experts read gets ``_experts_implementation = "moestream"``; a later
+    ``model.set_experts_implementation(name)`` is honoured by the patched experts (Llama 4's experts
+    do not dispatch by name in transformers either). Works on models being built on the meta device
+    (e.g. from each model's ``post_init``): nothing is computed on the default device.
     """
     fams = _loaded_families(families)
     targets: list[tuple[nn.Module, str, nn.Module, _Family]] = []
@@ -482,9 +619,29 @@ def patch_moe(model: nn.Module, *, families: Iterable[str] | None = None) -> int
     for parent, name, block, fam, moe in built:
         for src, dst in _pairs(fam.router, block, moe):
             _copy_hooks(src, dst)
+            _copy_init_flag(src, dst)
         moe.__dict__["_moestream_original"] = (block, fam)
         setattr(parent, name, moe)
+    # the patched experts run moestream: say so where transformers keeps the choice, so that
+    # model.set_experts_implementation(...) afterwards is honoured (and unpatch_moe restores it)
+    for _, _, _, _, moe in built:
+        cfg = _dispatch_config(moe)
+        if cfg is not None:
+            moe.__dict__["_moestream_prev_experts_impl"] = cfg._experts_implementation
+    for _, _, _, _, moe in built:
+        cfg = _dispatch_config(moe)
+        if cfg is not None:
+            cfg._experts_implementation = "moestream"
     return len(built)
+
+
+def _dispatch_config(moe: nn.Module):
+    """The transformers config whose ``_experts_implementation`` the experts of a patched block read
+    (None for experts that do not dispatch through transformers' registry)."""
+    experts = moe.submodule("experts")
+    if not experts.__dict__.get("_moestream_dispatches", False):
+        return None
+    return experts.__dict__.get("config")
 
 
 def unpatch_moe(model: nn.Module) -> int:
@@ -499,12 +656,17 @@ def unpatch_moe(model: nn.Module) -> int:
     ]
     for parent, name, moe in targets:
         block, fam = moe.__dict__["_moestream_original"]
+        cfg = _dispatch_config(moe)
+        prev = moe.__dict__.get("_moestream_prev_experts_impl")
+        if cfg is not None and prev is not None and cfg._experts_implementation == "moestream":
+            cfg._experts_implementation = prev  # unless changed meanwhile (set_experts_implementation)
         for pname, p in moe.named_parameters():
             _set_path(block, pname, p)
         for bname, b in moe.named_buffers():
             _set_path(block, bname, b)
         for src, dst in _pairs(fam.router, block, moe):
             _copy_hooks(dst, src)
+            _copy_init_flag(dst, src)
         block.train(moe.training)
         setattr(parent, name, block)
     return len(targets)

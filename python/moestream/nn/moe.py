@@ -35,7 +35,8 @@ class Routing:
       the k for GPT-OSS, sigmoid for Llama 4). Otherwise score all E, then select.
     - ``normalize``: divide the k weights by their sum (+1e-20). ``scale``: multiply them afterwards.
     - ``num_groups`` / ``topk_groups``: group-limited selection (DeepSeek-V3): groups are ranked by the
-      sum of their top-2 scores and only experts of the best ``topk_groups`` groups are eligible.
+      sum of their top-2 scores and the experts of the best ``topk_groups`` groups are picked first
+      (a k beyond them continues with the other groups' experts, lowest ids first, as transformers).
     - ``router_bias``: the router's linear layer has a bias (GPT-OSS).
     - ``correction_bias``: an ``e_score_correction_bias`` buffer [E] added to the scores for
       selection only (DeepSeek-V3; trained outside autograd).
