@@ -136,7 +136,8 @@ def test_expert_cache_suite_tiny_real_run(tmp_path, monkeypatch):
             assert p["bytes_per_step"] >= 0.99 * p["floor_bytes_per_step"]
             share[routing, batch] = p["top10_share"]
             layer = by[(routing, batch, "moestream experts=layer")]["params"]
-            assert p["bytes_per_step"] < layer["bytes_per_step"]
+            if batch == 1:  # (at batch 8 the tiny model's 8 x 4 selections cover nearly all 16 experts)
+                assert p["bytes_per_step"] < layer["bytes_per_step"]
     assert share[("zipf(s=1)", 8)] > share[("uniform", 8)]  # the skewed routing is skewed
     assert "expert_cache / decode_zipf / float32 / T=8" in text
     if importlib.util.find_spec("matplotlib"):
