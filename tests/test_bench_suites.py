@@ -14,7 +14,7 @@ from io import StringIO
 import pytest
 import torch
 from moestream import bench
-from moestream.bench import report, suite_model, suite_stream
+from moestream.bench import report, suite_expert_cache, suite_model, suite_stream
 from moestream.bench.__main__ import main
 from moestream.bench.timing import Measurement, TimingPolicy, measure
 
@@ -86,6 +86,94 @@ def test_stream_suite_tiny_real_run(tmp_path):
     assert "stream / decode / float32 / T=1" in text
 
 
+def test_expert_cache_suite_tiny_real_run(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    monkeypatch.setenv("MOESTREAM_BENCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "xcache.json"
+    rc, text = run_cli(CLI + ["--suite", "expert_cache", "--json", str(path)])
+    assert rc == 0, text
+    _, rows = rows_of(path, "expert_cache")
+    links = {r["impl"]: r for r in rows if r["op"] == "link"}
+    assert links["disk O_DIRECT"]["role"] == "ceiling" and links["disk O_DIRECT"]["gbps"] > 0
+    assert links["disk O_DIRECT expert-sized"]["gbps"] > 0
+    link = links["disk O_DIRECT"]["gbps"]
+    decode = [r for r in rows if r["op"] != "link"]
+    by = {(r["params"]["routing"], r["tokens"], r["impl"]): r for r in decode}
+    impls = {
+        "moestream experts=cache",
+        "moestream experts=layer",
+        "accelerate.disk_offload",
+        "transformers in memory",
+    }
+    assert set(by) == {(g, b, i) for g in ("uniform", "zipf(s=1)") for b in (1, 8) for i in impls}
+    assert {r["op"] for r in decode} == {"decode_uniform", "decode_zipf"}
+    share = {}
+    for (routing, batch, impl), r in by.items():
+        assert r["status"] in ("ok", "unreliable"), r
+        assert r["tokens_per_s"] == pytest.approx(batch / (r["median_ms"] * 1e-3))
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        if impl.startswith("moestream"):
+            p = r["params"]
+            floor_ms = p["floor_bytes_per_step"] / (link * 1e9) * 1e3
+            assert p["floor_ms"] == pytest.approx(floor_ms) and floor_ms > 0
+            assert r["ceiling_fraction"] == pytest.approx(floor_ms / r["median_ms"])
+            assert (r["status"] == "unreliable") == (r["ceiling_fraction"] > 1.0)
+            assert p["bytes_per_token"] == pytest.approx(p["bytes_per_step"] / batch)
+        if r["status"] == "ok" and r["role"] == "ours":
+            assert set(r["speedup"]) == {
+                i for i in impls if i != impl and by[(routing, batch, i)]["status"] == "ok"
+            }
+        if impl == "moestream experts=cache":
+            p = r["params"]
+            assert 0.0 <= p["cached_hit_rate"] <= p["hit_rate"] <= 1.0
+            # every step's selection: L layers x batch x k (tiny: 6 layers, top-4)
+            assert p["selections_per_step"] == 6 * batch * 4
+            assert p["lookups_per_step"] <= p["selections_per_step"]
+            assert p["experts_read_per_step"] <= p["lookups_per_step"]
+            assert p["floor_bytes_per_step"] <= p["cold_floor_bytes_per_step"]
+            # the floor's bytes are read: what was read is at least the floor (a little header slack)
+            assert p["bytes_per_step"] >= 0.99 * p["floor_bytes_per_step"]
+            share[routing, batch] = p["top10_share"]
+            layer = by[(routing, batch, "moestream experts=layer")]["params"]
+            if batch == 1:  # (at batch 8 the tiny model's 8 x 4 selections cover nearly all 16 experts)
+                assert p["bytes_per_step"] < layer["bytes_per_step"]
+    assert share[("zipf(s=1)", 8)] > share[("uniform", 8)]  # the skewed routing is skewed
+    assert "expert_cache / decode_zipf / float32 / T=8" in text
+    if importlib.util.find_spec("matplotlib"):
+        png = tmp_path / "x.png"
+        report.plot(json.loads(path.read_text()), png)
+        assert png.stat().st_size > 0
+
+
+def test_expert_cache_rows_faster_than_the_floor_are_unreliable():
+    make = suite_expert_cache.CacheRows("tiny", torch.float32, torch.device("cpu"))
+    fast = make.decode("uniform", 1, "moestream experts=cache", "ours", _times(1.0), floor_bytes_per_step=4e6)
+    slow = make.decode(
+        "uniform",
+        8,
+        "moestream experts=cache",
+        "ours",
+        _times(4.0),
+        floor_bytes_per_step=4e6,
+        cold_floor_bytes_per_step=8e6,
+    )
+    suite_expert_cache.judge([fast, slow], 2.0)  # floors: 2 ms at 2 GB/s
+    assert fast.status == "unreliable" and "faster than its floor" in fast.reason
+    assert slow.status == "ok" and slow.ceiling_fraction == pytest.approx(0.5)
+    assert slow.params["ratio_to_floor"] == pytest.approx(2.0)
+    assert slow.params["cold_floor_ms"] == pytest.approx(4.0)
+    assert slow.params["floor_tokens_per_s"] == pytest.approx(8 / 2e-3)
+
+
+def test_zipf_probs_are_a_permuted_zipf():
+    p = suite_expert_cache.zipf_probs(64, 1.0, seed=3)
+    assert p.sum().item() == pytest.approx(1.0)
+    top = p.sort(descending=True).values
+    assert torch.allclose(top / top[0], 1.0 / torch.arange(1, 65, dtype=torch.float64))
+    assert not torch.equal(p, p.sort(descending=True).values)  # the popular experts are spread out
+
+
 # ---------------------------------------------------------------------------------------------
 # plumbing with synthetic measurements
 
@@ -129,6 +217,7 @@ def _fake_model(cfg, dtype):
 def fakes(monkeypatch):
     monkeypatch.setattr(suite_stream, "run_stream_suite", _fake_stream)
     monkeypatch.setattr(suite_model, "run_model_suite", _fake_model)
+    monkeypatch.setattr(suite_expert_cache, "run_expert_cache_suite", lambda cfg, dtype: [])
 
 
 def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):

@@ -250,6 +250,7 @@ KNOWN_SUITES: dict[str, str] = {
     "moe": "the whole expert path, forward and forward+backward, against reference and transformers",
     "model": "whole transformers models with moestream's layers patched in",
     "stream": "weight streaming of dense and MoE models",
+    "expert_cache": "decoding an offloaded MoE model through the expert cache vs layer streaming",
 }
 DEFAULT_SUITES = ("ops", "moe")
 

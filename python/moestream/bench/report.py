@@ -386,10 +386,19 @@ def plot(result, path: str | Path) -> None:
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
 
     data = _as_dict(result)
+    cache_rows = [r for r in data["rows"] if r["suite"] == "expert_cache" and r["op"].startswith("decode")]
+    if cache_rows:  # its own picture; beside the other suites' one when the run has both
+        others = any(r["suite"] != "expert_cache" for r in data["rows"])
+        p = Path(path)
+        plot_expert_cache(data, p.with_name(f"{p.stem}-expert_cache{p.suffix}") if others else p)
+        if not others:
+            return
     panels: OrderedDict[tuple, dict[str, list[dict]]] = OrderedDict()
     for r in data["rows"]:
         # rows with a time per call (bandwidth-only rows, e.g. the stream suite's link, have none)
         if r["status"] != "ok" or r.get("median_ms") is None or not r.get("tokens"):
+            continue
+        if r["suite"] == "expert_cache":
             continue
         panels.setdefault((r["suite"], r["op"], r["dtype"]), {}).setdefault(r["impl"], []).append(r)
     n = max(1, len(panels))
@@ -424,6 +433,108 @@ def plot(result, path: str | Path) -> None:
     m = data["meta"]
     shape = (m.get("shape") or {}).get("name", "")
     fig.suptitle(f"moestream bench: {shape} on {m.get('device_name')} ({m.get('date')})", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_cache(data: dict, path: str | Path) -> None:
+    """The expert_cache suite at a glance: tokens/s of every method (bars, log scale) for each
+    routing and batch, one panel per dtype, with the cache's floor (bytes it must read over the
+    measured link) and its cold floor (every selected expert read) marked; unreliable rows hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["rows"] if r["suite"] == "expert_cache" and r["op"].startswith("decode")]
+    dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(10, 5.2), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        rs = [r for r in rows if r["dtype"] == dtype]
+        groups = list(OrderedDict.fromkeys((r["params"].get("routing", r["op"]), r["tokens"]) for r in rs))
+        impls = list(OrderedDict.fromkeys(r["impl"] for r in rs))
+        width = 0.8 / max(1, len(impls))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for gi, (routing, batch) in enumerate(groups):
+            for ii, impl in enumerate(impls):
+                r = next(
+                    (
+                        r
+                        for r in rs
+                        if r["impl"] == impl
+                        and r["tokens"] == batch
+                        and r["params"].get("routing", r["op"]) == routing
+                    ),
+                    None,
+                )
+                if r is None or not r.get("tokens_per_s"):
+                    continue
+                x = gi - 0.4 + width * (ii + 0.5)
+                bad = r["status"] != "ok"
+                ax.bar(
+                    x,
+                    r["tokens_per_s"],
+                    width,
+                    color=colors[ii % len(colors)],
+                    hatch="//" if bad else None,
+                    alpha=0.5 if bad else 1.0,
+                    label=impl if gi == 0 else None,
+                )
+                ax.text(
+                    x,
+                    r["tokens_per_s"] * 1.05,
+                    f"{r['tokens_per_s']:.3g}" + ("?" if bad else ""),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6.5,
+                    rotation=90,
+                )
+                p = r.get("params") or {}
+                if r["role"] == "ours" and p.get("floor_ms"):
+                    ax.hlines(
+                        batch / (p["floor_ms"] * 1e-3),
+                        gi - 0.45,
+                        gi + 0.45,
+                        colors="black",
+                        linewidth=1.6,
+                        label="floor (cache: bytes it must read / link)" if gi == 0 else None,
+                    )
+                    if p.get("cold_floor_ms"):
+                        ax.hlines(
+                            batch / (p["cold_floor_ms"] * 1e-3),
+                            gi - 0.45,
+                            gi + 0.45,
+                            colors="gray",
+                            linestyles="dashed",
+                            linewidth=1.2,
+                            label="cold floor (no cache: every selected expert read)" if gi == 0 else None,
+                        )
+                    hr = p.get("hit_rate")
+                    if hr is not None:
+                        ax.text(
+                            gi,
+                            0.02,
+                            f"hit {100 * hr:.0f}%, top10% experts get {100 * p.get('top10_share', 0):.0f}%",
+                            transform=ax.get_xaxis_transform(),
+                            ha="center",
+                            fontsize=7,
+                        )
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"routing={g}\nbatch {b}" for g, b in groups], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("decode tokens/s (log)")
+        ax.set_title(
+            f"{rs[0]['shape']} {dtype} on {rs[0]['device']}: {(rs[0].get('params') or {}).get('model', '')}",
+            fontsize=9,
+        )
+        ax.grid(True, axis="y", which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
+        ymin, ymax = ax.get_ylim()
+        ax.set_ylim(ymin, ymax * 3)
+    m = data["meta"]
+    fig.suptitle(f"moestream expert cache: decode on {m.get('device_name')} ({m.get('date')})", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -31,7 +31,6 @@ streamer and its units) and ``ms.offload_stats(model)`` (counters) only.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import shutil
@@ -46,12 +45,14 @@ import moestream as ms
 from .. import _C, testing
 from ..integrations import hf_models
 from ..offload import get_state
+from . import links
 from .core import BenchConfig, Measured, Row, dtype_name, register_suite
 from .shapes import Shape, get_shape
 from .timing import Measurement, TimingPolicy, measure, synchronize
 
-READERS = 4  # reader threads of the disk probe and the engine
-CHUNK = 4 << 20  # bytes per read of the disk probe
+READERS, CHUNK = links.READERS, links.CHUNK
+_drop_page_cache, _files_under, _gbps = links.drop_page_cache, links.files_under, links.gbps
+_disk_gbps, _pinned_h2d_gbps = links.disk_gbps, links.pinned_h2d_gbps
 # Llama 3's settings besides the sizes of a shape
 _LLAMA3 = {"max_pos": 8192, "rope_theta": 500000.0, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
 
@@ -173,48 +174,6 @@ def judge(rows: list[Row], link_gbps: float) -> None:
 # measurements
 
 
-def _drop_page_cache(paths) -> None:
-    """Evicts the files' clean pages (POSIX_FADV_DONTNEED), so the next read comes from the disk."""
-    for p in paths:
-        with contextlib.suppress(OSError):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def _files_under(d: str, suffixes=(".safetensors", ".dat")) -> list[str]:
-    out = []
-    for root, _, files in os.walk(d):
-        out += [os.path.join(root, f) for f in files if f.endswith(suffixes)]
-    return sorted(out)
-
-
-def _gbps(nbytes: float, m: Measurement) -> float:
-    return nbytes / (m.median_ms * 1e-3) / 1e9
-
-
-def _disk_gbps(files: list[str], direct: bool) -> float:
-    """Cold reads of ``files`` by the engine's reader threads (the page cache dropped before each)."""
-    total = sum(os.path.getsize(f) for f in files)
-    m = measure(
-        [lambda: _C.read_files_seconds(files, CHUNK, READERS, direct)],
-        torch.device("cpu"),
-        TimingPolicy.fixed(2),
-        before=lambda: _drop_page_cache(files),
-    )
-    return _gbps(total, m)
-
-
-def _pinned_h2d_gbps(device: torch.device, nbytes: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    src.fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return _gbps(nbytes, measure([lambda: dst.copy_(src, non_blocking=True)], device, TimingPolicy.fixed(8)))
-
-
 def _streamer_gbps(model, device: torch.device, rounds: int, before=None) -> float:
     """Every unit through the slots, ``rounds`` timed rounds with no compute in between; the bytes
     of a round are the bytes loaded over all rounds (warm-up included) per round."""
@@ -238,18 +197,10 @@ def _streamer_gbps(model, device: torch.device, rounds: int, before=None) -> flo
 def _decode(
     model, device: torch.device, vocab: int, steps: int, prompt: int = 16, before=None
 ) -> Measurement:
-    """The time per decoded token: a prompt, then one warm-up and ``steps`` timed steps of batch 1
-    with the KV cache (``steps + 2`` forwards in all)."""
-    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        state = {"next": out.logits[:, -1:].argmax(-1), "cache": out.past_key_values}
-
-        def step():
-            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
-            state["next"], state["cache"] = out.logits[:, -1:].argmax(-1), out.past_key_values
-
-        return measure([step], device, TimingPolicy.fixed(steps), before=before)
+    """The time per decoded token: a prompt, then one warm-up and ``steps`` timed greedy steps of
+    batch 1 with the KV cache (``steps + 2`` forwards in all)."""
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
+    return links.decode(model, device, ids, steps, before=before)
 
 
 def run_stream_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:

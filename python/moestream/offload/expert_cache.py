@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .. import ops, pipeline
 
+
 @dataclass
 class _Compute:
     """How an experts module computes, read from the module once."""
@@ -124,6 +125,11 @@ class CacheCounters:
     predicted: int = 0  # experts predicted for the next experts module
     predicted_used: int = 0  # ... that it then selected
     predicted_lookups: int = 0  # lookups of calls that had a prediction
+    # predicted experts that were not cached when predicted (the prediction read them), and those of
+    # them that the call then selected: hits, but read for that call (a cache of what was used before
+    # would have missed them), so misses + prefetch_load_hits are the experts read for the calls
+    prefetch_loads: int = 0
+    prefetch_load_hits: int = 0
     calls: int = 0
 
     def as_dict(self) -> dict:
@@ -140,7 +146,11 @@ class CacheCounters:
             # precision: how often a predicted expert was then selected; recall: how much of the
             # selection was predicted
             "prefetch_precision": self.predicted_used / self.predicted if self.predicted else 0.0,
-            "prefetch_recall": self.predicted_used / self.predicted_lookups if self.predicted_lookups else 0.0,
+            "prefetch_recall": self.predicted_used / self.predicted_lookups
+            if self.predicted_lookups
+            else 0.0,
+            "prefetch_loads": self.prefetch_loads,
+            "prefetch_load_hits": self.prefetch_load_hits,
         }
 
 
@@ -154,6 +164,9 @@ class ExpertCache:
     gather: bool = False
     counters: CacheCounters = field(default_factory=CacheCounters)
     _predicted: dict[int, set[int]] = field(default_factory=dict)
+    _prefetch_loaded: dict[int, set[int]] = field(
+        default_factory=dict
+    )  # group -> experts the prediction read
 
     # -- binding ------------------------------------------------------------------------------------
     def bind(self, modules: list[nn.Module], routers: list[nn.Module | None], dense: list[bool]) -> None:
@@ -167,7 +180,9 @@ class ExpertCache:
                 per_slot = slot_bytes // dtype.itemsize
                 inner = torch.empty(shape, device="meta").stride() if shape else ()
                 with torch.inference_mode(False):
-                    views[attr] = arr.view(dtype).as_strided((S, *shape), (per_slot, *inner), off // dtype.itemsize)
+                    views[attr] = arr.view(dtype).as_strided(
+                        (S, *shape), (per_slot, *inner), off // dtype.itemsize
+                    )
             c = g.compute
             g.experts = pipeline.Experts(
                 views[c.w1],
@@ -213,6 +228,7 @@ class ExpertCache:
         c.lookups += len(need)
         c.selections += ids.numel()
         pred = self._predicted.pop(gi, None)
+        loaded_ahead = self._prefetch_loaded.pop(gi, set())
         if pred is not None:
             c.predicted_used += len(pred.intersection(need))
             c.predicted_lookups += len(need)
@@ -222,7 +238,7 @@ class ExpertCache:
         S = self.streamer.num_slots
         chunks = [need[i : i + S] for i in range(0, len(need), S)] or [[]]
         for ci, chunk in enumerate(chunks):
-            self._run_chunk(g, gi, chunk, rows, ends, y, xs if ci == len(chunks) - 1 else None)
+            self._run_chunk(g, gi, chunk, rows, ends, y, xs if ci == len(chunks) - 1 else None, loaded_ahead)
         return ops.unpermute(y, perm, weights).to(out_dtype).reshape(x.shape)
 
     def run_dense(self, gi: int, routed_in: Tensor) -> Tensor:
@@ -240,11 +256,12 @@ class ExpertCache:
             out[e_idx, t_idx] = self.run(gi, rows, e_idx[:, None], ones).to(out.dtype)
         return out.view(-1, H)
 
-    def _run_chunk(self, g, gi, chunk, rows, ends, y, x_for_prediction) -> None:
+    def _run_chunk(self, g, gi, chunk, rows, ends, y, x_for_prediction, loaded_ahead=frozenset()) -> None:
         st, c = self.streamer, self.counters
         units = {e: g.first_unit + e for e in chunk}
         cached = [e for e in chunk if st.is_cached(units[e])]
         c.hits += len(cached)
+        c.prefetch_load_hits += sum(1 for e in cached if e in loaded_ahead)
         c.misses += len(chunk) - len(cached)
         pinned, slot = [], {}
         try:
@@ -357,8 +374,13 @@ class ExpertCache:
         self._predicted[gj] = pred
         self.counters.predicted += len(pred)
         st = self.streamer
+        loaded = set()
         for e in sorted(pred):
+            if not st.is_cached(g.first_unit + e):
+                loaded.add(e)
             st.prefetch(g.first_unit + e)
+        self._prefetch_loaded[gj] = loaded
+        self.counters.prefetch_loads += len(loaded)
 
     def stats(self) -> dict:
         s = self.counters.as_dict()
@@ -377,6 +399,7 @@ class ExpertCache:
     def reset(self) -> None:
         self.counters = CacheCounters()
         self._predicted.clear()
+        self._prefetch_loaded.clear()
         self.streamer.reset_stats()
 
 
