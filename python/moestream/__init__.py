@@ -6,11 +6,13 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import (
     _C,  # registers torch.ops.moestream.*
+    distributed,
     nn,
     ops,
     reference,
 )
 from .integrations import install_transformers_hook as _install_transformers_hook
+from .distributed import parallelize_experts
 from .integrations import patch_moe, unpatch_moe
 from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
 from .ops import (
@@ -40,6 +42,7 @@ __all__ = [
     "nn",
     "offload",
     "offload_stats",
+    "parallelize_experts",
     "ops",
     "patch_moe",
     "permute",
