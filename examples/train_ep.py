@@ -21,28 +21,30 @@ from __future__ import annotations
 import argparse
 import os
 
+import moestream as ms
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from moestream import distributed as msd
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-import moestream as ms
-from moestream import distributed as msd
 
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> tuple[float, float]:
+    """Train; returns the global mean cross-entropy of the first and the last step."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--aux-coef", type=float, default=0.01)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    own_group = not dist.is_initialized()  # (a test may call main() inside its own process group)
+    if own_group:
+        dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
 
@@ -100,7 +102,7 @@ def main() -> None:
         last = float(total)
         first = last if first is None else first
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
-            print(f"step {step:3d}  loss {last:.4f}  aux {float(aux):.4f}")
+            print(f"step {step:3d}  loss {last:.4f}  aux {float(aux.detach()):.4f}")
 
     # the replicated parameters must still be identical on every rank
     flat = torch.cat([p.detach().reshape(-1) for p in msd.replicated_parameters(model)])
@@ -112,7 +114,9 @@ def main() -> None:
         raise RuntimeError(f"replicated parameters diverged across ranks (max difference {float(diff)})")
     if rank == 0:
         print(f"ok: loss {first:.4f} -> {last:.4f}, replicated parameters identical on all {world} ranks")
-    dist.destroy_process_group()
+    if own_group:
+        dist.destroy_process_group()
+    return first, last
 
 
 if __name__ == "__main__":

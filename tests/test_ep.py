@@ -12,12 +12,14 @@ every rank also computes (same seeds, same inputs):
 - skewed routing (ranks and experts without tokens), capacity mode (drops exactly what it
   reports), router statistics, state dicts, errors, transformers' EP registry.
 
-This file is also the worker: ``python tests/test_ep.py WORLD RANK INIT_FILE OUT_DIR``.
+This file is also the launcher (``python tests/test_ep.py launch 2,4 OUT_DIR``: imports once, forks
+the ranks) and a worker (``python tests/test_ep.py WORLD RANK INIT_FILE OUT_DIR``: one rank).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import os
@@ -100,15 +102,20 @@ def _compare_model_grads(ctx, ep_model, ref_grads: dict, what: str) -> None:
 
 # nn.MoE configurations: every routing variant, with and without shared experts and biases
 _NN_CASES = {
-    "mixtral": dict(routing="mixtral"),
-    "qwen2_moe": dict(routing="qwen2_moe", shared_expert=10, shared_expert_gate=True),
-    "deepseek_v3": dict(
-        routing=dict(preset="deepseek_v3", num_groups=4, topk_groups=2, scale=2.5), shared_expert=12
-    ),
-    "gpt_oss": dict(
-        routing="gpt_oss", activation="gptoss", layout="interleaved", weight_layout="in_out", expert_bias=True
-    ),
-    "llama4": dict(routing="llama4", k=1, shared_expert=8, weight_layout="in_out"),
+    "mixtral": {"routing": "mixtral"},
+    "qwen2_moe": {"routing": "qwen2_moe", "shared_expert": 10, "shared_expert_gate": True},
+    "deepseek_v3": {
+        "routing": {"preset": "deepseek_v3", "num_groups": 4, "topk_groups": 2, "scale": 2.5},
+        "shared_expert": 12,
+    },
+    "gpt_oss": {
+        "routing": "gpt_oss",
+        "activation": "gptoss",
+        "layout": "interleaved",
+        "weight_layout": "in_out",
+        "expert_bias": True,
+    },
+    "llama4": {"routing": "llama4", "k": 1, "shared_expert": 8, "weight_layout": "in_out"},
 }
 
 
@@ -159,27 +166,27 @@ def check_nn_moe(ctx):
 
         x_ref = x.clone().requires_grad_(True)
         out = ref(x_ref)
-        loss = (out * go).sum() + _router_losses(ref, x_ref, ms.router_aux_loss, ms.router_z_loss)
-        loss.backward()
+        router_loss = _router_losses(ref, x_ref, ms.router_aux_loss, ms.router_z_loss)
+        ((out * go).sum() + router_loss).backward()
 
         x_ep = x[a:b].clone().requires_grad_(True)
         out_ep = ep(x_ep)
         aux = lambda lg, ids: msd.router_aux_loss(lg, ids)
-        loss_ep = (out_ep * go[a:b]).sum() + _router_losses(ep, x_ep, aux, msd.router_z_loss)
-        loss_ep.backward()
+        router_loss_ep = _router_losses(ep, x_ep, aux, msd.router_z_loss)
+        ((out_ep * go[a:b]).sum() + router_loss_ep).backward()
 
         _close(f"{name} output", out_ep, out[a:b])
+        _close(f"{name} router aux + z loss", router_loss_ep, router_loss)
         _close(f"{name} input grad", x_ep.grad, x_ref.grad[a:b])
         _compare_model_grads(ctx, ep, _moe_grads(ref), name)
 
 
 def check_nn_moe_ep_group(ctx):
     """MoE(..., ep_group=...) holds this rank's slice of the experts the same seed gives without it."""
+    import moestream as ms
     import torch.distributed as dist
 
-    import moestream as ms
-
-    for name, kw in (("mixtral", {}), ("gpt_oss", dict(weight_layout="in_out", expert_bias=True))):
+    for name, kw in (("mixtral", {}), ("gpt_oss", {"weight_layout": "in_out", "expert_bias": True})):
         torch.manual_seed(3)
         ref = ms.nn.MoE(16, 12, 8, 2, name, **kw)
         torch.manual_seed(3)
@@ -219,7 +226,22 @@ def _pipeline_case(ctx, sizes, ids_fn, seed, capacity_factor=None):
     xl, wl = x[a:b].clone().requires_grad_(True), w[a:b].clone().requires_grad_(True)
     out = pipeline.run(ops.OPS, xl, ids[a:b], wl, pipeline.Experts(*local), act, placement=ep)
     (out * go[a:b]).sum().backward()
-    return dict(x=x, ids=ids, w=w, go=go, full=full, act=act, ep=ep, local=local, xl=xl, wl=wl, out=out, L=L, a=a, b=b)
+    return {
+        "x": x,
+        "ids": ids,
+        "w": w,
+        "go": go,
+        "full": full,
+        "act": act,
+        "ep": ep,
+        "local": local,
+        "xl": xl,
+        "wl": wl,
+        "out": out,
+        "L": L,
+        "a": a,
+        "b": b,
+    }
 
 
 def _local_reference(c, weights):
@@ -293,7 +315,9 @@ def check_capacity(ctx):
                 seen[e] += 1
     want_dropped = int((keep[c["a"] : c["b"]] == 0).sum())
     assert want_dropped > 0, "the routing should overflow some expert"
-    assert int(c["ep"].dropped) == want_dropped, f"reported {int(c['ep'].dropped)} dropped, expected {want_dropped}"
+    assert int(c["ep"].dropped) == want_dropped, (
+        f"reported {int(c['ep'].dropped)} dropped, expected {want_dropped}"
+    )
     # dropped slots contribute nothing: the reference with their weights zeroed
     ref = _local_reference(c, c["w"] * keep)
     _compare_pipeline(ctx, c, ref, "capacity", w_grad_mask=keep[c["a"] : c["b"]])
@@ -318,7 +342,9 @@ def check_state_dict(ctx):
     from moestream import distributed as msd
 
     torch.manual_seed(0)
-    ref = torch.nn.Sequential(ms.nn.MoE(16, 12, 8, 2), torch.nn.Linear(16, 16), ms.nn.MoE(16, 12, 8, 2, "qwen3_moe"))
+    ref = torch.nn.Sequential(
+        ms.nn.MoE(16, 12, 8, 2), torch.nn.Linear(16, 16), ms.nn.MoE(16, 12, 8, 2, "qwen3_moe")
+    )
     ep = copy.deepcopy(ref)
     assert ms.parallelize_experts(ep) == 2
     assert ms.parallelize_experts(ep) == 0  # already sharded
@@ -328,7 +354,9 @@ def check_state_dict(ctx):
         assert torch.equal(sd_full[key], sd_ref[key]), key
     # a single-process checkpoint into a fresh EP model
     torch.manual_seed(1)
-    fresh = torch.nn.Sequential(ms.nn.MoE(16, 12, 8, 2), torch.nn.Linear(16, 16), ms.nn.MoE(16, 12, 8, 2, "qwen3_moe"))
+    fresh = torch.nn.Sequential(
+        ms.nn.MoE(16, 12, 8, 2), torch.nn.Linear(16, 16), ms.nn.MoE(16, 12, 8, 2, "qwen3_moe")
+    )
     ms.parallelize_experts(fresh)
     fresh.load_state_dict(sd_ref)
     for key, t in fresh.state_dict().items():
@@ -391,7 +419,9 @@ def check_transformers(ctx):
             assert torch.equal(sd[key], t), f"{fam} full_state_dict {key}"
         # the load-balancing loss over the group equals the single-process one
         if getattr(out, "router_logits", None) is None:
-            assert fam == "deepseek_v3", f"{fam}: no router logits in the output"  # no aux loss in DeepSeek-V3
+            assert fam == "deepseek_v3", (
+                f"{fam}: no router logits in the output"
+            )  # no aux loss in DeepSeek-V3
             continue
         k = ref.config.num_experts_per_tok
         lg = torch.cat(out.router_logits).detach()
@@ -402,7 +432,7 @@ def check_transformers(ctx):
 
 
 def check_transformers_ep_registry(ctx):
-    """"moestream" in transformers' EP registry: its implementation on a transformers experts module
+    """ "moestream" in transformers' EP registry: its implementation on a transformers experts module
     holding this rank's shard equals the full module on the concatenated batch."""
     from moestream import testing
 
@@ -410,17 +440,19 @@ def check_transformers_ep_registry(ctx):
         from transformers.distributed.expert_parallel import EPImplementationInterface
     except ImportError:
         return  # this transformers has no EP registry: nothing registered, nothing to check
-    from torch.distributed.device_mesh import init_device_mesh
-
     import moestream.integrations.transformers  # noqa: F401  (registers)
+    from torch.distributed.device_mesh import init_device_mesh
 
     impls = EPImplementationInterface()
     assert "moestream" in impls
     mesh = init_device_mesh("cpu", (ctx.world, 1), mesh_dim_names=("ep", "tp"))
     E, H, I = 8, 16, 12
     g = torch.Generator().manual_seed(5)
-    w = {"gate_up_proj": torch.randn(E, 2 * I, H, generator=g) * 0.3, "down_proj": torch.randn(E, H, I, generator=g) * 0.3}
-    sizes = dict(hidden=H, inter=I, experts=E, k=2)
+    w = {
+        "gate_up_proj": torch.randn(E, 2 * I, H, generator=g) * 0.3,
+        "down_proj": torch.randn(E, H, I, generator=g) * 0.3,
+    }
+    sizes = {"hidden": H, "inter": I, "experts": E, "k": 2}
     full = testing.build_experts("qwen3_moe", sizes, "moestream", w)
     L = E // ctx.world
     local_w = {n: t[ctx.rank * L : (ctx.rank + 1) * L].clone() for n, t in w.items()}
@@ -436,6 +468,18 @@ def check_transformers_ep_registry(ctx):
     _close("transformers EP registry", impl(x[a:b], ids[a:b], rw[a:b]), full(x, ids, rw)[a:b])
 
 
+def check_train_ep_example(ctx):
+    """examples/train_ep.py (the script torchrun runs), in this process group: a short run lowers
+    the loss and keeps the replicated parameters identical on every rank."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ep", ROOT / "examples" / "train_ep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    first, last = mod.main(["--steps", "4", "--batch", "2", "--seq", "16"])
+    assert last < first, f"the loss did not go down: {first} -> {last}"
+
+
 CHECKS = {
     "nn_moe": check_nn_moe,
     "nn_moe_ep_group": check_nn_moe_ep_group,
@@ -446,6 +490,7 @@ CHECKS = {
     "errors": check_errors,
     "transformers": check_transformers,
     "transformers_ep_registry": check_transformers_ep_registry,
+    "train_ep_example": check_train_ep_example,
 }
 
 
@@ -456,7 +501,11 @@ def _worker(world: int, rank: int, init_file: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
     )
     ctx = Ctx(world, rank)
     results = {}
@@ -466,7 +515,7 @@ def _worker(world: int, rank: int, init_file: str, out_dir: str) -> None:
             try:
                 fn(ctx)
                 results[name] = {"ok": True, "s": time.perf_counter() - t0}
-            except Exception:
+            except Exception:  # noqa: BLE001  (reported to the parent, which fails the test)
                 # a failed check may leave collectives unmatched: stop here (the rest: not run)
                 results[name] = {"ok": False, "error": traceback.format_exc()}
                 break
@@ -476,43 +525,69 @@ def _worker(world: int, rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _launch(worlds: list[int], out_dir: str) -> None:
+    """Import everything once, then fork the ranks of each world size from this process (it has
+    run no torch op, so no thread pool is forked): the imports (transformers' take seconds) are
+    paid once instead of once per rank."""
+    import moestream.integrations.transformers  # noqa: F401  (registers "moestream" with transformers)
+
+    for fam in (*HF_FAMILIES, "qwen3_moe"):
+        importlib.import_module(f"transformers.models.{fam}.modeling_{fam}")
+    importlib.import_module("torch.distributed.device_mesh")
+    for world in worlds:
+        wdir = Path(out_dir, f"world{world}")
+        wdir.mkdir()
+        pids = []
+        for rank in range(world):
+            pid = os.fork()
+            if pid == 0:  # the rank
+                code = 1
+                try:
+                    with open(wdir / f"log{rank}", "w") as log:
+                        os.dup2(log.fileno(), 1)
+                        os.dup2(log.fileno(), 2)
+                        _worker(world, rank, str(wdir / "init"), str(wdir))
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the pytest side
 
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1")
+_RESULTS: dict[int, tuple[list[dict], list[str]]] = {}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
-def ep_results(request):
-    world = request.param
+def _run_all() -> dict[int, tuple[list[dict], list[str]]]:
+    if _RESULTS:
+        return _RESULTS
+    worlds = [2, 4]
     with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "init")
-        procs = [
-            subprocess.Popen(
-                [sys.executable, __file__, str(world), str(r), init, tmp],
-                env=_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for r in range(world)
-        ]
-        logs = []
-        deadline = time.monotonic() + TIMEOUT_S
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                logs.append(p.communicate()[0])
-        results = []
-        for r in range(world):
-            f = Path(tmp, f"rank{r}.json")
-            results.append(json.loads(f.read_text()) if f.exists() else {})
-    return world, results, logs
+        cmd = [sys.executable, __file__, "launch", ",".join(map(str, worlds)), tmp]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+            launcher_log = p.stdout[-2000:] + p.stderr[-2000:]
+        except subprocess.TimeoutExpired as e:
+            launcher_log = f"timed out after {TIMEOUT_S} s: {e}"
+        for world in worlds:
+            wdir = Path(tmp, f"world{world}")
+            results, logs = [], []
+            for r in range(world):
+                f, log = wdir / f"rank{r}.json", wdir / f"log{r}"
+                results.append(json.loads(f.read_text()) if f.exists() else {})
+                logs.append((log.read_text()[-3000:] if log.exists() else "") + launcher_log)
+            _RESULTS[world] = (results, logs)
+    return _RESULTS
+
+
+@pytest.fixture(params=[2, 4], ids=lambda w: f"world{w}")
+def ep_results(request):
+    results, logs = _run_all()[request.param]
+    return request.param, results, logs
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
@@ -521,29 +596,15 @@ def test_ep(ep_results, check):
     for rank, res in enumerate(results):
         if check not in res:
             failed = [n for n, v in res.items() if not v["ok"]]
-            why = f"an earlier check failed: {failed}" if failed else f"did not run; log:\n{logs[rank][-3000:]}"
+            why = (
+                f"an earlier check failed: {failed}" if failed else f"did not run; log:\n{logs[rank][-3000:]}"
+            )
             pytest.fail(f"rank {rank} of {world}: {check} {why}")
         assert res[check]["ok"], f"rank {rank} of {world}:\n{res[check]['error']}"
 
 
-def test_train_ep_example():
-    """examples/train_ep.py under torchrun (2 processes, gloo): a short run that lowers the loss."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(29500 + os.getpid() % 1000),
-        str(ROOT / "examples" / "train_ep.py"),
-        "--steps",
-        "4",
-    ]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "ok: loss" in p.stdout, p.stdout[-3000:]
-
-
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if sys.argv[1] == "launch":
+        _launch([int(w) for w in sys.argv[2].split(",")], sys.argv[3])
+    else:  # one rank: WORLD RANK INIT_FILE OUT_DIR
+        _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

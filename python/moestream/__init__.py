@@ -11,8 +11,8 @@ from . import (
     ops,
     reference,
 )
-from .integrations import install_transformers_hook as _install_transformers_hook
 from .distributed import parallelize_experts
+from .integrations import install_transformers_hook as _install_transformers_hook
 from .integrations import patch_moe, unpatch_moe
 from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
 from .ops import (
@@ -34,6 +34,7 @@ with_cuda: bool = bool(_C.with_cuda)
 _install_transformers_hook()
 
 __all__ = [
+    "distributed",
     "gated_activation",
     "grouped_mm",
     "load_layered",
@@ -42,8 +43,8 @@ __all__ = [
     "nn",
     "offload",
     "offload_stats",
-    "parallelize_experts",
     "ops",
+    "parallelize_experts",
     "patch_moe",
     "permute",
     "reference",

@@ -32,7 +32,6 @@ import torch
 import moestream as ms
 
 from .. import testing
-
 from .core import BenchConfig, Measured, Row, SuiteSkip, Unavailable, dtype_name, register_suite
 from .timing import Measurement, TimingPolicy, measure
 
@@ -50,7 +49,9 @@ def _policy(quick: bool) -> TimingPolicy:
 def _layer(cfg: BenchConfig, dtype: torch.dtype, device) -> ms.nn.MoE:
     s = cfg.shape
     torch.manual_seed(0)
-    return ms.nn.MoE(s.hidden, s.intermediate, s.num_experts, s.top_k, "qwen3_moe", device=device, dtype=dtype)
+    return ms.nn.MoE(
+        s.hidden, s.intermediate, s.num_experts, s.top_k, "qwen3_moe", device=device, dtype=dtype
+    )
 
 
 def _step_fn(model, x, go):

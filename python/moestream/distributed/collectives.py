@@ -43,7 +43,9 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=Non
     out_splits[r] rows received from rank r in rank order. Differentiable (the backward is the
     reverse all-to-all, a collective: every rank must run it)."""
     if len(out_splits) != len(in_splits):
-        raise ValueError(f"all_to_all: out_splits and in_splits differ in length: {out_splits} vs {in_splits}")
+        raise ValueError(
+            f"all_to_all: out_splits and in_splits differ in length: {out_splits} vs {in_splits}"
+        )
     if x.shape[0] != sum(in_splits):
         raise ValueError(f"all_to_all: x has {x.shape[0]} rows but in_splits sum to {sum(in_splits)}")
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)

@@ -139,7 +139,9 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in sharded]
 
 
-def all_reduce_grads(model: nn.Module, group: dist.ProcessGroup | None = None, *, average: bool = False) -> None:
+def all_reduce_grads(
+    model: nn.Module, group: dist.ProcessGroup | None = None, *, average: bool = False
+) -> None:
     """Sum (``average``: average) the gradients of the replicated parameters over ``group``, in one
     flattened all-reduce. The expert gradients are already complete on their rank."""
     grads = [p.grad for p in replicated_parameters(model) if p.grad is not None]

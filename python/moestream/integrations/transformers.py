@@ -526,6 +526,6 @@ def _set_path(root: nn.Module, path: str, value: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # expert parallelism: "moestream" in transformers' EP registry too (transformers 5.x)
 
-from . import expert_parallel as _expert_parallel  # noqa: E402
+from . import expert_parallel as _expert_parallel
 
 _expert_parallel.register()
