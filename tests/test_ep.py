@@ -149,6 +149,32 @@ def _router_losses(moe, x, aux_fn, z_fn):
     return aux_fn(logits, ids) + 0.1 * z_fn(logits)
 
 
+def check_all_to_all(ctx):
+    """all_to_all with uneven and empty splits, float64: every row arrives where it should, and
+    the backward is the adjoint (sum over ranks of <A x, g> = sum of <x, A^T g>)."""
+    from moestream.distributed import all_to_all
+
+    W, r = ctx.world, ctx.rank
+    n = lambda src, dst: (src * 3 + dst * 2) % 4  # rows rank src sends rank dst (some zero)
+    in_splits = [n(r, d) for d in range(W)]
+    out_splits = [n(s, r) for s in range(W)]
+    # row i from src to dst holds (src, dst, i): the receiver can check what it got
+    x = torch.tensor([[r, d, i] for d in range(W) for i in range(n(r, d))], dtype=torch.float64).reshape(
+        -1, 3
+    )
+    x.requires_grad_(True)
+    y = all_to_all(x, out_splits, in_splits)
+    want = torch.tensor([[s, r, i] for s in range(W) for i in range(n(s, r))], dtype=torch.float64)
+    assert torch.equal(y.detach(), want.reshape(-1, 3)), (y, want)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+    y.backward(g)
+    dots = torch.stack([(y.detach() * g).sum(), (x.detach() * x.grad).sum()])
+    ctx.dist.all_reduce(dots)
+    assert torch.allclose(dots[0], dots[1], rtol=1e-12), dots
+    with _raises(ValueError, "in_splits sum"):
+        all_to_all(x, out_splits, [s + 1 for s in in_splits])
+
+
 def check_nn_moe(ctx):
     """ms.nn.MoE of every routing variant: outputs, gradients, router aux + z losses."""
     import moestream as ms
@@ -283,8 +309,19 @@ def check_skewed_routing(ctx):
     if sizes[ctx.rank] == 0:
         assert int(c["ep"].load.sum()) == 0
     # random routing with uneven token counts
-    c = _pipeline_case(ctx, [5, 9, 1, 6][: ctx.world], lambda T, g: _distinct_ids(T, 2, 8, g), seed=8)
+    sizes = [5, 9, 1, 6][: ctx.world]
+    c = _pipeline_case(ctx, sizes, lambda T, g: _distinct_ids(T, 2, 8, g), seed=8)
     _compare_pipeline(ctx, c, _local_reference(c, c["w"]), "uneven")
+    # the byte counters: rows to / from other ranks, dispatch and combine (float32 rows of 16)
+    owner = c["ids"] // c["L"]
+    ranks = torch.repeat_interleave(torch.arange(ctx.world), torch.tensor(sizes))
+    mine = ranks == ctx.rank
+    sent = int((owner[mine] != ctx.rank).sum())
+    received = int(((owner == ctx.rank) & ~mine[:, None]).sum())
+    row = 16 * 4
+    # dispatch sends `sent` rows and receives `received`; combine sends those back and gets its own
+    got = (c["ep"].bytes_sent, c["ep"].bytes_received)
+    assert got == (row * (sent + received),) * 2, (got, sent, received)
 
 
 def _distinct_ids(T, k, E, g, bias=None):
@@ -468,6 +505,81 @@ def check_transformers_ep_registry(ctx):
     _close("transformers EP registry", impl(x[a:b], ids[a:b], rw[a:b]), full(x, ids, rw)[a:b])
 
 
+class _Net(torch.nn.Module):
+    """Replicated layers around an EP MoE block (with a shared expert)."""
+
+    def __init__(self):
+        import moestream as ms
+
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 16)
+        self.moe = ms.nn.MoE(16, 12, 8, 2, "qwen3_moe", shared_expert=8)
+        self.out = torch.nn.Linear(16, 16)
+
+    def forward(self, x, ckpt=False):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.inp(x)
+        h = checkpoint(self.moe, h, use_reentrant=False) if ckpt else self.moe(h)
+        return self.out(h)
+
+
+def check_composes(ctx):
+    """Activation checkpointing (the forward all-to-alls rerun in the backward), DDP (expert
+    parameters ignored, replicated gradients averaged) and FSDP2 (fully_shard with the expert
+    parameters ignored) give the single-process gradients."""
+    import moestream as ms
+    from moestream import distributed as msd
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    ref = _Net()
+    sizes = [5, 3, 7, 2][: ctx.world]
+    a, b = _splits(ctx, sizes)
+    g = torch.Generator().manual_seed(1)
+    x, go = torch.randn(sum(sizes), 16, generator=g), torch.randn(sum(sizes), 16, generator=g)
+    (ref(x) * go).sum().backward()
+    ref_grads = _moe_grads(ref)
+
+    def compare(model, what, scale):
+        experts = {id(p) for p in msd.expert_parameters(model)}
+        for name, p in model.named_parameters():
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            want = ref_grads[name]
+            if id(p) in experts:
+                L = p.shape[0]
+                want = want[ctx.rank * L : (ctx.rank + 1) * L]
+            else:
+                want = want * scale
+            _close(f"{what} grad {name}", grad, want)
+
+    ep = copy.deepcopy(ref)
+    ms.parallelize_experts(ep)
+    ep.zero_grad()
+    (ep(x[a:b], ckpt=True) * go[a:b]).sum().backward()
+    msd.all_reduce_grads(ep)
+    compare(ep, "checkpointed", 1.0)
+
+    ep = copy.deepcopy(ref)
+    ep.zero_grad()
+    ms.parallelize_experts(ep)
+    experts = {id(p) for p in msd.expert_parameters(ep)}
+    DDP._set_params_and_buffers_to_ignore_for_model(
+        ep, [n for n, p in ep.named_parameters() if id(p) in experts]
+    )
+    ddp = DDP(ep)  # (kept alive until the backward ran: its reducer does the all-reduce)
+    (ddp(x[a:b]) * go[a:b]).sum().backward()
+    compare(ep, "DDP", 1.0 / ctx.world)  # DDP averages
+
+    ep = copy.deepcopy(ref)
+    ep.zero_grad()
+    ms.parallelize_experts(ep)
+    fully_shard(ep, ignored_params=set(msd.expert_parameters(ep)))
+    (ep(x[a:b]) * go[a:b]).sum().backward()
+    compare(ep, "FSDP2", 1.0 / ctx.world)  # FSDP averages too
+
+
 def check_train_ep_example(ctx):
     """examples/train_ep.py (the script torchrun runs), in this process group: a short run lowers
     the loss and keeps the replicated parameters identical on every rank."""
@@ -481,6 +593,7 @@ def check_train_ep_example(ctx):
 
 
 CHECKS = {
+    "all_to_all": check_all_to_all,
     "nn_moe": check_nn_moe,
     "nn_moe_ep_group": check_nn_moe_ep_group,
     "skewed_routing": check_skewed_routing,
@@ -490,6 +603,7 @@ CHECKS = {
     "errors": check_errors,
     "transformers": check_transformers,
     "transformers_ep_registry": check_transformers_ep_registry,
+    "composes": check_composes,
     "train_ep_example": check_train_ep_example,
 }
 

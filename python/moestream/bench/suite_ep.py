@@ -130,7 +130,7 @@ def run_ep_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
         b = _row(cfg, dtype, T, "a2a_bytes", "moestream-ep2", "ours")
         b.status = "ok"
         b.bytes = float(r["bytes_per_step"])
-        b.params.update(theoretical_bytes=theory, ratio=b.bytes / theory)
+        b.params.update(measured_bytes=b.bytes, theoretical_bytes=theory, ratio=round(b.bytes / theory, 4))
         rows += [base[T], step, b]
     return rows
 
@@ -179,6 +179,8 @@ def ep_suite(cfg: BenchConfig) -> list[Measured]:
         raise SuiteSkip("the ep suite runs its ranks as CPU processes on gloo (NCCL needs one GPU per rank)")
     if not torch.distributed.is_available():
         raise Unavailable("torch.distributed is not available")
+    if cfg.ops and not {"train_step", "a2a_bytes"} & set(cfg.ops):
+        return []  # (the rows would all be filtered out: do not start the processes)
     return Measured.per_dtype(cfg, "ep", run_ep_suite, expected_rows=3 * len(cfg.tokens))
 
 
