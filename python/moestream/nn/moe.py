@@ -268,7 +268,11 @@ class GroupedExperts(nn.Module):
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         if self.placement is not pipeline.LOCAL:
             experts = pipeline.Experts(
-                self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias, self.transpose_b
+                self.gate_up_proj,
+                self.down_proj,
+                self.gate_up_proj_bias,
+                self.down_proj_bias,
+                self.transpose_b,
             )
             act = pipeline.Gate(self.activation, self.layout, self.alpha, self.limit)
             return pipeline.run(ops.OPS, x, ids, weights, experts, act, placement=self.placement)
@@ -378,7 +382,7 @@ class MoE(nn.Module):
         jitter_noise: float = 0.0,
         return_router: str | None = None,
         module_names: dict[str, str] | None = None,
-        ep_group=None,
+        ep_group: torch.distributed.ProcessGroup | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -426,6 +430,8 @@ class MoE(nn.Module):
             setattr(self, names["shared_expert"], shared_expert)
         if shared_expert_gate:
             setattr(self, names["shared_expert_gate"], nn.Linear(hidden_size, 1, bias=False, **fk))
+        if isinstance(ep_group, str) and ep_group != "world":
+            raise ValueError(f"MoE: ep_group must be a process group, 'world' or None, got {ep_group!r}")
         if ep_group is not None:
             from ..distributed import shard_experts
 
