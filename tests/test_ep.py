@@ -59,12 +59,13 @@ def _splits(ctx, sizes):
 
 
 class Ctx:
-    def __init__(self, world: int, rank: int):
+    def __init__(self, world: int, rank: int, tmp: str):
         import torch.distributed as dist
 
         self.dist = dist
         self.world = world
         self.rank = rank
+        self.tmp = tmp  # a directory of this group's own
 
     def sum_grads(self, grads: dict) -> dict:
         out = {}
@@ -592,6 +593,44 @@ def check_train_ep_example(ctx):
     assert last < first, f"the loss did not go down: {first} -> {last}"
 
 
+def check_transformers_distributed_config(ctx):
+    """from_pretrained(..., distributed_config=DistributedConfig(ep_size=W, ep_implementation=
+    "moestream")): transformers shards the experts and runs them through moestream's dispatch;
+    each rank's logits equal the single-process ones."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return  # no expert-parallel support in this transformers
+    from moestream import testing
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(ctx.tmp, "ckpt")  # the group's own directory
+    if ctx.rank == 0:
+        testing.build_model("qwen3_moe", "small", seed=4).save_pretrained(ckpt)
+    ctx.dist.barrier()
+    cfg = DistributedConfig(fsdp_size=ctx.world, ep_size=ctx.world, ep_implementation="moestream")
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt, distributed_config=cfg, experts_implementation="moestream"
+    )
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager")
+    experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert experts and all(m.num_experts == 4 // ctx.world for m in experts), "experts not sharded"
+    ids = testing.input_ids(ctx.world, 5, seed=4)[ctx.rank : ctx.rank + 1]
+    from moestream.distributed import ExpertParallel
+
+    calls, dispatch = [], ExpertParallel.dispatch
+    ExpertParallel.dispatch = lambda self, *a: calls.append(1) or dispatch(self, *a)
+    try:
+        out = model(ids).logits
+    finally:
+        ExpertParallel.dispatch = dispatch
+    assert len(calls) == len(experts), (
+        f"moestream's dispatch ran {len(calls)} times for {len(experts)} layers"
+    )
+    _close("DistributedConfig logits", out, ref(ids).logits)
+    ctx.dist.barrier()
+
+
 CHECKS = {
     "all_to_all": check_all_to_all,
     "nn_moe": check_nn_moe,
@@ -603,6 +642,7 @@ CHECKS = {
     "errors": check_errors,
     "transformers": check_transformers,
     "transformers_ep_registry": check_transformers_ep_registry,
+    "transformers_distributed_config": check_transformers_distributed_config,
     "composes": check_composes,
     "train_ep_example": check_train_ep_example,
 }
@@ -621,7 +661,7 @@ def _worker(world: int, rank: int, init_file: str, out_dir: str) -> None:
         world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
-    ctx = Ctx(world, rank)
+    ctx = Ctx(world, rank, os.path.dirname(init_file))
     results = {}
     try:
         for name, fn in CHECKS.items():
