@@ -6,10 +6,12 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import (
     _C,  # registers torch.ops.moestream.*
+    distributed,
     nn,
     ops,
     reference,
 )
+from .distributed import parallelize_experts
 from .integrations import install_transformers_hook as _install_transformers_hook
 from .integrations import patch_moe, unpatch_moe
 from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
@@ -32,6 +34,7 @@ with_cuda: bool = bool(_C.with_cuda)
 _install_transformers_hook()
 
 __all__ = [
+    "distributed",
     "gated_activation",
     "grouped_mm",
     "load_layered",
@@ -41,6 +44,7 @@ __all__ = [
     "offload",
     "offload_stats",
     "ops",
+    "parallelize_experts",
     "patch_moe",
     "permute",
     "reference",

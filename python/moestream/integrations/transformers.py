@@ -683,3 +683,11 @@ def _set_path(root: nn.Module, path: str, value: Tensor) -> None:
         mod._parameters[leaf] = value
     else:
         setattr(mod, leaf, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# expert parallelism: "moestream" in transformers' EP registry too (transformers 5.x)
+
+from . import expert_parallel as _expert_parallel
+
+_expert_parallel.register()

@@ -196,7 +196,13 @@ class GroupedExperts(nn.Module):
 
     ``forward(x [T, H], ids [T, k], weights [T, k]) -> [T, H]``: sum over the k slots of
     weights * expert(x), the signature of transformers' experts modules.
+
+    ``placement``: where the experts are (:mod:`moestream.pipeline`); expert parallelism
+    (:func:`moestream.parallelize_experts`) sets an ``ExpertParallel`` whose parameters are this
+    rank's shard [E / W, ...] (``num_experts`` stays the global E).
     """
+
+    placement: pipeline.Placement = pipeline.LOCAL
 
     def __init__(
         self,
@@ -261,6 +267,16 @@ class GroupedExperts(nn.Module):
                 self.down_proj_bias.zero_()
 
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        if self.placement is not pipeline.LOCAL:
+            experts = pipeline.Experts(
+                self.gate_up_proj,
+                self.down_proj,
+                self.gate_up_proj_bias,
+                self.down_proj_bias,
+                self.transpose_b,
+            )
+            act = pipeline.Gate(self.activation, self.layout, self.alpha, self.limit)
+            return pipeline.run(ops.OPS, x, ids, weights, experts, act, placement=self.placement)
         return ops.moe_experts(
             x,
             ids,
@@ -332,6 +348,10 @@ class MoE(nn.Module):
     ``return_router="weights"`` (GPT-OSS's block), or ``(y, router logits [T, E])`` with
     ``return_router="logits"`` (Llama 4's block).
 
+    ``ep_group``: a ``torch.distributed`` process group (or ``"world"``) to shard the experts over
+    (expert parallelism, :func:`moestream.parallelize_experts`): the experts are initialised at
+    full size, as without it, then each rank keeps its slice.
+
     ``module_names`` renames the submodules (defaults ``gate``, ``experts``, ``shared_expert``,
     ``shared_expert_gate``: transformers' names in Mixtral and Qwen2-MoE) to match other families'
     parameter names.
@@ -363,6 +383,7 @@ class MoE(nn.Module):
         jitter_noise: float = 0.0,
         return_router: str | None = None,
         module_names: dict[str, str] | None = None,
+        ep_group: torch.distributed.ProcessGroup | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -410,6 +431,12 @@ class MoE(nn.Module):
             setattr(self, names["shared_expert"], shared_expert)
         if shared_expert_gate:
             setattr(self, names["shared_expert_gate"], nn.Linear(hidden_size, 1, bias=False, **fk))
+        if isinstance(ep_group, str) and ep_group != "world":
+            raise ValueError(f"MoE: ep_group must be a process group, 'world' or None, got {ep_group!r}")
+        if ep_group is not None:
+            from ..distributed import shard_experts
+
+            shard_experts(self.submodule("experts"), None if isinstance(ep_group, str) else ep_group)
 
     def submodule(self, role: str) -> nn.Module:
         """The submodule playing ``role`` ("router", "experts", "shared_expert", "shared_expert_gate"),
