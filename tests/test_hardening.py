@@ -258,3 +258,33 @@ def test_cpu_only_build_names_itself_for_cuda_tensors():
         RuntimeError, match=r"moestream\.permute: got CUDA tensors, but this build of moestream has no CUDA"
     ):
         msops._no_cuda_kernel("permute")(None)
+
+
+@pytest.mark.slow  # inductor compiles a forward and a backward (~20 s on 2 cores)
+def test_compiled_training_with_non_contiguous_inputs():
+    # the fake kernels' strides are what AOTAutograd plans the backward with: they must be the
+    # kernels' (contiguous gradients), or fullgraph training with strided logits / y failed
+    # (inductor asserts them: "expected ... stride ... Error in op: unpermute_backward")
+    T, E, k, H = 6, 5, 2, 4
+    ids0 = ids_(T, k, E)
+    _, perm, _ = O.permute(r(T, 1), ids0, E)
+
+    def step(lg, ys, x):
+        w, ids = ms.router_topk(lg, k, normalize=True)
+        y = ms.unpermute(ys, perm, w)
+        return y.pow(2).sum() + x.sum() + ms.router_z_loss(lg) + ms.router_aux_loss(lg, ids)
+
+    compiled = torch.compile(step, fullgraph=True)
+    grads = []
+    for fn in (step, compiled):
+        lg = r(E, T).t().requires_grad_()
+        ys = r(H, T * k).t().requires_grad_()
+        x = r(1).requires_grad_()
+        torch.manual_seed(0)
+        for t in (lg, ys, x):
+            with torch.no_grad():
+                t.copy_(torch.randn(t.shape))
+        fn(lg, ys, x).backward()
+        grads.append([lg.grad, ys.grad, x.grad])
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager)
