@@ -4,6 +4,7 @@ the safetensors reader/writer, save_layered's atomicity and generic (non-transfo
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -707,3 +708,26 @@ def test_offloaded_model_refuses_state_dict_moves_and_training(storage):
     with torch.no_grad():
         assert torch.equal(net(ids), ref)
     assert ms.offload_stats(net)["units"] == 5  # every refusal left the model working
+
+
+def test_disk_offload_under_a_budget_smaller_than_the_default_read_buffers(tmp_path):
+    # the default bounce buffers (5 x 4 MiB) are far larger than this model; a budget that holds the
+    # resident weights, two slots and the smallest buffer streams correctly with small buffers
+    from moestream.offload.planner import MIN_CHUNK
+
+    torch.manual_seed(6)
+    net = Net().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        ref = net(ids)
+    probe = ms.offload(copy.deepcopy(net), device="cpu", storage="disk", direct_io=True, prefetch=2)
+    st = ms.offload_stats(probe)
+    smallest = _C.stream_staging_bytes(MIN_CHUNK, 1)
+    assert st["read_buffer_bytes"] > 10 * smallest
+    budget = st["resident_bytes"] + 2 * st["slot_bytes"] + smallest
+    ms.offload(net, device="cpu", storage="disk", direct_io=True, prefetch=1, max_device_memory=budget)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(net(ids), ref)
+    st = ms.offload_stats(net)
+    assert st["device_bytes"] <= budget and st["num_slots"] == 2 and st["read_buffer_bytes"] == smallest
