@@ -381,3 +381,40 @@ def test_compile_inductor_forward(device):
     assert_accurate(
         out, call_ref(reference.moe_experts, a, "gptoss", "interleaved", True, dtype=torch.float64)
     )
+
+
+def _r(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def _ids(T, k, E):
+    return torch.randint(0, E, (T, k))
+
+
+def test_moe_experts_kernel_with_no_intermediate_returns_the_bias_path():
+    T, k, E, H = 7, 2, 3, 5
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = _r(T, H, dtype=dtype)
+        ids, w = _ids(T, k, E), torch.rand(T, k)
+        w1, w2, b2 = _r(E, H, 0, dtype=dtype), _r(E, 0, H, dtype=dtype), _r(E, H)
+        for bias in (b2, None):
+            out = torch.ops.moestream.moe_experts(
+                x, ids, w, w1, w2, None, bias, "swiglu", "concat", False, 1.7, 7.0
+            )
+            want = (
+                (w.double().unsqueeze(-1) * bias.to(dtype).double()[ids]).sum(1)
+                if bias is not None
+                else torch.zeros(T, H, dtype=torch.float64)
+            )
+            torch.testing.assert_close(
+                out.double(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6
+            )
+            composed = moestream.moe_experts(x, ids, w, w1, w2, None, bias)
+            torch.testing.assert_close(out, composed)
+        # transformers' layout and a non-contiguous x keep x's strides
+        xt = _r(H, T, dtype=dtype).t()
+        out = torch.ops.moestream.moe_experts(
+            xt, ids, w, w1.transpose(1, 2), w2.transpose(1, 2), None, b2, "swiglu", "concat", True, 1.7, 7.0
+        )
+        assert out.stride() == torch.empty_like(xt).stride()
+        torch.testing.assert_close(out, moestream.moe_experts(xt.contiguous(), ids, w, w1, w2, None, b2))

@@ -431,3 +431,9 @@ def test_bad_arguments():
     moe = MoE(8, 8, 4, 2)
     with pytest.raises(RuntimeError):  # wrong hidden size reaches the ops' / linear's checks
         moe(torch.randn(3, 7))
+
+
+def test_experts_too_large_to_allocate_are_named():
+    # 2^20 experts of 8 x 2^30: 2^57 bytes of weights
+    with pytest.raises(MemoryError, match=r"num_experts=1048576 .* could not be allocated"):
+        ms.nn.MoE(8, 2**30, 2**20, 2)

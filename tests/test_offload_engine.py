@@ -4,6 +4,8 @@ the safetensors reader/writer, save_layered's atomicity and generic (non-transfo
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 import random
@@ -261,7 +263,7 @@ def test_safetensors_reader_rejects_corrupt_headers(tmp_path):
         sio.read_header(str(p))
     hdr = json.dumps({"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 2]}}).encode()
     p.write_bytes(len(hdr).to_bytes(8, "little") + hdr + b"\0" * 16)
-    with pytest.raises(ValueError, match="unsupported header entry for tensor 'w'"):
+    with pytest.raises(ValueError, match=r"bad header entry for tensor 'w' \(unsupported dtype 'Q4'\)"):
         sio.read_header(str(p))
     p.write_bytes((4).to_bytes(8, "little") + b"{{{{")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -405,12 +407,14 @@ def test_load_offloaded_reports_missing_and_mismatched(tmp_path):
         bigger = Net(h=32)
     with pytest.raises(ValueError, match=r"'emb.weight' is \[50, 32\] in the model but \[50, 24\]"):
         ms.load_offloaded(tmp_path, device="cpu", model=bigger)
-    os.unlink(tmp_path / "model.safetensors.index.json")
-    os.unlink(tmp_path / "model-rest.safetensors")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    blocks = [(k, v) for k, v in net.state_dict().items() if k.startswith("blocks.")]
+    sio.write_safetensors(str(partial / "model.safetensors"), blocks)
     with torch.device("meta"):
         skeleton = Net()
     with pytest.raises(ValueError, match="not in the checkpoint"):
-        ms.load_offloaded(tmp_path, device="cpu", model=skeleton)
+        ms.load_offloaded(partial, device="cpu", model=skeleton)
 
 
 class Reversed(Net):
@@ -433,3 +437,297 @@ def test_blocks_run_out_of_order_still_correct(prefetch):
         for _ in range(3):
             assert torch.equal(net(ids), ref)
     assert ms.offload_stats(net)["num_slots"] == prefetch + 1
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+
+def _st_file(path, entries, data_bytes):
+    """A safetensors file with the header `entries` and `data_bytes` bytes of data."""
+    hdr = json.dumps(entries).encode()
+    path.write_bytes(
+        len(hdr).to_bytes(8, "little")
+        + hdr
+        + bytes(range(256)) * (data_bytes // 256)
+        + b"\1" * (data_bytes % 256)
+    )
+
+
+def test_corrupt_safetensors_headers_are_refused_like_the_safetensors_library(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+
+    def f32(shape, b, e):
+        return {"dtype": "F32", "shape": shape, "data_offsets": [b, e]}
+
+    cases = {
+        "shifted by 4 bytes": (
+            {"a": f32([4], 4, 20), "b": f32([4], 20, 36)},
+            36,
+            "does not start at the beginning",
+        ),
+        "same byte range": ({"a": f32([4], 0, 16), "b": f32([4], 0, 16)}, 16, "overlaps tensor 'a'"),
+        "overlap": ({"a": f32([4], 0, 16), "b": f32([4], 12, 28)}, 28, "overlaps tensor 'a'"),
+        "gap": ({"a": f32([4], 0, 16), "b": f32([4], 20, 36)}, 36, "leaves a gap after tensor 'a'"),
+        "trailing data": ({"a": f32([4], 0, 16)}, 20, "cover 16 bytes of data but the file holds 20"),
+        "fractional shape": (
+            {"a": f32([64.5], 0, 256)},
+            256,
+            "shape must be a list of non-negative integers",
+        ),
+        "string shape": ({"a": f32(["4"], 0, 16)}, 16, "shape must be a list of non-negative integers"),
+        "negative dimension": ({"a": f32([-4], 0, 16)}, 16, "shape must be a list of non-negative integers"),
+        "fractional offsets": (
+            {"a": f32([4], 0.0, 16)},
+            16,
+            "data_offsets must be two non-negative integers",
+        ),
+        "not an object": ({"a": [1, 2]}, 0, "not a JSON object"),
+    }
+    for what, (entries, nbytes, msg) in cases.items():
+        p = tmp_path / f"{what.replace(' ', '_')}.safetensors"
+        _st_file(p, entries, nbytes)
+        with pytest.raises(ValueError, match=msg):
+            sio.read_header(str(p))
+        # the reference rejects it too (with its own error types)
+        with pytest.raises(Exception), safetensors.safe_open(str(p), "pt") as f:  # noqa: B017
+            [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118 - safe_open has no __contains__/__iter__
+    # what the writer produces (tensors of every size, zero-sized ones included) is accepted by both
+    good = tmp_path / "good.safetensors"
+    tensors = [
+        ("e", torch.empty(0)),
+        ("a", torch.randn(3, 5)),
+        ("z", torch.zeros(0, 4)),
+        ("b", torch.arange(7)),
+    ]
+    sio.write_safetensors(str(good), tensors)
+    infos, _ = sio.read_header(str(good))
+    with safetensors.safe_open(str(good), "pt") as f:
+        for name, t in tensors:
+            assert torch.equal(f.get_tensor(name), t) and infos[name].shape == tuple(t.shape)
+
+
+def test_a_tensor_in_two_files_without_an_index_is_an_error(tmp_path):
+    sio.write_safetensors(str(tmp_path / "a.safetensors"), [("w", torch.ones(3)), ("x", torch.ones(2))])
+    sio.write_safetensors(str(tmp_path / "b.safetensors"), [("w", torch.zeros(3))])
+    with pytest.raises(
+        ValueError, match=r"tensor 'w' is in two files of .*: 'a.safetensors' and 'b.safetensors'"
+    ):
+        sio.checkpoint_tensors(str(tmp_path))
+    # an index says which file holds it: fine
+    sio.write_json_atomic(
+        str(tmp_path / sio.INDEX_NAME), {"weight_map": {"w": "b.safetensors", "x": "a.safetensors"}}
+    )
+    infos, _ = sio.checkpoint_tensors(str(tmp_path))
+    assert infos["w"].path.endswith("b.safetensors")
+
+
+def test_load_after_an_interrupted_save_layered_over_an_older_checkpoint_is_refused(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    ms.save_layered(Net(), tmp_path, progress=False)
+    real = sio.write_safetensors
+    written = []
+
+    def dies_after_two(path, *args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # killed mid-way
+        written.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(sio, "write_safetensors", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        ms.save_layered(Net(), tmp_path, progress=False)  # another model over the old files
+    monkeypatch.undo()
+    with torch.device("meta"):
+        skeleton = Net()
+    with pytest.raises(
+        ValueError, match="files of a layered checkpoint .* but no model.safetensors.index.json"
+    ):
+        ms.load_offloaded(tmp_path, device="cpu", model=skeleton)
+    with pytest.raises(FileNotFoundError, match="no complete layered checkpoint"):
+        ms.load_layered(tmp_path, device="cpu", model=skeleton)
+
+
+def test_index_entries_outside_the_checkpoint_are_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sio.write_safetensors(str(outside / "x.safetensors"), [("w", torch.ones(3))])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for bad in (
+        "../outside/x.safetensors",
+        str(outside / "x.safetensors"),
+        "sub/../../outside/x.safetensors",
+    ):
+        sio.write_json_atomic(str(ckpt / sio.INDEX_NAME), {"weight_map": {"w": bad}})
+        with pytest.raises(ValueError, match="outside the checkpoint directory"):
+            sio.checkpoint_tensors(str(ckpt))
+    # a subdirectory inside it is fine
+    (ckpt / "sub").mkdir()
+    sio.write_safetensors(str(ckpt / "sub" / "x.safetensors"), [("w", torch.ones(3))])
+    sio.write_json_atomic(str(ckpt / sio.INDEX_NAME), {"weight_map": {"w": "sub/./x.safetensors"}})
+    assert sio.checkpoint_tensors(str(ckpt))[0]["w"].shape == (3,)
+
+
+def test_malformed_indexes_and_paths_are_named(tmp_path):
+    net = Net()
+    ms.save_layered(net, tmp_path, progress=False)
+    index = tmp_path / sio.INDEX_NAME
+    good = json.loads(index.read_text())
+    with torch.device("meta"):
+        skeleton = Net()
+    index.write_text('{"weight_map": {"emb.weight": ')
+    with pytest.raises(ValueError, match=rf"the checkpoint index '.*{sio.INDEX_NAME}' is not valid JSON"):
+        ms.load_offloaded(tmp_path, device="cpu", model=skeleton)
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        ms.load_layered(tmp_path, device="cpu", model=skeleton)
+    index.write_text(json.dumps({"metadata": good["metadata"]}))
+    with pytest.raises(ValueError, match=r"has no \"weight_map\" object"):
+        ms.load_offloaded(tmp_path, device="cpu", model=skeleton)
+    index.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        ms.load_offloaded(tmp_path, device="cpu", model=skeleton)
+    bad = dict(good, metadata=dict(good["metadata"], aliases="{not json"))
+    index.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"the \"aliases\" of '.*' are not valid JSON"):
+        ms.load_offloaded(tmp_path, device="cpu", model=skeleton)
+    index.write_text(json.dumps(good))
+    with pytest.raises(NotADirectoryError, match="is a file; pass the directory"):
+        ms.load_offloaded(tmp_path / "model-rest.safetensors", device="cpu", model=skeleton)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        ms.load_offloaded(tmp_path, device="cpu")
+    assert ms.load_offloaded(tmp_path, device="cpu", model=skeleton) is skeleton
+
+
+def test_a_checkpoint_tensor_of_another_dtype_is_named_at_load(tmp_path):
+    torch.manual_seed(4)
+    net = Net()
+    state = dict(net.state_dict())
+    state["blocks.2.fc1.weight"] = state["blocks.2.fc1.weight"].half()
+    ms.save_layered(state, tmp_path / "mixed", progress=False)
+    with torch.device("meta"):
+        skeleton = Net()
+    with pytest.raises(
+        ValueError, match=r"'blocks.2.fc1.weight' is torch.float16 in the checkpoint .* but torch.float32"
+    ):
+        ms.load_offloaded(tmp_path / "mixed", device="cpu", model=skeleton)
+    state["blocks.2.fc1.weight"] = torch.zeros(state["blocks.2.fc1.weight"].shape, dtype=torch.int32)
+    ms.save_layered(state, tmp_path / "int", progress=False)
+    with pytest.raises(ValueError, match=r"'blocks.2.fc1.weight' is torch.int32 in the checkpoint"):
+        ms.load_offloaded(tmp_path / "int", device="cpu", model=skeleton)
+    # a whole checkpoint in another float dtype converts the model, as documented
+    ms.save_layered({k: v.bfloat16() for k, v in net.state_dict().items()}, tmp_path / "bf16", progress=False)
+    with torch.device("meta"):
+        skeleton = Net()
+    model = ms.load_offloaded(tmp_path / "bf16", device="cpu", model=skeleton)
+    ids = torch.randint(0, 50, (2, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), net.bfloat16()(ids).float())
+
+
+def test_failed_disk_offload_removes_its_temporary_directory(monkeypatch):
+    from moestream.offload import materialize
+
+    made = []
+    real_mkdtemp, real_write = materialize.tempfile.mkdtemp, sio.write_safetensors
+
+    def mkdtemp(*args, **kwargs):
+        made.append(real_mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    calls = []
+
+    def disk_full(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(materialize.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(sio, "write_safetensors", disk_full)
+    net = Net()
+    with pytest.raises(OSError, match="No space left"):
+        ms.offload(net, device="cpu", storage="disk")
+    assert len(made) == 1 and not os.path.exists(made[0])
+    assert getattr(net, "_moestream_offload", None) is None
+
+
+def test_blocks_must_name_a_list_of_blocks():
+    for blocks, msg in (
+        ("blocks.0", "names a single Block, not the nn.ModuleList"),
+        ("nothing", "names no submodule"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            ms.offload(Net(), device="cpu", blocks=blocks)
+    net = Net()
+    with pytest.raises(ValueError, match="is a single Block, not a list of blocks"):
+        ms.offload(net, device="cpu", blocks=net.blocks[0])
+    with pytest.raises(TypeError, match="blocks must be a module name"):
+        ms.offload(net, device="cpu", blocks=3)
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_offloaded_model_refuses_state_dict_moves_and_training(storage):
+    torch.manual_seed(5)
+    net = Net().eval()
+    ids = torch.randint(0, 50, (2, 4))
+    with torch.no_grad():
+        ref = net(ids)
+    keys = list(net.state_dict())
+    ms.offload(net, device="cpu", storage=storage, prefetch=1)
+    for call in (
+        net.state_dict,
+        net.blocks[1].state_dict,
+        lambda: torch.save(net.state_dict(), io.BytesIO()),
+    ):
+        with pytest.raises(RuntimeError, match="state_dict.* would hold placeholders"):
+            call()
+    assert list(net.state_dict(keep_vars=True)) == keys  # the Parameter objects, for introspection
+    with pytest.raises(RuntimeError, match="load_state_dict.* is not supported"):
+        net.load_state_dict({k: torch.zeros(()) for k in keys})
+    for move in (
+        lambda: net.to(torch.float16),
+        lambda: net.half(),
+        lambda: net.to("meta"),
+        lambda: net.blocks[0].to("cpu"),
+        lambda: net.blocks[0].double(),
+        lambda: net.float(),
+    ):
+        with pytest.raises(RuntimeError, match="offloaded model cannot be moved or cast"):
+            move()
+    assert net.to("cpu") is net and net.to(torch.device("cpu")) is net  # where it is: a no-op
+    # grad mode on: the forward works (inference), a backward through a streamed block is refused
+    out = net(ids)
+    assert torch.equal(out.detach(), ref) and out.requires_grad
+    with pytest.raises(
+        RuntimeError, match=r"backward through the streamed block 'blocks\.\d' .* inference-only"
+    ):
+        out.sum().backward()
+    net.requires_grad_(True)  # even with the streamed parameters asking for gradients
+    with pytest.raises(RuntimeError, match="inference-only"):
+        net(ids).sum().backward()
+    with torch.no_grad():
+        assert torch.equal(net(ids), ref)
+    assert ms.offload_stats(net)["units"] == 5  # every refusal left the model working
+
+
+def test_disk_offload_under_a_budget_smaller_than_the_default_read_buffers(tmp_path):
+    # the default bounce buffers (5 x 4 MiB) are far larger than this model; a budget that holds the
+    # resident weights, two slots and the smallest buffer streams correctly with small buffers
+    from moestream.offload.planner import MIN_CHUNK
+
+    torch.manual_seed(6)
+    net = Net().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        ref = net(ids)
+    probe = ms.offload(copy.deepcopy(net), device="cpu", storage="disk", direct_io=True, prefetch=2)
+    st = ms.offload_stats(probe)
+    smallest = _C.stream_staging_bytes(MIN_CHUNK, 1)
+    assert st["read_buffer_bytes"] > 10 * smallest
+    budget = st["resident_bytes"] + 2 * st["slot_bytes"] + smallest
+    ms.offload(net, device="cpu", storage="disk", direct_io=True, prefetch=1, max_device_memory=budget)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(net(ids), ref)
+    st = ms.offload_stats(net)
+    assert st["device_bytes"] <= budget and st["num_slots"] == 2 and st["read_buffer_bytes"] == smallest

@@ -9,7 +9,7 @@ import pytest
 import torch
 from moestream import _C
 from moestream.offload import OffloadOptions, plan_offload
-from moestream.offload.planner import ALIGN, PAGE, ModelLayout, TensorSpec
+from moestream.offload.planner import ALIGN, MIN_CHUNK, PAGE, ModelLayout, TensorSpec
 
 KiB = 1024
 
@@ -202,3 +202,47 @@ def test_expert_plan_on_storage_cpu_and_cuda():
     cuda = dataclasses.replace(_opts(storage="disk"), device=torch.device("cuda", 0), pin=_C.PinMode.cuda)
     pc = plan_offload(layout, cuda)
     assert pc.experts.num_slots == 8 * pc.num_slots and pc.ram_extra == 0 and pc.num_staging > 0
+
+
+def test_read_buffers_are_sized_to_a_small_budget():
+    # disk storage with O_DIRECT on the CPU: the bounce buffers count in the budget. The default ones
+    # (5 x 4 MiB) dwarf these layers; any budget holding the resident weights, two slots and the
+    # smallest buffer must work, with buffers as large as the rest allows.
+    layout = _layout(num_blocks=6, block=(700 * KiB, 4 * KiB))
+    opts = {"storage": "disk", "num_readers": 4, "prefetch": 2}
+    full = plan_offload(layout, _opts(**opts))
+    assert full.staging_bytes == _C.stream_staging_bytes(4 << 20, 5) and full.chunk_bytes == 4 << 20
+    res, slot = full.resident_bytes, full.slot_bytes
+    smallest = _C.stream_staging_bytes(min(4 << 20, MIN_CHUNK), 1)
+    for extra in (smallest, 3 * smallest, 1 << 20, 6 << 20, 30 << 20):
+        budget = res + 2 * slot + extra
+        plan = plan_offload(layout, _opts(max_device_memory=budget, **opts))
+        assert plan.device_bytes <= budget and plan.num_slots >= 2
+        assert (
+            plan.ram_extra
+            == plan.staging_bytes
+            == _C.stream_staging_bytes(plan.chunk_bytes, plan.num_staging)
+        )
+        assert plan.staging_bytes <= extra
+        # the largest that fits: doubling the chunk (or one more buffer at the smallest chunk) would not
+        if plan.chunk_bytes < 4 << 20 and plan.num_staging == full.num_staging:
+            assert _C.stream_staging_bytes(2 * plan.chunk_bytes, plan.num_staging) > extra
+        elif plan.num_staging < full.num_staging:
+            assert _C.stream_staging_bytes(plan.chunk_bytes, plan.num_staging + 1) > extra
+    # one slot and the smallest buffer still work (prefetch 0); below that the error names the minimum
+    plan = plan_offload(layout, _opts(max_device_memory=res + slot + smallest, **opts))
+    assert plan.num_slots == 1 and plan.staging_bytes == smallest
+    with pytest.raises(ValueError, match=r"read buffers at the least\), so at least") as e:
+        plan_offload(layout, _opts(max_device_memory=slot + smallest - 1, **opts))
+    from moestream.offload.options import fmt_bytes
+
+    assert f"at least {fmt_bytes(res + slot + smallest)} is needed" in str(e.value)
+
+
+def test_bad_option_values_are_named():
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"max_device_memory must be a finite number of bytes"):
+            _opts(max_device_memory=value)
+    for n in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"num_readers must be an int in \[1, 256\]"):
+            _opts(num_readers=n)

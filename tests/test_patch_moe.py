@@ -225,6 +225,39 @@ def test_families_filter_and_errors():
         ms.patch_moe(dense)
 
 
+def test_families_as_one_string():
+    model = tiny.build_model("mixtral", "small")
+    assert ms.patch_moe(model, families="mixtral") == 2  # one name, not its letters
+    with pytest.raises(ValueError, match=r"unknown families \['qwen3moe'\]"):
+        ms.patch_moe(model, families="qwen3moe")
+
+
+class ParamWrapper(torch.nn.Module):
+    """What peft puts in place of a module whose parameters get adapters (LoRA on the experts'
+    3-D weights): the wrapped module as ``base_layer``."""
+
+    def __init__(self, base_layer):
+        super().__init__()
+        self.base_layer = base_layer
+
+    def forward(self, *args, **kwargs):
+        return self.base_layer(*args, **kwargs)
+
+
+ParamWrapper.__module__ = "peft.tuners.lora.layer"
+
+
+def test_adapters_applied_before_patching_are_refused():
+    model = tiny.build_model("mixtral", "small")
+    for layer in model.model.layers:
+        layer.mlp.experts = ParamWrapper(layer.mlp.experts)
+    with pytest.raises(
+        NotImplementedError, match=r"'experts' of MixtralSparseMoeBlock is wrapped by peft's ParamWrapper"
+    ):
+        ms.patch_moe(model)
+    assert type(model.model.layers[0].mlp).__module__.startswith("transformers.")  # nothing half-patched
+
+
 def test_unsupported_activation_is_refused():
     model = tiny.build_model("mixtral", "small")
     for layer in model.model.layers:

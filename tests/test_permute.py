@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import moestream as ms
 import pytest
 import torch
@@ -160,6 +162,19 @@ def test_unpermute_accumulates_in_slot_order(device):
     perm = torch.tensor([[0, 1, 2]], device=device)
     out = ms.unpermute(ys, perm, None)
     assert out.item() == 1.0 + 2.0**-7  # a bf16 running sum would round back to 1.0 twice
+
+
+def test_permute_num_experts_beyond_memory_is_an_error():
+    # offsets [E] and the expert counts would be allocated (overcommit lets that pass) and then
+    # touched: the process was killed by the OOM killer instead of raising
+    E = 2**31 - 2
+    if os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >= 2 * 8 * E:
+        pytest.skip("this machine has memory for the offsets of 2^31 - 2 experts")
+    x, ids = torch.randn(3, 4), torch.zeros(3, 2, dtype=torch.long)
+    with pytest.raises(
+        RuntimeError, match=r"moestream.permute: num_experts = 2147483646 needs \d+ MiB .* memory"
+    ):
+        ms.permute(x, ids, E)
 
 
 def test_unpermute_bad_inputs(device):

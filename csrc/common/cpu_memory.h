@@ -7,6 +7,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include "common/cpu_isa.h"
@@ -34,6 +35,17 @@ inline void advise_hugepages(void* data, int64_t nbytes) {
   (void)data;
   (void)nbytes;
 #endif
+}
+
+// Bytes of physical memory of this machine (0 when unknown). Scratch sized by an argument rather
+// than by the tensors (permute's per-expert counts) is checked against it: with overcommit a larger
+// allocation succeeds and the process is killed when the pages are touched.
+inline int64_t physical_memory_bytes() {
+#if defined(__linux__)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0) return static_cast<int64_t>(pages) * static_cast<int64_t>(page);
+#endif
+  return 0;
 }
 
 // at::empty for outputs and scratch that the kernel writes in full right away.

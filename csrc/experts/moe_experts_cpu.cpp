@@ -648,6 +648,33 @@ at::Tensor experts_contiguous(const at::Tensor& t) {
 
 // x [T, H]; ids [T, k] int32 | int64 in [0, E); weights [T, k] any float dtype;
 // w_gate_up [E, H, 2I] and w_down [E, I, H] (transpose_b: [E, 2I, H] and [E, H, I]) in x's dtype;
+// out[t] = sum_s weights[t, s] * b_down[ids[t, s]] (zero without b_down): the expert path with I = 0.
+// idp: ids as contiguous int64 [T, k] (range checked); w: weights [T, k] in the accumulation dtype;
+// b2: b_down [E, H] in it too (or undefined); out [T, H] contiguous in x's dtype.
+void experts_no_intermediate(const int64_t* idp, const at::Tensor& w, const at::Tensor& b2, int64_t T, int64_t H,
+                             int64_t k, at::Tensor& out) {
+  MS_DISPATCH_FLOATS(out.scalar_type(), "moe_experts_cpu_no_intermediate", [&] {
+    using acc_t = moestream::acc_t<scalar_t>;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* bp = b2.defined() ? b2.const_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(static_cast<size_t>(H));
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(row.begin(), row.end(), acc_t(0));
+        if (bp != nullptr) {
+          for (int64_t s = 0; s < k; ++s) {
+            const acc_t ws = wp[t * k + s];
+            const acc_t* b = bp + idp[t * k + s] * H;
+            for (int64_t h = 0; h < H; ++h) row[h] += ws * static_cast<acc_t>(static_cast<scalar_t>(b[h]));
+          }
+        }
+        for (int64_t h = 0; h < H; ++h) o[t * H + h] = static_cast<scalar_t>(row[h]);
+      }
+    });
+  });
+}
+
 // b_gate_up [E, 2I], b_down [E, H] optional, any float dtype -> out [T, H] in x's dtype.
 at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                            const at::Tensor& w_gate_up, const at::Tensor& w_down,
@@ -692,8 +719,15 @@ at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at:
   at::Tensor out = x.is_contiguous() ? cpu::empty_large(x.sizes(), x.options()) : at::empty_like(x);
   if (out.numel() == 0) return out;
   at::Tensor outc = out.is_contiguous() ? out : at::empty({T, H}, x.options());
-  const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weights.to(acc_type).contiguous();
+  if (d.I == 0) {
+    // No intermediate: each routed slot contributes weight * b_down[e] (rounded to x's dtype first, as
+    // the composed path's grouped_mm does), or nothing without b_down.
+    experts_no_intermediate(idp, wc, b2.defined() ? b2.contiguous() : b2, T, H, k, outc);
+    if (!outc.is_same(out)) out.copy_(outc);
+    return out;
+  }
+  const at::Tensor xc = x.contiguous();
   const at::Tensor w1c = experts_contiguous(w_gate_up);
   const at::Tensor w2c = experts_contiguous(w_down);
   MS_DISPATCH_FLOATS(x.scalar_type(), "moe_experts_cpu", [&] {

@@ -26,10 +26,13 @@ inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::m
 // ----------------------------------------------------------------------------------------------
 // permute
 
+// Ids per chunk of permute_indices' histograms.
+constexpr int64_t kPermuteChunk = 1 << 14;
+
 template <typename index_t>
 void permute_indices(const index_t* ids, int64_t n, int64_t E, int64_t* perm, int64_t* offsets) {
   // Fixed chunking (independent of the thread count); each chunk keeps its own histogram.
-  constexpr int64_t kChunk = 1 << 14;
+  constexpr int64_t kChunk = kPermuteChunk;
   const int64_t nchunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
   std::vector<int64_t> counts(nchunks * E, 0);
   // First out-of-range position per chunk (n if none), so the error names the first bad id.
@@ -80,6 +83,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
   const PermuteDims d = check_permute_args(x_in, ids_in, num_experts);
   const int64_t T = d.T, k = d.k, H = d.H;
   const int64_t n = T * k;
+  {
+    // offsets [num_experts] and one histogram of num_experts counts per chunk of permute_indices
+    const int64_t need = (std::max<int64_t>(1, (n + kPermuteChunk - 1) / kPermuteChunk) + 1) * num_experts * 8;
+    const int64_t have = cpu::physical_memory_bytes();
+    MS_CHECK(have == 0 || need <= have, "permute", "num_experts = ", num_experts, " needs ", need >> 20,
+             " MiB for its offsets and expert counts, more than this machine's ", have >> 20, " MiB of memory");
+  }
   auto x = x_in.contiguous();
   auto ids = ids_in.contiguous();
   auto x_sorted = cpu::empty_large({n, H}, x.options());

@@ -25,6 +25,25 @@ __all__ = [
 
 _ops = torch.ops.moestream
 
+#: every dispatcher op of the extension (csrc/registration.cpp)
+OP_NAMES = (
+    "router_topk",
+    "router_topk_backward",
+    "router_aux_loss",
+    "router_aux_loss_backward",
+    "router_z_loss",
+    "router_z_loss_backward",
+    "permute",
+    "unpermute",
+    "unpermute_backward",
+    "grouped_mm",
+    "grouped_mm_weight_grad",
+    "grouped_bias_grad",
+    "gated_activation",
+    "gated_activation_backward",
+    "moe_experts",
+)
+
 SCORES = ("softmax", "sigmoid")
 KINDS = ("swiglu", "geglu", "gptoss")
 LAYOUTS = ("concat", "interleaved")
@@ -280,11 +299,306 @@ def _dtype_name(dtype: torch.dtype) -> str:
         torch.float16: "Half",
         torch.int32: "Int",
         torch.int64: "Long",
-    }.get(dtype, str(dtype).removeprefix("torch."))
+        torch.int16: "Short",
+        torch.int8: "Char",
+        torch.uint8: "Byte",
+        torch.bool: "Bool",
+        torch.uint16: "UInt16",
+        torch.uint32: "UInt32",
+        torch.uint64: "UInt64",
+        torch.complex32: "ComplexHalf",
+        torch.complex64: "ComplexFloat",
+        torch.complex128: "ComplexDouble",
+    }.get(dtype, str(dtype).removeprefix("torch.").capitalize())  # float8_e4m3fn -> Float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------------------------
-# fake (meta) kernels: shapes and dtypes only
+# argument checks of the fake kernels: the shape / dtype / device contract of each op, with the
+# messages of the native checks (csrc/<op>/<op>_checks.h; tests hold the two to the same messages),
+# so meta tensors, FakeTensor and torch.compile reject what the CPU and CUDA kernels reject. Checks
+# of values (expert id ranges, offsets) need the data and stay in the kernels.
+
+_INT_MAX = 2**31 - 1
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+class _Checks:
+    """The helpers of csrc/common/checks.h for one op: every failure is a RuntimeError
+    "moestream.<op>: <message>", as TORCH_CHECK raises it."""
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+
+    def fail(self, msg: str) -> None:
+        raise RuntimeError(f"moestream.{self.op}: {msg}")
+
+    def check(self, cond: bool, msg) -> None:
+        if not cond:
+            self.fail(msg() if callable(msg) else msg)
+
+    def float_(self, t: Tensor, name: str) -> None:
+        if t.dtype not in _FLOATS:
+            self.fail(f"{name} must be float32, bfloat16, float16 or float64, got {_dtype_name(t.dtype)}")
+
+    def index(self, t: Tensor, name: str) -> None:
+        if t.dtype not in (torch.int32, torch.int64):
+            self.fail(f"{name} must be int32 or int64, got {_dtype_name(t.dtype)}")
+
+    def dim(self, t: Tensor, dim: int, name: str) -> None:
+        if t.dim() != dim:
+            self.fail(f"{name} must have {dim} dimensions, got shape {_shape(t)}")
+
+    def same_device(self, a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+        if a.device != b.device:
+            self.fail(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+
+    def choice(self, value: str, names: tuple[str, ...], what: str) -> None:
+        if value not in names:
+            listed = ", ".join(f'"{n}"' for n in names)
+            self.fail(f'{what} must be one of {listed}, got "{value}"')
+
+
+# router (csrc/router/router_checks.h) ----------------------------------------------------------
+
+
+def _check_router_logits(c: _Checks, logits: Tensor) -> None:
+    c.dim(logits, 2, "logits")
+    c.float_(logits, "logits")
+    c.check(
+        logits.shape[1] < _INT_MAX,
+        lambda: f"logits must have fewer than 2^31 - 1 experts, got E = {logits.shape[1]}",
+    )
+
+
+def _check_router_ids(c: _Checks, ids: Tensor, logits: Tensor) -> None:
+    c.dim(ids, 2, "ids")
+    c.index(ids, "ids")
+    c.same_device(logits, ids, "logits", "ids")
+    T = logits.shape[0]
+    c.check(
+        ids.shape[0] == T, lambda: f"ids must have T = logits.size(0) = {T} rows, got shape {_shape(ids)}"
+    )
+
+
+def _check_router_topk_args(logits, k, score, bias, num_groups, topk_groups) -> None:
+    c = _Checks("router_topk")
+    _check_router_logits(c, logits)
+    E = logits.shape[1]
+    c.check(1 <= k <= E, lambda: f"k must be in [1, E] with E = logits.size(1) = {E}, got k = {k}")
+    c.choice(score, SCORES, "score")
+    c.check(num_groups >= 1, lambda: f"num_groups must be >= 1, got {num_groups}")
+    c.check(
+        E % num_groups == 0,
+        lambda: f"num_groups must divide the number of experts E = {E}, got num_groups = {num_groups}",
+    )
+    c.check(
+        1 <= topk_groups <= num_groups,
+        lambda: f"topk_groups must be in [1, num_groups = {num_groups}], got {topk_groups}",
+    )
+    if bias is not None:
+        c.same_device(logits, bias, "logits", "bias")
+        c.float_(bias, "bias")
+        c.check(
+            bias.dim() == 1 and bias.shape[0] == E,
+            lambda: f"bias must have shape [E] = [{E}], got {_shape(bias)}",
+        )
+
+
+def _check_router_topk_backward_args(grad_weights, logits, ids, score) -> None:
+    c = _Checks("router_topk_backward")
+    _check_router_logits(c, logits)
+    c.dim(grad_weights, 2, "grad_weights")
+    c.float_(grad_weights, "grad_weights")
+    c.same_device(logits, grad_weights, "logits", "grad_weights")
+    _check_router_ids(c, ids, logits)
+    T, k = logits.shape[0], ids.shape[1]
+    c.check(
+        tuple(grad_weights.shape) == (T, k),
+        lambda: f"grad_weights must have the shape of ids [{T}, {k}], got {_shape(grad_weights)}",
+    )
+    c.choice(score, SCORES, "score")
+
+
+def _check_router_aux_loss_args(c: _Checks, logits, ids, mask) -> None:
+    _check_router_logits(c, logits)
+    _check_router_ids(c, ids, logits)
+    if mask is not None:
+        T = logits.shape[0]
+        c.same_device(logits, mask, "logits", "mask")
+        c.check(
+            mask.dim() == 1 and mask.shape[0] == T,
+            lambda: f"mask must have shape [T] = [{T}], got {_shape(mask)}",
+        )
+        c.check(
+            not mask.dtype.is_complex,
+            lambda: f"mask must be a float, integer or bool tensor, got {_dtype_name(mask.dtype)}",
+        )
+
+
+def _check_router_scalar_grad(c: _Checks, grad, logits) -> None:
+    c.float_(grad, "grad")
+    c.same_device(logits, grad, "logits", "grad")
+    c.check(grad.numel() == 1, lambda: f"grad must be a scalar, got shape {_shape(grad)}")
+
+
+# permute / unpermute (csrc/permute/permute_checks.h) -------------------------------------------
+
+
+def _check_permute_args(x, ids, num_experts) -> None:
+    c = _Checks("permute")
+    c.dim(x, 2, "x")
+    c.float_(x, "x")
+    c.dim(ids, 2, "ids")
+    c.index(ids, "ids")
+    c.same_device(x, ids, "x", "ids")
+    c.check(
+        ids.shape[0] == x.shape[0],
+        lambda: f"ids must have one row per token of x ({x.shape[0]}), got shape {_shape(ids)}",
+    )
+    c.check(
+        1 <= num_experts < _INT_MAX, lambda: f"num_experts must be >= 1 and < 2^31 - 1, got {num_experts}"
+    )
+
+
+def _check_unpermute_args(y_sorted, perm, weights, op: str = "unpermute") -> None:
+    c = _Checks(op)
+    c.dim(y_sorted, 2, "y_sorted")
+    c.float_(y_sorted, "y_sorted")
+    c.dim(perm, 2, "perm")
+    c.index(perm, "perm")
+    c.same_device(perm, y_sorted, "perm", "y_sorted")
+    if weights is not None:
+        c.float_(weights, "weights")
+        c.same_device(weights, y_sorted, "weights", "y_sorted")
+        c.check(
+            weights.dim() == 2 and tuple(weights.shape) == tuple(perm.shape),
+            lambda: f"weights must have perm's shape {_shape(perm)}, got {_shape(weights)}",
+        )
+
+
+def _check_unpermute_backward_args(grad_y, y_sorted, perm, weights) -> None:
+    c = _Checks("unpermute_backward")
+    c.dim(grad_y, 2, "grad_y")
+    c.same_device(grad_y, y_sorted, "grad_y", "y_sorted")
+    _check_unpermute_args(y_sorted, perm, weights, c.op)
+    c.check(
+        grad_y.dtype == y_sorted.dtype,
+        lambda: (
+            f"grad_y must have y_sorted's dtype {_dtype_name(y_sorted.dtype)}, got {_dtype_name(grad_y.dtype)}"
+        ),
+    )
+    T, H = perm.shape[0], y_sorted.shape[1]
+    c.check(
+        tuple(grad_y.shape) == (T, H),
+        lambda: f"grad_y must have shape [{T}, {H}] (perm's rows, y_sorted's columns), got {_shape(grad_y)}",
+    )
+
+
+# grouped matmul (csrc/grouped_mm/grouped_mm_checks.h) ------------------------------------------
+
+
+def _check_a_and(c: _Checks, a, t, t_dim: int, t_name: str, offsets) -> None:
+    c.dim(a, 2, "a")
+    c.float_(a, "a")
+    c.dim(t, t_dim, t_name)
+    c.check(
+        a.dtype == t.dtype,
+        lambda: (
+            f"a and {t_name} must have the same dtype, got a {_dtype_name(a.dtype)} and "
+            f"{t_name} {_dtype_name(t.dtype)}"
+        ),
+    )
+    c.same_device(a, t, "a", t_name)
+    c.same_device(a, offsets, "a", "offsets")
+
+
+def _check_offsets(c: _Checks, offsets, E: int) -> None:
+    # check_offsets without read_values: the values need the data
+    c.dim(offsets, 1, "offsets")
+    c.index(offsets, "offsets")
+    c.check(
+        offsets.shape[0] == E,
+        lambda: f"offsets must have one entry per group ({E}), got shape {_shape(offsets)}",
+    )
+
+
+def _check_grouped_mm_args(a, b, offsets, transpose_b, bias) -> None:
+    c = _Checks("grouped_mm")
+    _check_a_and(c, a, b, 3, "b", offsets)
+    K, E = a.shape[1], b.shape[0]
+    bK, N = (b.shape[2], b.shape[1]) if transpose_b else (b.shape[1], b.shape[2])
+    c.check(
+        bK == K,
+        lambda: (
+            f"inner dimensions differ: a is {_shape(a)} and b is {_shape(b)}"
+            + (" ([E, N, K] with transpose_b)" if transpose_b else " ([E, K, N])")
+            + f", so K = {K} vs {bK}"
+        ),
+    )
+    if bias is not None:
+        c.float_(bias, "bias")
+        c.same_device(a, bias, "a", "bias")
+        c.check(
+            bias.dim() == 2 and tuple(bias.shape) == (E, N),
+            lambda: f"bias must have shape [{E}, {N}] (E, N), got {_shape(bias)}",
+        )
+    _check_offsets(c, offsets, E)
+
+
+def _check_grouped_mm_weight_grad_args(a, grad_out, offsets) -> None:
+    c = _Checks("grouped_mm_weight_grad")
+    _check_a_and(c, a, grad_out, 2, "grad_out", offsets)
+    M = a.shape[0]
+    c.check(grad_out.shape[0] == M, lambda: f"grad_out must have a's {M} rows, got shape {_shape(grad_out)}")
+    c.dim(offsets, 1, "offsets")
+    _check_offsets(c, offsets, offsets.shape[0])
+
+
+def _check_grouped_bias_grad_args(grad_out, offsets) -> None:
+    c = _Checks("grouped_bias_grad")
+    c.dim(grad_out, 2, "grad_out")
+    c.float_(grad_out, "grad_out")
+    c.same_device(grad_out, offsets, "grad_out", "offsets")
+    c.dim(offsets, 1, "offsets")
+    _check_offsets(c, offsets, offsets.shape[0])
+
+
+# gated activation (csrc/activation/activation_checks.h) ----------------------------------------
+
+
+def _check_gated_activation_args(x, kind, layout, op: str = "gated_activation") -> None:
+    c = _Checks(op)
+    c.float_(x, "x")
+    c.check(x.dim() >= 1, "x must have at least 1 dimension [..., 2I], got a scalar")
+    c.check(
+        x.shape[-1] % 2 == 0,
+        lambda: f"x's last dimension must be even ([gate, up] of size 2I), got shape {_shape(x)}",
+    )
+    c.choice(kind, KINDS, "kind")
+    c.choice(layout, LAYOUTS, "layout")
+
+
+def _check_gated_activation_backward_args(grad, x, kind, layout) -> None:
+    c = _Checks("gated_activation_backward")
+    _check_gated_activation_args(x, kind, layout, c.op)
+    c.float_(grad, "grad")
+    c.same_device(grad, x, "grad", "x")
+    want = (*x.shape[:-1], x.shape[-1] // 2)
+    c.check(
+        tuple(grad.shape) == tuple(want),
+        lambda: (
+            "grad must have x's shape with the last dimension halved "
+            f"[{', '.join(map(str, want))}], got shape {_shape(grad)} (x has shape {_shape(x)})"
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# fake (meta) kernels: the argument checks above, then shapes, dtypes and strides as the kernels
+# return them (contiguous, except where a kernel keeps its input's strides)
 
 
 def _register_fakes() -> None:
@@ -292,35 +606,42 @@ def _register_fakes() -> None:
 
     @reg("moestream::router_topk")
     def _(logits, k, score, topk_first, bias, num_groups, topk_groups, normalize, scale):
-        torch._check(logits.dim() == 2, lambda: "moestream.router_topk: logits must be 2-D")
+        _check_router_topk_args(logits, k, score, bias, num_groups, topk_groups)
         T = logits.shape[0]
-        return (
-            logits.new_empty((T, k), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32),
-            logits.new_empty((T, k), dtype=torch.int64),
-        )
+        return logits.new_empty((T, k), dtype=_acc(logits)), logits.new_empty((T, k), dtype=torch.int64)
 
     @reg("moestream::router_topk_backward")
     def _(grad_weights, logits, ids, score, topk_first, normalize, scale):
-        return torch.empty_like(logits)
+        _check_router_topk_backward_args(grad_weights, logits, ids, score)
+        return logits.new_empty(logits.shape)
 
     @reg("moestream::router_aux_loss")
     def _(logits, ids, mask):
+        _check_router_aux_loss_args(_Checks("router_aux_loss"), logits, ids, mask)
         return logits.new_empty((), dtype=_acc(logits))
 
     @reg("moestream::router_aux_loss_backward")
     def _(grad, logits, ids, mask):
-        return torch.empty_like(logits)
+        c = _Checks("router_aux_loss_backward")
+        _check_router_aux_loss_args(c, logits, ids, mask)
+        _check_router_scalar_grad(c, grad, logits)
+        return logits.new_empty(logits.shape)
 
     @reg("moestream::router_z_loss")
     def _(logits):
+        _check_router_logits(_Checks("router_z_loss"), logits)
         return logits.new_empty((), dtype=_acc(logits))
 
     @reg("moestream::router_z_loss_backward")
     def _(grad, logits):
-        return torch.empty_like(logits)
+        c = _Checks("router_z_loss_backward")
+        _check_router_logits(c, logits)
+        _check_router_scalar_grad(c, grad, logits)
+        return logits.new_empty(logits.shape)
 
     @reg("moestream::permute")
     def _(x, ids, num_experts):
+        _check_permute_args(x, ids, num_experts)
         T, k = ids.shape
         return (
             x.new_empty((T * k, x.shape[1])),
@@ -330,38 +651,46 @@ def _register_fakes() -> None:
 
     @reg("moestream::unpermute")
     def _(y_sorted, perm, weights):
+        _check_unpermute_args(y_sorted, perm, weights)
         return y_sorted.new_empty((perm.shape[0], y_sorted.shape[1]))
 
     @reg("moestream::unpermute_backward")
     def _(grad_y, y_sorted, perm, weights, needs_weights_grad):
+        _check_unpermute_backward_args(grad_y, y_sorted, perm, weights)
         gw_shape = tuple(perm.shape) if (weights is not None and needs_weights_grad) else (0,)
-        return torch.empty_like(y_sorted), perm.new_empty(gw_shape, dtype=_acc(y_sorted))
+        return y_sorted.new_empty(y_sorted.shape), y_sorted.new_empty(gw_shape, dtype=_acc(y_sorted))
 
     @reg("moestream::grouped_mm")
     def _(a, b, offsets, transpose_b, bias):
+        _check_grouped_mm_args(a, b, offsets, transpose_b, bias)
         n = b.shape[1] if transpose_b else b.shape[2]
         return a.new_empty((a.shape[0], n))
 
     @reg("moestream::grouped_mm_weight_grad")
     def _(a, grad_out, offsets, transpose_b):
+        _check_grouped_mm_weight_grad_args(a, grad_out, offsets)
         E, K, N = offsets.shape[0], a.shape[1], grad_out.shape[1]
         return a.new_empty((E, N, K) if transpose_b else (E, K, N))
 
     @reg("moestream::grouped_bias_grad")
     def _(grad_out, offsets):
+        _check_grouped_bias_grad_args(grad_out, offsets)
         return grad_out.new_empty((offsets.shape[0], grad_out.shape[1]))
 
     @reg("moestream::gated_activation")
     def _(x, kind, layout, alpha, limit):
+        _check_gated_activation_args(x, kind, layout)
         return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
     @reg("moestream::gated_activation_backward")
     def _(grad, x, kind, layout, alpha, limit):
-        return torch.empty_like(x)
+        _check_gated_activation_backward_args(grad, x, kind, layout)
+        return torch.empty_like(x)  # the kernels keep x's strides
 
     @reg("moestream::moe_experts")
     def _(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b, alpha, limit):
-        return torch.empty_like(x)
+        _check_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b)
+        return torch.empty_like(x)  # the kernels keep x's strides
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -440,6 +769,36 @@ def _register_autograd() -> None:
         return gy, None, (gw.to(ctx.weights_dtype) if need_w else None)
 
     reg("unpermute", unpermute_backward, unpermute_setup)
+
+    def unpermute_bw_setup(ctx, inputs, output):
+        grad_y, y_sorted, perm, weights, _ = inputs
+        ctx.has_weights = weights is not None
+        ctx.save_for_backward(
+            grad_y, y_sorted, perm, weights if weights is not None else y_sorted.new_empty(0)
+        )
+
+    def unpermute_bw_backward(ctx, gg_ys, gg_w):
+        # second order. unpermute_backward is linear: gys[perm[t, s]] += w[t, s] grad_y[t] and
+        # gw[t, s] = <grad_y[t], y_sorted[perm[t, s]]>, so each term is an unpermute or an
+        # unpermute_backward again.
+        grad_y, y_sorted, perm, weights = ctx.saved_tensors
+        w = weights if ctx.has_weights else None
+        if gg_w is not None and gg_w.numel() == 0:
+            gg_w = None  # gw was not computed (no weights, or not wanted)
+        d_gy = d_ys = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_gy = torch.zeros_like(grad_y)
+            if gg_ys is not None:
+                d_gy = d_gy + _ops.unpermute(gg_ys.contiguous(), perm, w)
+            if gg_w is not None:
+                d_gy = d_gy + _ops.unpermute(y_sorted, perm, gg_w.contiguous())
+        if ctx.needs_input_grad[1] and gg_w is not None:
+            d_ys = _ops.unpermute_backward(grad_y, y_sorted, perm, gg_w.contiguous(), False)[0]
+        if ctx.has_weights and ctx.needs_input_grad[3] and gg_ys is not None:
+            d_w = _ops.unpermute_backward(grad_y, gg_ys.contiguous(), perm, w, True)[1].to(w.dtype)
+        return d_gy, d_ys, None, d_w, None
+
+    reg("unpermute_backward", unpermute_bw_backward, unpermute_bw_setup)
 
     # grouped matmul -------------------------------------------------------------------------------
     def gmm_setup(ctx, inputs, output):
@@ -526,6 +885,15 @@ def _register_autograd() -> None:
         kind, layout, tb, alpha, limit = ctx.args
         tensors = [x, None, weights, w1, w2, b1 if ctx.has_b1 else None, b2 if ctx.has_b2 else None]
         wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
+        if torch.is_grad_enabled():
+            # create_graph: differentiate the recomputed pipeline on the saved inputs themselves, so
+            # the gradients stay connected to the graph (second order through each op's backward)
+            out = pipeline.moe_experts(OPS, *tensors[:1], ids, *tensors[2:], kind, layout, tb, alpha, limit)
+            grads = torch.autograd.grad(out, [tensors[i] for i in wanted], grad, create_graph=True)
+            result = [None] * 12
+            for i, g in zip(wanted, grads):
+                result[i] = g
+            return tuple(result)
         with torch.enable_grad():
             leaves = [
                 t if t is None else t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors)
@@ -539,6 +907,23 @@ def _register_autograd() -> None:
         return tuple(result)
 
     reg("moe_experts", experts_backward, experts_setup)
+
+    # backward ops without a second derivative: a clear error where autograd would otherwise give
+    # silent zeros / None for the gradient of the gradient
+    def no_double_backward(name: str, forward: str):
+        def setup(ctx, inputs, output):
+            pass
+
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"moestream.{forward}: double backward (the gradient of its gradient, e.g. "
+                "torch.autograd.grad(..., create_graph=True) then backward again) is not supported"
+            )
+
+        reg(name, backward, setup)
+
+    for forward in ("router_topk", "router_aux_loss", "router_z_loss", "gated_activation"):
+        no_double_backward(f"{forward}_backward", forward)
 
 
 _register_fakes()
@@ -563,3 +948,18 @@ def _moe_experts_cuda(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kin
 
 if _C.with_cuda:
     torch.library.impl("moestream::moe_experts", "CUDA", _moe_experts_cuda)
+else:
+    # A CPU-only build next to a CUDA torch: CUDA tensors would meet the dispatcher's "could not
+    # run ... with arguments from the 'CUDA' backend"; say what is missing instead.
+    def _no_cuda_kernel(name: str):
+        def impl(*args, **kwargs):
+            raise RuntimeError(
+                f"moestream.{name}: got CUDA tensors, but this build of moestream has no CUDA kernels (it was "
+                "built against a torch without CUDA, or with MOESTREAM_CUDA=OFF); rebuild it with a CUDA torch "
+                "installed (pip install --no-build-isolation .), or pass CPU tensors"
+            )
+
+        return impl
+
+    for _name in OP_NAMES:
+        torch.library.impl(f"moestream::{_name}", "CUDA", _no_cuda_kernel(_name))

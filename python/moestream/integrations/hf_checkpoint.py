@@ -12,6 +12,7 @@ moestream.offload, which does not need transformers).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable
 
@@ -31,6 +32,11 @@ def empty_model(checkpoint_dir: str, model_cls=None, trust_remote_code: bool = F
             "moestream.load_offloaded: building the model from its config needs transformers and accelerate "
             "(pip install 'moestream[transformers]'), or pass model=<a module skeleton>"
         ) from e
+    if not os.path.exists(os.path.join(checkpoint_dir, "config.json")):
+        raise FileNotFoundError(
+            f"moestream.load_offloaded: '{checkpoint_dir}' has no config.json to build the model from; "
+            "pass model=<a module skeleton> (e.g. built under torch.device('meta'))"
+        )
     config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code)
     cls = model_cls or AutoModelForCausalLM
     # Parameters on meta (no memory); buffers real, so computed ones (rotary inv_freq) are correct.

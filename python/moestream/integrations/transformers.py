@@ -547,8 +547,19 @@ def _has_accelerate_hook(module: nn.Module) -> bool:
     return any(hasattr(m, "_hf_hook") for m in module.modules())
 
 
+def _peft_wrapper(block: nn.Module) -> tuple[str, str] | None:
+    """(name, class) of a submodule of `block` that peft wrapped (its tuner layers keep the wrapped
+    module as ``base_layer``), or None: the family's attributes (act_fn, weights) are then hidden."""
+    for name, m in block.named_modules():
+        if type(m).__module__.split(".")[0] == "peft" or isinstance(
+            getattr(m, "base_layer", None), nn.Module
+        ):
+            return name or type(block).__name__, type(m).__name__
+    return None
+
+
 def _loaded_families(only: Iterable[str] | None) -> list[tuple[_Family, type]]:
-    wanted = None if only is None else set(only)
+    wanted = None if only is None else {only} if isinstance(only, str) else set(only)  # one name, or several
     if wanted is not None:
         unknown = wanted - {f.name for f in SUPPORTED_FAMILIES}
         if unknown:
@@ -614,6 +625,13 @@ def patch_moe(model: nn.Module, *, families: Iterable[str] | None = None) -> int
             raise NotImplementedError(
                 f"moestream.patch_moe: {type(block).__name__} carries accelerate hooks (device_map / offloading); "
                 "patch the model before dispatching it"
+            )
+        wrapped = _peft_wrapper(block)
+        if wrapped is not None:
+            raise NotImplementedError(
+                f"moestream.patch_moe: '{wrapped[0]}' of {type(block).__name__} is wrapped by peft's "
+                f"{wrapped[1]} (adapters such as LoRA applied before patch_moe); call patch_moe before adding "
+                "adapters, or merge them first (merge_and_unload)"
             )
     built = [(parent, name, block, fam, _build(fam, block)) for parent, name, block, fam in targets]
     for parent, name, block, fam, moe in built:

@@ -238,12 +238,22 @@ class GroupedExperts(nn.Module):
         self.limit = float(limit)
         E, H, I = num_experts, hidden_size, intermediate_size
         fk = _factory(device, dtype)
-        if weight_layout == "out_in":
-            self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, **fk))
-            self.down_proj = nn.Parameter(torch.empty(E, H, I, **fk))
-        else:
-            self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I, **fk))
-            self.down_proj = nn.Parameter(torch.empty(E, I, H, **fk))
+        try:
+            if weight_layout == "out_in":
+                self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, **fk))
+                self.down_proj = nn.Parameter(torch.empty(E, H, I, **fk))
+            else:
+                self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I, **fk))
+                self.down_proj = nn.Parameter(torch.empty(E, I, H, **fk))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            nbytes = 3 * E * H * I * torch.empty((), **{**fk, "device": "meta"}).element_size()
+            raise MemoryError(
+                f"GroupedExperts: the weights of num_experts={E} experts of hidden_size={H} and "
+                f"intermediate_size={I} take {nbytes / 2**30:.1f} GiB, which could not be allocated "
+                "(build the model on the meta device and stream it with ms.offload / ms.load_offloaded)"
+            ) from None
         if bias:
             self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I, **fk))
             self.down_proj_bias = nn.Parameter(torch.empty(E, H, **fk))

@@ -200,6 +200,46 @@ def _resolve(model: nn.Module, ckpt: dict[str, sio.TensorInfo], names: set[str],
     return placements
 
 
+def _check_dtypes(entries, sources: dict[int, Source], checkpoint_dir: str) -> None:
+    """Parameters take the checkpoint's dtypes (a bfloat16 checkpoint makes a float32 skeleton
+    bfloat16), but a tensor whose checkpoint dtype is neither the model's for it nor the one the
+    rest of the model converts to would fail only at the forward (mixed dtypes in one matmul):
+    name it now. Tensors the model keeps in a dtype of their own (a float32 router bias in a
+    bfloat16 model) may keep it or convert."""
+    floats = [
+        (e, sources[id(e.obj)]) for e in entries if id(e.obj) in sources and e.obj.dtype.is_floating_point
+    ]
+
+    def main(pairs) -> torch.dtype | None:
+        total: dict[torch.dtype, int] = {}
+        for dtype, nbytes in pairs:
+            total[dtype] = total.get(dtype, 0) + nbytes
+        return max(total, key=total.get) if total else None
+
+    model_main = main((e.obj.dtype, s.nbytes) for e, s in floats)
+    ckpt_main = main((s.dtype, s.nbytes) for e, s in floats)
+    for e in entries:
+        src = sources.get(id(e.obj))
+        m = e.obj.dtype
+        if src is None or src.dtype == m:
+            continue
+        if (
+            m.is_floating_point
+            and src.dtype.is_floating_point
+            and (m != model_main or src.dtype == ckpt_main)
+        ):
+            continue
+        raise ValueError(
+            f"moestream.load_offloaded: '{e.names[0]}' is {src.dtype} in the checkpoint '{checkpoint_dir}' but "
+            f"{m} in the model"
+            + (
+                f" (the rest of the checkpoint is {ckpt_main}: a tensor of another dtype would fail at the forward)"
+                if m.is_floating_point and src.dtype.is_floating_point
+                else ""
+            )
+        )
+
+
 def load_offloaded(
     checkpoint_dir: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -236,7 +276,18 @@ def load_offloaded(
         model = empty_model(checkpoint_dir, model_cls, trust_remote_code)
     aliases = meta.get("aliases", {}) if meta.get("format") == LAYERED_FORMAT else {}
     if isinstance(aliases, str):
-        aliases = json.loads(aliases)
+        try:
+            aliases = json.loads(aliases)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"moestream.load_offloaded: the \"aliases\" of '{os.path.join(checkpoint_dir, sio.INDEX_NAME)}' "
+                f"are not valid JSON ({e})"
+            ) from None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ValueError(
+            f"moestream.load_offloaded: the \"aliases\" of '{os.path.join(checkpoint_dir, sio.INDEX_NAME)}' "
+            "must map tensor names to tensor names"
+        )
     if opts.blocks is None and meta.get("format") == LAYERED_FORMAT and meta.get("blocks"):
         try:
             model.get_submodule(meta["blocks"])
@@ -261,6 +312,7 @@ def load_offloaded(
             )
         sources[id(e.obj)] = src
         used.update(p.path + f"@{p.offset}" for p in src.pieces)
+    _check_dtypes(entries, sources, checkpoint_dir)
     if missing:
         raise ValueError(
             f"moestream.load_offloaded: {len(missing)} tensors of the model are not in the checkpoint "
@@ -295,8 +347,7 @@ def load_layered(
             f"moestream.load_layered: '{out_dir}' holds no complete layered checkpoint (no {sio.INDEX_NAME}: "
             "never written, or the save was interrupted)"
         )
-    with open(index_path) as f:
-        meta = json.load(f).get("metadata", {}) or {}
+    meta = sio.read_json(index_path, "the checkpoint index").get("metadata", {}) or {}
     if meta.get("format") != LAYERED_FORMAT:
         raise ValueError(
             f"moestream.load_layered: '{out_dir}' is not a layered checkpoint (index format {meta.get('format')!r}); "

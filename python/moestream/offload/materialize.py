@@ -93,6 +93,16 @@ def _write_unit_files(plan: Plan, entries: list[Entry], opts: Resolved) -> str |
     out = opts.offload_dir
     if out is None:
         out = tmpdir = tempfile.mkdtemp(prefix="moestream-offload-")
+    try:
+        _write_units(plan, groups, entries, opts, out)
+    except BaseException:
+        if tmpdir is not None:  # a failed write (disk full) must not leave the directory behind
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return tmpdir
+
+
+def _write_units(plan: Plan, groups: list, entries: list[Entry], opts: Resolved, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     bar = progress_bar(plan.streamed_bytes, "moestream: writing offload files", opts.progress)
     for stem, module, ts in groups:
@@ -110,7 +120,6 @@ def _write_unit_files(plan: Plan, entries: list[Entry], opts: Resolved) -> str |
     if bar is not None:
         bar.close()
     sio.fsync_dir(out)
-    return tmpdir
 
 
 def _warn_unpinned(what: str, nbytes: int, error: str) -> None:
@@ -130,7 +139,7 @@ def _expert_cache(plan: Plan, entries: list[Entry], opts: Resolved, pool, placeh
         slot_bytes=ep.slot_bytes,
         num_slots=ep.num_slots,
         num_readers=opts.num_readers,
-        chunk_bytes=opts.chunk_bytes,
+        chunk_bytes=plan.chunk_bytes,
         num_staging=plan.num_staging,
         direct_io=opts.direct_io,
         staging_pin=opts.pin,
@@ -185,15 +194,24 @@ def _expert_cache(plan: Plan, entries: list[Entry], opts: Resolved, pool, placeh
 
 def materialize(plan: Plan, entries: list[Entry], opts: Resolved) -> OffloadState:
     """Builds the engine and the unit states for `plan`; entries get their device tensors or placeholders."""
-    device = opts.device
     tmpdir = _write_unit_files(plan, entries, opts) if opts.storage == "disk" else None
+    try:
+        return _materialize(plan, entries, opts, tmpdir)
+    except BaseException:
+        if tmpdir is not None:  # nothing refers to the offload files of a model that failed to load
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+
+
+def _materialize(plan: Plan, entries: list[Entry], opts: Resolved, tmpdir: str | None) -> OffloadState:
+    device = opts.device
     pool = _C.HostPool(plan.host_bytes, opts.pin) if plan.host_bytes else None
     config = _C.StreamerConfig(
         device=opts.engine_device,
         slot_bytes=plan.slot_bytes,
         num_slots=plan.num_slots,
         num_readers=opts.num_readers,
-        chunk_bytes=opts.chunk_bytes,
+        chunk_bytes=plan.chunk_bytes,
         num_staging=plan.num_staging,
         direct_io=opts.direct_io,
         staging_pin=opts.pin,

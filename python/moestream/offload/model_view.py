@@ -112,9 +112,34 @@ def block_modules(model: nn.Module, blocks: str | Iterable[nn.Module] | None) ->
     if blocks is None:
         mods = list(find_blocks(model)[1])
     elif isinstance(blocks, str):
-        mods = list(model.get_submodule(blocks))
+        try:
+            container = model.get_submodule(blocks)
+        except AttributeError:
+            raise ValueError(
+                f"moestream.offload: blocks={blocks!r} names no submodule of the model"
+            ) from None
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            raise ValueError(
+                f"moestream.offload: blocks={blocks!r} names a single {type(container).__name__}, not the "
+                "nn.ModuleList (or nn.Sequential) of repeated blocks; pass e.g. the name of its parent list, "
+                "or a list of modules"
+            )
+        mods = list(container)
+    elif isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise ValueError(
+            f"moestream.offload: blocks is a single {type(blocks).__name__}, not a list of blocks; pass the "
+            "nn.ModuleList of repeated blocks, or a list of modules"
+        )
     else:
-        mods = list(blocks)
+        try:
+            mods = list(blocks)
+        except TypeError:
+            raise TypeError(
+                f"moestream.offload: blocks must be a module name, an nn.ModuleList or a list of modules, "
+                f"got {type(blocks).__name__}"
+            ) from None
+    if not all(isinstance(m, nn.Module) for m in mods):
+        raise TypeError("moestream.offload: blocks must hold nn.Module objects")
     if not mods:
         raise ValueError("moestream.offload: no blocks to stream")
     known = {id(m) for m in model.modules()}

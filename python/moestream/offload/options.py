@@ -3,6 +3,7 @@ one dataclass, validated once (``resolve``) into the values the planner and the 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
@@ -38,6 +39,8 @@ def parse_bytes(value: ByteSize, what: str = "max_device_memory") -> int | None:
         return None
     if isinstance(value, bool):
         raise TypeError(f"moestream: {what} must be a number of bytes or a string like '4GiB', got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"moestream: {what} must be a finite number of bytes, got {value!r}")
     if isinstance(value, (int, float)):
         n = int(value)
     elif isinstance(value, str):

@@ -114,6 +114,7 @@ class Plan:
     budget: int | None
     warnings: list[str] = field(default_factory=list)
     experts: ExpertPlan | None = None
+    chunk_bytes: int = 4 << 20  # reads and copies: the options' chunk, smaller when the budget is small
 
     @property
     def streamed_bytes(self) -> int:
@@ -139,6 +140,29 @@ def staging_plan(opts: Resolved) -> tuple[int, int]:
     # reads that are not block aligned use them (bounce buffers).
     n = max(4, 2 * opts.num_readers) if opts.device.type == "cuda" else opts.num_readers + 1
     return n, int(_C.stream_staging_bytes(opts.chunk_bytes, n))
+
+
+# The smallest read chunk the planner picks to fit a small budget (each read then moves 64 KiB).
+MIN_CHUNK = 64 << 10
+
+
+def fit_staging(opts: Resolved, room: int) -> tuple[int, int, int]:
+    """(buffers, chunk bytes, their bytes) of the largest read buffers within `room` bytes: the
+    options' chunk halved down to MIN_CHUNK, then fewer buffers down to one (readers then wait for
+    a bounce buffer; reads stay correct). The minimal buffer when even that does not fit."""
+    from .. import _C
+
+    n, _ = staging_plan(opts)
+    chunk = opts.chunk_bytes
+    floor = min(chunk, MIN_CHUNK)
+    while True:
+        nbytes = int(_C.stream_staging_bytes(chunk, n))
+        if nbytes <= room or (chunk <= floor and n == 1):
+            return n, chunk, nbytes
+        if chunk > floor:
+            chunk = max(floor, round_up(chunk // 2, PAGE))
+        else:
+            n -= 1
 
 
 def _owner_unit(t: TensorSpec, prefixes: dict[str, int]) -> int:
@@ -262,6 +286,15 @@ def plan_offload(layout: ModelLayout, opts: Resolved) -> Plan:
         slot_need = PAGE  # blocks that are only experts and routers: empty layer units, one small slot
     if slot_need == 0:
         raise ValueError("moestream.offload: the blocks have no parameters to stream")
+    chunk = opts.chunk_bytes
+    if budget is not None and ram_extra:
+        # read buffers counted in the budget take what the resident weights and two slots leave
+        slots = min(2, opts.prefetch + 1, len(unit_modules))
+        streamers = 2 if egroups else 1  # the expert streamer has buffers of its own
+        room = (budget - resident - slots * slot_need - ecache_min) // streamers
+        num_staging, chunk, staging_bytes = fit_staging(opts, room)
+        staging_bytes *= streamers
+        ram_extra = staging_bytes
 
     fixed = resident + ram_extra + ecache_min
     if budget is not None and fixed + slot_need > budget:
@@ -277,7 +310,7 @@ def plan_offload(layout: ModelLayout, opts: Resolved) -> Plan:
                     if egroups
                     else ""
                 )
-                + (f" (+ {fmt_bytes(ram_extra)} of read buffers)" if ram_extra else "")
+                + (f" (+ {fmt_bytes(ram_extra)} of read buffers at the least)" if ram_extra else "")
                 + f", so at least {fmt_bytes(need)} is needed"
                 + (
                     f" ({fmt_bytes(best)} when the embedding / output layers are streamed too)"
@@ -360,4 +393,5 @@ def plan_offload(layout: ModelLayout, opts: Resolved) -> Plan:
         budget=budget,
         warnings=warnings,
         experts=experts,
+        chunk_bytes=chunk,
     )

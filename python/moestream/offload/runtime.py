@@ -45,6 +45,7 @@ class OffloadState:
         self.cache = None  # ExpertCache when the experts are cached one by one
         self._cache_modules: list = []
         self._finalizer = None
+        self._patched: list[nn.Module] = []  # modules whose _apply / to bind() replaced
         # One forward at a time: the units' parameters and slots are shared by every caller, so
         # forwards from several threads are serialised (held across the model's whole forward, and
         # per unit for callers that run a submodule directly). Reentrant: nested units are fine.
@@ -82,10 +83,10 @@ class OffloadState:
         for p, v in zip(u.params, views):
             p.data = v
 
-    def _post(self, idx: int, module: nn.Module, args, output) -> None:
+    def _post(self, idx: int, module: nn.Module, args, output):
         u = self.units[idx]
         if not u.acquired:  # the pre-hook failed; nothing to give back
-            return
+            return None
         try:
             for p, ph in zip(u.params, u.placeholders):
                 p.data = ph
@@ -93,6 +94,9 @@ class OffloadState:
             self.streamer.release(idx)
         finally:
             self._lock.release()
+        if torch.is_grad_enabled():
+            return _refuse_backward(output, u.name)
+        return None
 
     def bind(
         self,
@@ -113,6 +117,48 @@ class OffloadState:
             self.handles.append(m.register_forward_pre_hook(functools.partial(self._pre, i)))
             self.handles.append(m.register_forward_hook(functools.partial(self._post, i), always_call=True))
         model._moestream_offload = self
+        self._guard(model, unit_modules)
+
+    def _guard(self, model: nn.Module, unit_modules: list[nn.Module]) -> None:
+        """Refuses, at the call, what would silently give wrong results: a state dict (the streamed
+        parameters hold placeholders, so it would hold zeros), loading one into the placeholders,
+        and moving or casting the model (the slots and the files keep the old device and dtype)."""
+
+        def no_state_dict(module, prefix, keep_vars):
+            # keep_vars=True asks for the Parameter objects themselves (introspection), not values
+            if not keep_vars:
+                raise RuntimeError(
+                    "moestream: state_dict() of an offloaded model would hold placeholders, not the streamed "
+                    "weights; take the state dict before ms.offload, or save the checkpoint it streams from"
+                )
+
+        def no_load(module, *args):
+            raise RuntimeError(
+                "moestream: load_state_dict() into an offloaded model is not supported (its streamed weights "
+                "come from the offload storage); load the weights before ms.offload"
+            )
+
+        def no_apply(*args, **kwargs):
+            raise RuntimeError(
+                "moestream: an offloaded model cannot be moved or cast (.to(), .cuda(), .half(), ...): its "
+                "streamed weights, slots and files keep the device and dtype they were offloaded with; "
+                "move or cast the model before ms.offload"
+            )
+
+        def to(*args, **kwargs):
+            # .to() to where the model already is (pipelines call model.to(device)) is allowed
+            device, dtype, _, fmt = torch._C._nn._parse_to(*args, **kwargs)
+            if dtype is None and fmt is None and (device is None or _same_device(device, self.device)):
+                return model
+            return no_apply()
+
+        for m in unit_modules:
+            self.handles.append(m.register_state_dict_pre_hook(no_state_dict))
+            self.handles.append(m._register_load_state_dict_pre_hook(no_load))
+        for m in [model, *unit_modules]:
+            m.__dict__["_apply"] = no_apply  # .to / .cuda / .half / .float ... all go through _apply
+        model.__dict__["to"] = to
+        self._patched = [model, *unit_modules]
 
     # -- reports ------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -154,9 +200,56 @@ class OffloadState:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for m in getattr(self, "_patched", []):
+            m.__dict__.pop("_apply", None)
+            m.__dict__.pop("to", None)
+        self._patched = []
         if self.cache is not None:
             self.cache.unbind([r() for r in self._cache_modules])
             self._cache_modules = []
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    a = torch.device(a)
+    if a.type == "cuda" and a.index is None:
+        a = torch.device("cuda", torch.cuda.current_device())
+    return a == b
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward raises: a streamed unit's saved tensors are views into a slot that
+    later units overwrite, and its parameters are not trained, so gradients through it would be
+    silently wrong (input gradients) or missing (weights)."""
+
+    @staticmethod
+    def forward(ctx, name: str, x: torch.Tensor) -> torch.Tensor:
+        ctx.name = name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            f"moestream: backward through the streamed block '{ctx.name}' of an offloaded model is not "
+            "supported: offloaded models are inference-only (run them under torch.no_grad() or "
+            "torch.inference_mode(); train before offloading)"
+        )
+
+
+def _refuse_backward(output, name: str):
+    """`output` with every tensor that requires grad passed through _NoBackward (None if none does)."""
+    from torch.utils._pytree import tree_map_only
+
+    found = False
+
+    def wrap(t: torch.Tensor) -> torch.Tensor:
+        nonlocal found
+        if not t.requires_grad:
+            return t
+        found = True
+        return _NoBackward.apply(name, t)
+
+    out = tree_map_only(torch.Tensor, wrap, output)
+    return out if found else None
 
 
 def get_state(model: nn.Module) -> OffloadState:

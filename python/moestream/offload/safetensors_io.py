@@ -87,25 +87,74 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise ValueError(f"moestream: '{path}': the safetensors header is not a JSON object")  # noqa: TRY004
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"moestream: '{path}': the safetensors __metadata__ is not a JSON object")  # noqa: TRY004
     base = 8 + n
     out: dict[str, TensorInfo] = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            dtype = _ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"moestream: '{path}': bad or unsupported header entry for tensor '{name}': {entry}"
-            ) from None
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if any(s < 0 for s in shape) or begin < 0 or end - begin != nbytes or base + end > size:
-            raise ValueError(
-                f"moestream: '{path}': tensor '{name}' ({entry['dtype']} {list(shape)}, {nbytes} bytes) has data "
-                f"offsets [{begin}, {end}) that do not fit the file ({size} bytes, data at {base})"
-            )
-        out[name] = TensorInfo(name, path, base + begin, nbytes, dtype, shape)
+        info = _tensor_entry(path, name, entry, base, size)
+        out[name] = info
+        ranges.append((info.offset - base, info.offset - base + info.nbytes, name))
+    _check_ranges(path, ranges, size - base)
     return out, {str(k): v for k, v in meta.items()}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tensor_entry(path: str, name: str, entry: object, base: int, size: int) -> TensorInfo:
+    """One header entry, checked as the safetensors library checks it: a known dtype, a shape of
+    non-negative JSON integers (64.5 is not a dimension), integer data offsets [begin, end) whose
+    length is the tensor's byte size."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"moestream: '{path}': bad header entry for tensor '{name}' ({why}): {entry}")
+
+    if not isinstance(entry, dict):
+        raise bad("not a JSON object")
+    dtype = _ST_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    if dtype is None:
+        raise bad(f"unsupported dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise bad("the shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and x >= 0 for x in offsets):
+        raise bad("data_offsets must be two non-negative integers [begin, end]")
+    begin, end = offsets
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != nbytes or base + end > size:
+        raise ValueError(
+            f"moestream: '{path}': tensor '{name}' ({entry['dtype']} {list(shape)}, {nbytes} bytes) has data "
+            f"offsets [{begin}, {end}) that do not fit the file ({size} bytes, data at {base})"
+        )
+    return TensorInfo(name, path, base + begin, nbytes, dtype, tuple(shape))
+
+
+def _check_ranges(path: str, ranges: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """The tensors' byte ranges must tile the data section exactly, as the safetensors library
+    requires: sorted by offset, each starts where the previous ends (no gap, no overlap: two tensors
+    on the same bytes, or a range shifted by a few bytes, are a corrupt header), the last ends at the
+    end of the file."""
+    pos, prev = 0, None
+    for begin, end, name in sorted(ranges):
+        if begin != pos:
+            where = (
+                f"{'overlaps' if begin < pos else 'leaves a gap after'} tensor '{prev}' (which ends at {pos})"
+                if prev is not None
+                else "does not start at the beginning of the data (offset 0)"
+            )
+            raise ValueError(
+                f"moestream: '{path}': corrupt safetensors header: tensor '{name}' at data offsets "
+                f"[{begin}, {end}) {where}; tensors must cover the data contiguously"
+            )
+        pos, prev = end, name
+    if pos != data_bytes:
+        raise ValueError(
+            f"moestream: '{path}': corrupt safetensors header: the tensors cover {pos} bytes of data but the "
+            f"file holds {data_bytes} after the header"
+        )
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -197,28 +246,75 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+def read_json(path: str, what: str) -> dict:
+    """A JSON object from `path`; a clear ValueError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"moestream: {what} '{path}' is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"moestream: {what} '{path}' is not a JSON object")  # noqa: TRY004
+    return obj
+
+
+def _inside(checkpoint_dir: str, fname: object, index_path: str) -> str:
+    """The path of the index entry `fname`, which must name a file inside the checkpoint directory
+    (relative, no '..'): an index is data, and must not make us read other files."""
+    if not isinstance(fname, str) or not fname:
+        raise ValueError(f"moestream: the index '{index_path}' maps a tensor to {fname!r}, not a file name")
+    norm = os.path.normpath(fname)
+    if os.path.isabs(fname) or norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
+        raise ValueError(
+            f"moestream: the index '{index_path}' lists the file {fname!r}, which is outside the checkpoint "
+            f"directory '{checkpoint_dir}'; refusing to read it"
+        )
+    return os.path.join(checkpoint_dir, norm)
+
+
+# save_layered's files carry this in their metadata; without its index such a directory is an
+# interrupted save, possibly over an older one (checkpoint.LAYERED_FORMAT)
+_LAYERED = "moestream-layered"
+
+
 def checkpoint_tensors(checkpoint_dir: str) -> tuple[dict[str, TensorInfo], dict]:
     """All tensors of a safetensors checkpoint directory (sharded with an index, or model.safetensors,
-    or every *.safetensors file): ({name: TensorInfo}, index metadata)."""
+    or every *.safetensors file): ({name: TensorInfo}, index metadata). Without an index, a tensor
+    name in two files is an error (which one is meant is unknown)."""
     checkpoint_dir = os.fspath(checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
+        if os.path.exists(checkpoint_dir):
+            raise NotADirectoryError(
+                f"moestream: the checkpoint '{checkpoint_dir}' is a file; pass the directory that holds the "
+                "safetensors files (and config.json)"
+            )
         raise FileNotFoundError(f"moestream: checkpoint directory '{checkpoint_dir}' does not exist")
     index_path = os.path.join(checkpoint_dir, INDEX_NAME)
     meta: dict = {}
+    weight_map: dict[str, str] = {}
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
+        index = read_json(index_path, "the checkpoint index")
         meta = index.get("metadata", {}) or {}
-        weight_map: dict[str, str] = index["weight_map"]
-        files = sorted(set(weight_map.values()))
+        if not isinstance(meta, dict):
+            raise ValueError(
+                f"moestream: the \"metadata\" of the checkpoint index '{index_path}' is not a JSON object"
+            )
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(
+                f"moestream: the checkpoint index '{index_path}' has no \"weight_map\" object "
+                "(tensor name -> file)"
+            )
+        files = sorted(
+            {os.path.normpath(v) for v in weight_map.values() if _inside(checkpoint_dir, v, index_path)}
+        )
+        weight_map = {k: os.path.normpath(v) for k, v in weight_map.items()}
     elif os.path.exists(os.path.join(checkpoint_dir, SINGLE_NAME)):
-        weight_map = {}
         files = [SINGLE_NAME]
     else:
         files = sorted(
             f for f in os.listdir(checkpoint_dir) if f.endswith(".safetensors") and not f.startswith(".")
         )
-        weight_map = {}
         if not files:
             raise FileNotFoundError(f"moestream: no safetensors files in '{checkpoint_dir}'")
     out: dict[str, TensorInfo] = {}
@@ -228,10 +324,20 @@ def checkpoint_tensors(checkpoint_dir: str) -> tuple[dict[str, TensorInfo], dict
             raise FileNotFoundError(
                 f"moestream: '{path}' is listed in the index of '{checkpoint_dir}' but missing"
             )
-        infos, _ = read_header(path)
+        infos, file_meta = read_header(path)
+        if not weight_map and file_meta.get("layout") == _LAYERED:
+            raise ValueError(
+                f"moestream: '{checkpoint_dir}' holds files of a layered checkpoint ('{fname}') but no "
+                f"{INDEX_NAME}: an interrupted ms.save_layered (it writes the index last); save again"
+            )
         for name, info in infos.items():
             if weight_map and weight_map.get(name) not in (None, fname):
                 continue
+            if name in out:
+                raise ValueError(
+                    f"moestream: tensor '{name}' is in two files of '{checkpoint_dir}': "
+                    f"'{os.path.basename(out[name].path)}' and '{fname}' (no index says which one to use)"
+                )
             out[name] = info
     missing = [n for n in weight_map if n not in out]
     if missing:
