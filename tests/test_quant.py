@@ -4,12 +4,17 @@ layered checkpoints / offloading."""
 
 from __future__ import annotations
 
+import copy
+import json
+import warnings
+
 import moestream as ms
 import pytest
 import torch
 from conftest import DTYPES, assert_accurate
 from moestream import quant as Q
 from moestream import reference as R
+from moestream import testing
 
 ops = torch.ops.moestream
 
@@ -231,3 +236,207 @@ def test_every_isa_matches(monkeypatch, isa, scheme, symmetric):
         assert_accurate(out, ref64, R.grouped_mm(a, w64.bfloat16(), offsets, True, bias.bfloat16()), isa)
         out32 = ms.ops.qgrouped_mm(a.float(), q, s, z, offsets, bits, gs, bias)
         assert_accurate(out32, ref64, None, isa)
+
+
+# ----------------------------------------------------------------------------------------------
+# modules and models
+
+
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize(("scheme", "symmetric"), SCHEMES, ids=SCHEME_IDS)
+def test_quantized_experts_match_the_loop(scheme, symmetric, weight_layout):
+    E, H, I, T, k = 6, 64, 32, 9, 2
+    ge = ms.nn.GroupedExperts(E, H, I, weight_layout=weight_layout, bias=True)
+    with torch.no_grad():
+        ge.gate_up_proj_bias.normal_()
+        ge.down_proj_bias.normal_()
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"experts": ge}), torch.nn.ModuleDict()])
+    assert Q.quantize_model(holder, scheme, 32, symmetric, blocks="layers") == 2
+    qe = holder.layers[0]["experts"]
+    assert isinstance(qe, Q.QuantizedGroupedExperts) and qe.gate_up_proj.transposed == (
+        weight_layout == "in_out"
+    )
+    x = torch.randn(T, H)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    ids[0] = torch.tensor([0, 1])  # expert 5 may get no token; make sure two share a token
+    rw = torch.rand(T, k)
+    w1 = qe.gate_up_proj.dequantize(torch.float64)  # [E, 2I, H]
+    w2 = qe.down_proj.dequantize(torch.float64)
+    ref = R.moe_experts_loop(
+        x.double(),
+        ids,
+        rw.double(),
+        w1,
+        w2,
+        qe.gate_up_proj_bias.double(),
+        qe.down_proj_bias.double(),
+        "swiglu",
+        "concat",
+        True,
+    )
+    assert_accurate(qe(x, ids, rw), ref, None, "QuantizedGroupedExperts")
+
+
+def test_quantize_model_keeps_what_it_should():
+    model = testing.build_model("qwen3_moe", testing.QUANT_SIZES["qwen3_moe"])
+    before = {n: (p.dtype, p.shape) for n, p in model.named_parameters()}
+    n = Q.quantize_model(model, "int8", 64)
+    layers = model.model.layers
+    # per layer: q, k, v, o + the experts' two weights
+    assert n == len(layers) * 6
+    for layer in layers:
+        assert isinstance(layer.mlp.experts, Q.QuantizedGroupedExperts)
+        assert isinstance(layer.self_attn.q_proj, Q.QuantizedLinear)
+    after = dict(model.named_parameters())
+    for name in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.mlp.gate.weight",
+    ):
+        assert name in after and (after[name].dtype, after[name].shape) == before[name]
+    assert Q.quantize_model(model, "int8", 64) == 0  # already done
+    with pytest.raises(ValueError, match="already quantized"):
+        Q.quantize_model(model, "int4", 64)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_accuracy_report(family, capsys):
+    # Random-weight models: the errors of every layer add up through the residual stream, a
+    # pessimistic stand-in for trained checkpoints (docs: published figures). One matmul loses
+    # ~0.5% (int8) / ~10% (int4, group 64) relative on Gaussian weights; the bounds are a few times
+    # the measured values and far below what a wrong expert or a wrong group gives (errors ~1).
+    rows = []
+    for compress, bound, cos in (("int8", 0.05, 0.998), ("int4", 0.6, 0.8)):
+        r = testing.quant_accuracy(family, compress, 64)
+        rows.append(r)
+        assert r["logits_rel_err"] < bound, r
+        assert r["logits_cosine"] > cos, r
+        assert all(e < bound for e in r["layers"]), r
+    assert rows[0]["logits_rel_err"] < rows[1]["logits_rel_err"] / 5
+    with capsys.disabled():
+        print(f"\n{family}: per-layer output rel err (end to end) | logits rel err | cosine | top-1 agree")
+        for r in rows:
+            layers = " ".join(f"{e:.4f}" for e in r["layers"])
+            print(
+                f"  {r['compress']} g{r['group_size']}: {layers} | {r['logits_rel_err']:.4f} | "
+                f"{r['logits_cosine']:.5f} | {r['top1_agree']:.3f}"
+            )
+
+
+def test_generate_runs_and_is_deterministic():
+    model = testing.build_model("qwen3_moe", testing.QUANT_SIZES["qwen3_moe"])
+    Q.quantize_model(model, "int4", 64)
+    ids = testing.input_ids(1, 5)
+    a = model.generate(ids, max_new_tokens=6, do_sample=False)
+    b = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert a.shape == (1, 11) and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# compressed checkpoints and offloading
+
+
+def greedy(model, ids, n=8):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+
+
+def quantized_copy(model, scheme):
+    q = copy.deepcopy(model)
+    Q.quantize_model(q, scheme)
+    return q
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_offload_compress_streams_the_packed_weights(storage, tmp_path):
+    model = testing.build_model("llama", testing.QUANT_SIZES["llama"])
+    ids = testing.input_ids(1, 5)
+    scheme = Q.QuantScheme("int4", 32)
+    ref = greedy(quantized_copy(model, scheme), ids)
+    plain, spare = copy.deepcopy(model), copy.deepcopy(model)
+    ms.offload(plain, device="cpu", storage="cpu", prefetch=1)
+    ms.offload(model, device="cpu", storage=storage, offload_dir=str(tmp_path), prefetch=1, compress=scheme)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Q.QuantizedLinear)
+    assert torch.equal(greedy(model, ids), ref)
+    st, st0 = ms.offload_stats(model), ms.offload_stats(plain)
+    # float32 weights -> int4 group 32 (4.5 bits per weight) in the linears; norms stay float32
+    assert st["streamed_bytes"] < st0["streamed_bytes"] / 5
+    with pytest.raises(ValueError, match="unknown scheme 'int2'"):
+        ms.offload(spare, device="cpu", compress="int2")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_save_layered_compressed_roundtrip(family, tmp_path):
+    model = testing.build_model(family, testing.QUANT_SIZES[family])
+    ids = testing.input_ids(1, 5)
+    ref = greedy(quantized_copy(model, "int8"), ids)
+    ms.save_layered(model, tmp_path, compress="int8", progress=False)
+    assert not any(isinstance(m, Q.PackedWeight) for m in model.modules())  # the model is unchanged
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    quant = index["metadata"]["quant"]
+    assert "model.layers.0.self_attn.q_proj.weight" in quant
+    assert quant["model.layers.0.self_attn.q_proj.weight"]["scheme"] == "int8"
+    assert "model.embed_tokens.weight" in index["weight_map"] and "lm_head.weight" in index["weight_map"]
+    assert "model.layers.0.self_attn.q_proj.weight.qweight" in index["weight_map"]
+    from moestream.offload import safetensors_io as sio
+
+    _, meta = sio.read_header(str(tmp_path / "model-layer-00000.safetensors"))
+    assert json.loads(meta["moestream.quant"]).keys() == {n for n in quant if n.startswith("model.layers.0.")}
+    for storage in ("disk", "cpu"):
+        streamed = ms.load_layered(tmp_path, device="cpu", storage=storage, prefetch=1)
+        assert isinstance(streamed.model.layers[1].self_attn.o_proj, Q.QuantizedLinear)
+        assert torch.equal(greedy(streamed, ids), ref)
+    with pytest.raises(ValueError, match="compressed with"):
+        ms.load_layered(tmp_path, device="cpu", compress="int4")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_load_offloaded_compresses_an_uncompressed_checkpoint(tmp_path):
+    model = testing.build_model("qwen3_moe", testing.QUANT_SIZES["qwen3_moe"])
+    ids = testing.input_ids(1, 5)
+    ref = greedy(quantized_copy(model, "int4"), ids)
+    model.save_pretrained(tmp_path, max_shard_size="200KB")  # experts stored per expert, fused at load
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every checkpoint tensor is used
+        streamed = ms.load_offloaded(tmp_path, device="cpu", storage="disk", prefetch=1, compress="int4")
+    assert isinstance(streamed.model.layers[0].mlp.experts, Q.QuantizedGroupedExperts)
+    assert torch.equal(greedy(streamed, ids), ref)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compressed_checkpoint_metadata_must_match(tmp_path):
+    model = testing.build_model("llama", testing.QUANT_SIZES["llama"])
+    ms.save_layered(model, tmp_path, compress="int4", progress=False)
+    path = tmp_path / "model.safetensors.index.json"
+    good = json.loads(path.read_text())
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def with_entry(**change):
+        index = copy.deepcopy(good)
+        index["metadata"]["quant"][name].update(change)
+        path.write_text(json.dumps(index))
+
+    with_entry(group_size=32)
+    with pytest.raises(
+        ValueError, match=rf"'{name}.scale'.*is torch.float32 \[256, 2\].*needs torch.float32 \[256, 4\]"
+    ):
+        ms.load_layered(tmp_path, device="cpu")
+    with_entry(scheme="int8", bits=8)
+    with pytest.raises(ValueError, match=rf"'{name}.qweight'.*needs torch.uint8 \[256, 128\]"):
+        ms.load_layered(tmp_path, device="cpu")
+    with_entry(scheme="int3")
+    with pytest.raises(ValueError, match=rf"'{name}'.*unknown scheme 'int3'"):
+        ms.load_layered(tmp_path, device="cpu")
+    with_entry(bits=8)
+    with pytest.raises(ValueError, match=rf"'{name}'.*bits 8 disagree with int4"):
+        ms.load_layered(tmp_path, device="cpu")
+    with_entry(symmetric=False)
+    with pytest.raises(ValueError, match=rf"'{name}.zero'.*is missing"):
+        ms.load_layered(tmp_path, device="cpu")
+    path.write_text(json.dumps(good))
+    assert isinstance(ms.load_layered(tmp_path, device="cpu"), torch.nn.Module)

@@ -223,6 +223,7 @@ class PackedWeight(nn.Module):
         *,
         transposed: bool = False,
         device: torch.device | str | None = None,
+        name: str = "weight",
     ):
         super().__init__()
         self.scheme = scheme
@@ -230,7 +231,8 @@ class PackedWeight(nn.Module):
         self.dtype = dtype
         self.transposed = bool(transposed)
         *lead, N, K = self.shape
-        _groups_of(torch.empty(0, K, device="meta"), scheme.group_size, "weight")
+        if K % scheme.group_size != 0:
+            _groups_of(torch.empty(*self.shape, device="meta"), scheme.group_size, name)
         kp = K // 2 if scheme.bits == 4 else K
         G = K // scheme.group_size
         self.register_buffer("qweight", torch.empty(*lead, N, kp, dtype=torch.uint8, device=device))
@@ -246,7 +248,7 @@ class PackedWeight(nn.Module):
     ) -> PackedWeight:
         """Quantizes w ([..., N, K]; with ``transposed`` w is [..., K, N] and is transposed first)."""
         src = w.detach().transpose(-1, -2) if transposed else w.detach()
-        pw = cls(scheme, src.shape, w.dtype, transposed=transposed, device=w.device)
+        pw = cls(scheme, src.shape, w.dtype, transposed=transposed, device=w.device, name=name)
         if w.device.type != "meta":
             q, s, z = quantize(src, scheme, name=name)
             pw.qweight.copy_(q)

@@ -28,6 +28,11 @@ def install(
     # inference_mode, or a later forward outside it could not use them.
     with torch.inference_mode(False), torch.no_grad():
         if entries is None:
+            if opts.compress is not None:
+                from ..quant import quantize_model
+
+                # the blocks' linears and experts become packed tensors, which stream as plain bytes
+                quantize_model(model, opts.compress, blocks=opts.blocks)
             entries, _ = collect_entries(model)
         attach_sources(entries, sources or {})
         blocks = block_modules(model, opts.blocks)
@@ -54,6 +59,7 @@ def offload(
     pin: bool | None = None,
     direct_io: bool | None = None,
     progress: bool = False,
+    compress: str | None = None,
 ) -> nn.Module:
     """Streams the model's repeated blocks to `device` just ahead of use; returns the model.
 
@@ -68,6 +74,9 @@ def offload(
     blocks: the nn.ModuleList (or its name, or a list of modules) to stream; found automatically.
     num_readers, chunk_bytes: reader threads and the size of each read and copy.
     pin: page-lock the host memory (default: on CUDA). direct_io: O_DIRECT reads (default: storage "disk").
+    compress: None, "int8" or "int4" (group 64, symmetric) or a ``moestream.quant.QuantScheme``: the
+    blocks' linear layers and experts are quantized in place first (``moestream.quant.quantize_model``;
+    embeddings, norms, routers and the head are kept), so 1.9x / 3.6x fewer bytes are streamed.
     Forwards of one offloaded model from several threads run one at a time (the streamed weights
     and slots are shared). Inference only: streamed parameters are views into reused slots during their block's forward;
     they are set to requires_grad=False. Do not call ``model.to()`` after offloading.
