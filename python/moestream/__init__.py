@@ -8,11 +8,13 @@ from . import (
     _C,  # registers torch.ops.moestream.*
     nn,
     ops,
+    quant,
     reference,
 )
 from .integrations import install_transformers_hook as _install_transformers_hook
 from .integrations import patch_moe, unpatch_moe
 from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
+from .quant import quantize_model
 from .ops import (
     gated_activation,
     grouped_mm,
@@ -43,6 +45,8 @@ __all__ = [
     "ops",
     "patch_moe",
     "permute",
+    "quant",
+    "quantize_model",
     "reference",
     "router_aux_loss",
     "router_topk",

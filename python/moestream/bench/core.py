@@ -251,6 +251,7 @@ SuiteFn = Callable[[BenchConfig], list[Case | Measured]]
 KNOWN_SUITES: dict[str, str] = {
     "ops": "the individual ops against reference.py (and torch._grouped_mm)",
     "moe": "the whole expert path, forward and forward+backward, against reference and transformers",
+    "quant": "the expert path on int8 / int4 compressed weights against the same path on dense weights",
     "model": "whole transformers models with moestream's layers patched in",
     "stream": "weight streaming of dense and MoE models",
 }
