@@ -440,3 +440,23 @@ def test_compressed_checkpoint_metadata_must_match(tmp_path):
         ms.load_layered(tmp_path, device="cpu")
     path.write_text(json.dumps(good))
     assert isinstance(ms.load_layered(tmp_path, device="cpu"), torch.nn.Module)
+
+
+def test_quant_bench_suite_tiny_real_run(tmp_path):
+    from moestream.bench.__main__ import main
+
+    path = tmp_path / "quant.json"
+    args = ["--quick", "--threads", "1", "--no-progress", "--device", "cpu", "--shape", "tiny"]
+    rc = main([*args, "--suite", "quant", "--dtype", "bfloat16", "--tokens", "1,16", "--json", str(path)])
+    assert rc == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"experts_int8", "experts_int4"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["error"] <= 5e-2
+    for op, ratio in (("experts_int8", 1.6), ("experts_int4", 3.0)):
+        for T in (1, 16):
+            grp = {r["impl"]: r for r in rows if r["op"] == op and r["tokens"] == T}
+            # each row counts its own weight bytes: packed codes + scales against bfloat16
+            assert grp["dense"]["weight_bytes"] / grp["moestream"]["weight_bytes"] > ratio
+            assert "dense" in grp["moestream"]["speedup"]

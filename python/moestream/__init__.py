@@ -14,7 +14,6 @@ from . import (
 from .integrations import install_transformers_hook as _install_transformers_hook
 from .integrations import patch_moe, unpatch_moe
 from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
-from .quant import quantize_model
 from .ops import (
     gated_activation,
     grouped_mm,
@@ -25,6 +24,7 @@ from .ops import (
     router_z_loss,
     unpermute,
 )
+from .quant import quantize_model
 
 __version__ = "0.1.0"
 
