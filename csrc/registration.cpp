@@ -58,4 +58,16 @@ TORCH_LIBRARY(moestream, m) {
   m.def(
       "moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w_gate_up, Tensor w_down, Tensor? b_gate_up, "
       "Tensor? b_down, str kind, str layout, bool transpose_b, float alpha, float limit) -> Tensor");
+
+  // ---- compressed weights (inference only: no backward) ---------------------------------------
+  // The packed group-wise format of python/moestream/quant.py: codes uint8 (int8: [.., N, K]; int4:
+  // [.., N, K/2], two per byte), scale float32 [.., N, K/group_size], zero (asymmetric) like scale.
+  // a [M, K] rows sorted by group, qweight [E, N, K*bits/8], offsets [E] (int32 | int64) cumulative
+  // ends, bias [E, N] optional -> out [M, N] = a_g @ W_g^T per group, in a's dtype; rows past
+  // offsets[-1] are 0 (grouped_mm with transpose_b).
+  m.def(
+      "qgrouped_mm(Tensor a, Tensor qweight, Tensor scale, Tensor? zero, Tensor offsets, int bits, int group_size, "
+      "Tensor? bias) -> Tensor");
+  // x [M, K], qweight [N, K*bits/8], scale/zero [N, K/group_size], bias [N] optional -> x @ W^T [M, N].
+  m.def("qlinear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int group_size, Tensor? bias) -> Tensor");
 }

@@ -9,6 +9,7 @@ from . import (
     distributed,
     nn,
     ops,
+    quant,
     reference,
 )
 from .distributed import parallelize_experts
@@ -25,6 +26,7 @@ from .ops import (
     router_z_loss,
     unpermute,
 )
+from .quant import quantize_model
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,8 @@ __all__ = [
     "parallelize_experts",
     "patch_moe",
     "permute",
+    "quant",
+    "quantize_model",
     "reference",
     "router_aux_loss",
     "router_topk",

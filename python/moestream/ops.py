@@ -17,6 +17,8 @@ __all__ = [
     "grouped_mm",
     "moe_experts",
     "permute",
+    "qgrouped_mm",
+    "qlinear",
     "router_aux_loss",
     "router_topk",
     "router_z_loss",
@@ -310,6 +312,69 @@ def _dtype_name(dtype: torch.dtype) -> str:
         torch.complex64: "ComplexFloat",
         torch.complex128: "ComplexDouble",
     }.get(dtype, str(dtype).removeprefix("torch.").capitalize())  # float8_e4m3fn -> Float8_e4m3fn
+
+
+# ----------------------------------------------------------------------------------------------
+# compressed weights (moestream.quant's packed format; inference only)
+
+
+def qgrouped_mm(
+    a: Tensor,
+    qweight: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    offsets: Tensor,
+    bits: int,
+    group_size: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Grouped matmul on compressed weights: a [M, K] (float32, bfloat16 or float16) with rows
+    sorted by group, packed weights qweight uint8 [E, N, K] (int8) or [E, N, K/2] (int4), scale
+    float32 [E, N, K/group_size], zero (asymmetric) like scale or None, offsets [E] cumulative row
+    ends (grouped_mm's convention), bias [E, N] optional -> out [M, N] = a_g @ W_g^T in a's dtype,
+    rows past offsets[-1] zero. ``grouped_mm(a, dequantize(...), offsets, transpose_b=True, bias)``
+    without materialising the dequantised weights (see :mod:`moestream.quant` for the format).
+
+    Inference only: asking for a gradient raises. On CPU a native kernel; on other devices (no
+    kernel yet) the weights of the call are dequantised and :func:`grouped_mm` runs (unverified on
+    CUDA)."""
+    if a.device.type != "cpu":
+        from .quant import dequantize
+
+        w = dequantize(qweight, scale, zero, bits, group_size, a.dtype)
+        return grouped_mm(a, w, offsets, True, bias)
+    return _ops.qgrouped_mm(a, qweight, scale, zero, offsets, bits, group_size, bias)
+
+
+def qlinear(
+    x: Tensor,
+    qweight: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``F.linear(x, W, bias)`` on a compressed weight W [N, K]: x [..., K] -> [..., N] in x's dtype;
+    qweight uint8 [N, K] (int8) or [N, K/2] (int4), scale / zero float32 [N, K/group_size], bias [N].
+    Inference only; on other devices than the CPU the weight is dequantised first (unverified)."""
+    if x.device.type != "cpu":
+        from .quant import dequantize
+
+        w = dequantize(qweight, scale, zero, bits, group_size, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    lead = x.shape[:-1]
+    out = _ops.qlinear(x.reshape(-1, x.shape[-1]), qweight, scale, zero, bits, group_size, bias)
+    return out.view(*lead, out.shape[-1])
+
+
+def _qgrouped_mm_packed(a: Tensor, w, offsets: Tensor, transpose_b: bool, bias: Tensor | None) -> Tensor:
+    # the pipeline's grouped_mm on a moestream.quant.PackedWeight (always [E, N, K]: transpose_b is moot)
+    return qgrouped_mm(a, w.qweight, w.scale, w.zero, offsets, w.bits, w.group_size, bias)
+
+
+#: The expert pipeline's op set for compressed experts (pipeline.Experts holding PackedWeights).
+QUANT_OPS = pipeline.ExpertOps(permute, _qgrouped_mm_packed, gated_activation, unpermute)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,6 +757,14 @@ def _register_fakes() -> None:
         _check_experts_args(x, ids, weights, w_gate_up, w_down, b_gate_up, b_down, kind, layout, transpose_b)
         return torch.empty_like(x)  # the kernels keep x's strides
 
+    @reg("moestream::qgrouped_mm")
+    def _(a, qweight, scale, zero, offsets, bits, group_size, bias):
+        return a.new_empty((a.shape[0], qweight.shape[1]))
+
+    @reg("moestream::qlinear")
+    def _(x, qweight, scale, zero, bits, group_size, bias):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
 
 def _acc(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -924,6 +997,23 @@ def _register_autograd() -> None:
 
     for forward in ("router_topk", "router_aux_loss", "router_z_loss", "gated_activation"):
         no_double_backward(f"{forward}_backward", forward)
+
+    # compressed weights: inference only (a differentiable input still gets a forward; its
+    # backward says why there is none)
+    def q_setup(ctx, inputs, output):
+        pass
+
+    def q_backward(name):
+        def backward(ctx, grad):
+            raise RuntimeError(
+                f"moestream.{name} is inference only: compressed weights have no backward "
+                "(train on the full-precision model, then quantize it)"
+            )
+
+        return backward
+
+    reg("qgrouped_mm", q_backward("qgrouped_mm"), q_setup)
+    reg("qlinear", q_backward("qlinear"), q_setup)
 
 
 _register_fakes()

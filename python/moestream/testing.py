@@ -471,3 +471,74 @@ def write_random_checkpoint(
 
     config = family_config(family, size, **overrides)
     return hf_models.write_random_checkpoint(out_dir, config, dtype, torch.device(device), seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed weights: accuracy of a quantized random model against the uncompressed one
+
+#: Sizes of the accuracy report's tiny models: every input dimension a multiple of the group size.
+#: initializer_range 0.02 as in real checkpoints' configs (the test sizes' 0.1 makes attention so
+#: sharp that small perturbations flip it).
+_QUANT = dict(_TESTS, hidden=128, heads=4, kv_heads=2, head_dim=32, layers=4, initializer_range=0.02)
+QUANT_SIZES: dict[str, dict[str, object]] = {
+    "llama": dict(_QUANT, inter=256),
+    "qwen3_moe": dict(_QUANT, inter=128, dense_inter=256, experts=8, k=2, norm=True),
+}
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
+    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def quant_accuracy(
+    family: str,
+    compress: str = "int4",
+    group_size: int = 64,
+    symmetric: bool = True,
+    *,
+    size: str | Mapping[str, object] | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    batch: int = 2,
+    seq: int = 16,
+) -> dict:
+    """A random ``family`` model (``size``; default :data:`QUANT_SIZES`) against the same model
+    after ``moestream.quant.quantize_model``: for each decoder layer the relative error of its output
+    hidden states (end to end: the quantized model's own earlier layers feed it), then the logits'
+    relative error and cosine similarity and the share of positions whose arg-max token agrees."""
+    from .quant import quantize_model
+
+    size = QUANT_SIZES[family] if size is None else size
+    ref = build_model(family, size, dtype, seed)
+    q = build_model(family, size, dtype, seed)
+    quantize_model(q, compress, group_size, symmetric)
+    vocab = int(ref.config.vocab_size)
+    ids = input_ids(batch, seq, seed, vocab)
+
+    def run(model):
+        outs: list[Tensor] = []
+        hooks = [
+            layer.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+            for layer in model.model.layers
+        ]
+        try:
+            with torch.no_grad():
+                logits = model(ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        return outs, logits
+
+    ref_layers, ref_logits = run(ref)
+    q_layers, q_logits = run(q)
+    return {
+        "family": family,
+        "compress": compress,
+        "group_size": group_size,
+        "symmetric": symmetric,
+        "layers": [rel_err(a, b) for a, b in zip(q_layers, ref_layers)],
+        "logits_rel_err": rel_err(q_logits, ref_logits),
+        "logits_cosine": _cosine(q_logits, ref_logits),
+        "top1_agree": float((q_logits.argmax(-1) == ref_logits.argmax(-1)).double().mean()),
+    }

@@ -82,12 +82,15 @@ class Check:
 class Impl:
     """An implementation of a case: ``prepare(case, inputs)`` returns the closure to check and
     time (work done in ``prepare`` is not timed). ``role`` is 'ours' or 'baseline'; speedups are
-    ``baseline time / this time``. ``requires(case)`` may return a reason why it cannot run."""
+    ``baseline time / this time``. ``requires(case)`` may return a reason why it cannot run.
+    ``work(inputs)``, when given, replaces the case's work for this implementation's row (one that
+    reads other bytes for the same result: compressed weights)."""
 
     name: str
     prepare: Callable[[Case, dict], Callable[[], Any]]
     role: str = "ours"
     requires: Callable[[Case], str | None] | None = None
+    work: Callable[[dict], Work] | None = None
 
 
 @dataclass
@@ -248,6 +251,7 @@ SuiteFn = Callable[[BenchConfig], list[Case | Measured]]
 KNOWN_SUITES: dict[str, str] = {
     "ops": "the individual ops against reference.py (and torch._grouped_mm)",
     "moe": "the whole expert path, forward and forward+backward, against reference and transformers",
+    "quant": "the expert path on int8 / int4 compressed weights against the same path on dense weights",
     "model": "whole transformers models with moestream's layers patched in",
     "stream": "weight streaming of dense and MoE models",
     "expert_cache": "decoding an offloaded MoE model through the expert cache vs layer streaming",
@@ -539,6 +543,7 @@ class Runner:
         try:
             inputs0 = case.make_inputs(seed0)
             work = case.work(inputs0)
+            works = {i.name: i.work(inputs0) if i.work else work for i in case.impls}
             ref = case.reference(inputs0)
         except Exception as e:  # noqa: BLE001
             status, reason = _describe_exception(e)
@@ -547,8 +552,9 @@ class Runner:
                 traceback.print_exc()
             _free(case.device, big)
             return finish_all(status, reason)
-        for r in rows.values():
-            r.flops, r.bytes, r.weight_bytes = work.flops, work.bytes, work.weight_bytes
+        for name, r in rows.items():
+            w = works.get(name, work)
+            r.flops, r.bytes, r.weight_bytes = w.flops, w.bytes, w.weight_bytes
 
         # correctness gate -------------------------------------------------------------------------
         passed: dict[str, tuple[Impl, Callable[[], Any]]] = {}
@@ -619,8 +625,8 @@ class Runner:
                     _free(case.device, True)
                     continue
                 row.record(meas, len(calls))
-                self._rates(row, work, case.dtype)
-                self._rated.append((row, work, case.dtype))
+                self._rates(row, works.get(name, work), case.dtype)
+                self._rated.append((row, works.get(name, work), case.dtype))
                 del calls
                 if prog:
                     prog.advance(0.5, label, f"{row.median_ms:.4g} ms")

@@ -114,6 +114,7 @@ class OffloadOptions:
     expert_prefetch: bool = True
     expert_slots: int | None = None
     cpu_experts: bool = False
+    compress: object = None  # None | "int8" | "int4" | moestream.quant.QuantScheme
 
     def replace(self, where: str = "offload", **changes) -> OffloadOptions:
         """A copy with `changes`; an unknown name is a TypeError naming `where` it was passed to."""
@@ -149,6 +150,9 @@ class OffloadOptions:
             raise ValueError(
                 f"moestream.offload: expert_slots must be None or an int >= 1, got {self.expert_slots!r}"
             )
+        from ..quant import QuantScheme
+
+        compress = QuantScheme.parse(self.compress)  # an unknown scheme raises here, before any work
         device = normalize_device(self.device)
         if self.cpu_experts and device.type != "cuda":
             raise ValueError(
@@ -197,6 +201,7 @@ class OffloadOptions:
             expert_prefetch=bool(self.expert_prefetch),
             expert_slots=self.expert_slots,
             cpu_experts=bool(self.cpu_experts),
+            compress=compress,
         )
 
 
@@ -220,6 +225,7 @@ class Resolved:
     expert_prefetch: bool = True
     expert_slots: int | None = None
     cpu_experts: bool = False
+    compress: object = None  # moestream.quant.QuantScheme or None
 
     @property
     def engine_device(self) -> str:
