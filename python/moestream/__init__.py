@@ -7,12 +7,13 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import (
     _C,  # registers torch.ops.moestream.*
     nn,
+    offload,  # the package; calling it is offload.offload (streams a model)
     ops,
     reference,
 )
 from .integrations import install_transformers_hook as _install_transformers_hook
 from .integrations import patch_moe, unpatch_moe
-from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
+from .offload import load_layered, load_offloaded, offload_stats, save_layered
 from .ops import (
     gated_activation,
     grouped_mm,
