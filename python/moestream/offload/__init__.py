@@ -47,8 +47,8 @@ class _CallableModule(_types.ModuleType):
     name ``moestream.offload`` instead would hide this package behind it for ``import
     moestream.offload as m`` and ``getattr`` lookups.)"""
 
-    def __call__(self, *args, **kwargs):
-        return offload(*args, **kwargs)
+    # the function itself, not a wrapper: no extra frame, so warnings still point at the caller
+    __call__ = staticmethod(offload)
 
 
 _sys.modules[__name__].__class__ = _CallableModule
