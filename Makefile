@@ -10,7 +10,7 @@ STAMP_BUILD := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all env build demo test test-cuda-compile bench lint clean
+.PHONY: all env build install demo test test-cuda-compile bench lint clean
 
 all: build
 
@@ -28,6 +28,14 @@ $(STAMP_BUILD): $(STAMP_ENV) $(SOURCES)
 	touch $@
 
 build: $(STAMP_BUILD)
+
+# Install into the environment of $(PYTHON) itself (no .venv): torch first (kept when one is
+# importable, so a CUDA build is reused), the build tools, then the package without build isolation
+# (an isolated build would not see that torch). `make install PYTHON=/path/to/python`.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install "scikit-build-core>=0.10" ninja cmake
+	$(PYTHON) -m pip install --no-build-isolation .
 
 demo: build
 	$(PY) -m moestream.bench

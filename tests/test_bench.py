@@ -468,6 +468,9 @@ def test_compare_two_results(cli_result, tmp_path, capsys):
     for r, f in ((slow, 2.0), (fast, 0.25)):
         for k in ("median_ms", "p10_ms", "p25_ms", "p75_ms", "p90_ms"):
             r[k] *= f
+    for rows in (a["rows"], b["rows"]):  # a quiet machine: the verdicts do not depend on this run's noise
+        for r in rows:
+            r["spread"], r["ceiling_fraction"] = 0.02, None
     b["rows"].append(dict(ok[2], tokens=999))  # only in B
     path_b = tmp_path / "b.json"
     path_b.write_text(json.dumps(b))
@@ -499,11 +502,67 @@ def test_noise_threshold():
         "p75_ms": 1.1,
     }
     a = {"meta": {}, "rows": [base]}
-    # 20% IQR each side -> noise 40%: a 30% change is not flagged, a 50% change is
-    for factor, verdict in ((1.3, "~"), (1.5, "slower"), (0.6, "faster")):
+    # saved without a spread: the 20% IQR each side -> [0.8, 1.2] around each median
+    for factor, verdict in ((1.3, "~"), (1.6, "slower"), (0.6, "faster")):
         b = {"meta": {}, "rows": [dict(base, median_ms=factor, p25_ms=0.9 * factor, p75_ms=1.1 * factor)]}
         (it,) = report.compare_rows(a, b)
         assert it["verdict"] == verdict, factor
+
+
+def test_compare_needs_the_change_to_exceed_both_spreads():
+    base = {
+        "suite": "s",
+        "op": "o",
+        "impl": "i",
+        "shape": "x",
+        "tokens": 1,
+        "dtype": "float32",
+        "device": "cpu",
+        "status": "ok",
+        "median_ms": 1.0,
+        "spread": 0.1,
+    }
+    a = {"meta": {}, "rows": [base]}
+    cases = [
+        (dict(median_ms=1.15), "~"),  # [1.035, 1.265] overlaps [0.9, 1.1]
+        (dict(median_ms=1.3), "slower"),
+        (dict(median_ms=0.75), "faster"),
+        (dict(median_ms=1.03, spread=0.001), "~"),  # under 5%: never called
+        (dict(median_ms=1.3, spread=0.3), "~"),  # the new run's own spread covers the change
+        (dict(median_ms=0.001, spread=290.0), "unreliable"),  # a stall: +-29,000%
+        (dict(median_ms=0.5, ceiling_fraction=2.12), "unreliable"),  # faster than the machine allows
+    ]
+    for change, verdict in cases:
+        (it,) = report.compare_rows(a, {"meta": {}, "rows": [dict(base, **change)]})
+        assert it["verdict"] == verdict, change
+
+
+def test_unreliable_rows_are_flagged_in_the_table():
+    from moestream.bench.core import unreliable_reason
+
+    assert unreliable_reason(0.8, 0.05) == ""
+    assert "212% of its ceiling" in unreliable_reason(2.12, 0.05)
+    assert "spread +-29000%" in unreliable_reason(None, 290.0)
+    row = {
+        "suite": "s",
+        "op": "o",
+        "impl": "moestream",
+        "role": "ours",
+        "shape": "x",
+        "tokens": 1,
+        "dtype": "float32",
+        "device": "cpu",
+        "status": "ok",
+        "median_ms": 1.0,
+        "spread": 0.05,
+        "ceiling": "matmul",
+        "ceiling_fraction": 2.12,
+        "gflops": 10.0,
+    }
+    text = report.format_table({"meta": {}, "rows": [row, dict(row, impl="other", ceiling_fraction=0.5)]})
+    lines = [ln for ln in text.splitlines() if ln.startswith(("  moestream ", "  other "))]
+    assert "UNRELIABLE: 212% of its ceiling" in lines[0] and "UNRELIABLE" not in lines[1]
+    assert "1 rows UNRELIABLE" in text
 
 
 def test_plot_written(cli_result, tmp_path, capsys):

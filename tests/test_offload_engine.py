@@ -309,7 +309,6 @@ def test_offload_generic_module_list_model(storage, tmp_path):
     ids = torch.randint(0, 50, (3, 7))
     with torch.no_grad():
         ref = net(ids)
-    assert ms.offload.__module__  # the public function
     from moestream.offload import find_blocks
 
     assert find_blocks(net)[0] == "blocks"

@@ -8,6 +8,7 @@ from . import (
     _C,  # registers torch.ops.moestream.*
     distributed,
     nn,
+    offload,  # the package; calling it is offload.offload (streams a model)
     ops,
     quant,
     reference,
@@ -15,7 +16,7 @@ from . import (
 from .distributed import parallelize_experts
 from .integrations import install_transformers_hook as _install_transformers_hook
 from .integrations import patch_moe, unpatch_moe
-from .offload import load_layered, load_offloaded, offload, offload_stats, save_layered
+from .offload import load_layered, load_offloaded, offload_stats, save_layered
 from .ops import (
     gated_activation,
     grouped_mm,

@@ -47,6 +47,7 @@ __all__ = [
     "tolerance",
     "worst_rel_err",
     "write_random_checkpoint",
+    "write_tokenizer",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -542,3 +543,16 @@ def quant_accuracy(
         "logits_cosine": _cosine(q_logits, ref_logits),
         "top1_agree": float((q_logits.argmax(-1) == ref_logits.argmax(-1)).double().mean()),
     }
+def write_tokenizer(out_dir: str, vocab_size: int = int(SIZES["small"]["vocab"])) -> None:
+    """A word-level tokenizer of ``vocab_size`` ids built offline, saved in ``out_dir`` (next to a
+    :func:`write_random_checkpoint` checkpoint, so that ``AutoTokenizer.from_pretrained`` and
+    ``python -m moestream run`` find it); pad / bos / eos are ids 0 / 1 / 2 like the test models'."""
+    from .integrations import hf_models
+
+    hf_models.write_tokenizer(
+        out_dir,
+        vocab_size,
+        int(_TESTS["pad_token_id"]),
+        int(_TESTS["bos_token_id"]),
+        int(_TESTS["eos_token_id"]),
+    )

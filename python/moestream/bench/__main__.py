@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from ..cli import quiet_broken_pipe
 from . import report
 from .core import (
     DEFAULT_SUITES,
@@ -167,6 +168,7 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Be
     return cfg
 
 
+@quiet_broken_pipe  # `moestream-bench --list | head` ends quietly
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -153,6 +153,7 @@ class Row:
     speedup: dict[str, float] = field(default_factory=dict)  # baseline -> baseline_ms / median_ms
     tokens_per_s: float | None = None  # tokens / median time (model and decode rows)
     params: dict = field(default_factory=dict)
+    unreliable: str = ""  # why this row's numbers are not to be trusted (see unreliable_reason)
 
     def record(self, m: Measurement, sets: int = 1) -> None:
         """Status ok, with the measurement's median, quantiles, spread and repetitions."""
@@ -750,11 +751,40 @@ class Runner:
                 self.progress.show("measuring the machine's ceilings again")
                 ceilings = self.measure_ceilings()
                 self.rejudge()
+            if any(_above_ceiling(r.ceiling_fraction) for r, _, _ in self._rated):
+                # a row faster than the machine allows: a ceiling measurement was disturbed (it
+                # came out low); once more, then what is still above it is marked unreliable
+                self.progress.show("a row is above its ceiling: measuring the ceilings once more")
+                ceilings = self.measure_ceilings()
+                self.rejudge()
+            for r in rows:
+                r.unreliable = unreliable_reason(r.ceiling_fraction, r.spread)
             self.progress.close()
             meta = collect_meta(cfg, suite_names, ceilings, argv)
         finally:
             torch.set_num_threads(prev_threads)
         return BenchResult(meta=meta, rows=rows, skipped=skipped)
+
+
+# A row is flagged unreliable when its rate is above the machine's ceiling measured in the same run
+# (beyond what the timing noise of both allows) or when its timing spread is this wide.
+FRACTION_LIMIT = 1.05
+SPREAD_LIMIT = 0.5  # +-50% around the median (half of p10..p90)
+
+
+def _above_ceiling(fraction: float | None) -> bool:
+    return fraction is not None and fraction > FRACTION_LIMIT
+
+
+def unreliable_reason(ceiling_fraction: float | None, spread: float | None) -> str:
+    """Why a row's numbers are not to be trusted ("" when they are): a rate above the machine's
+    measured ceiling (the ceiling or the row was disturbed), or a timing spread beyond +-50%."""
+    why = []
+    if _above_ceiling(ceiling_fraction):
+        why.append(f"{100 * ceiling_fraction:.0f}% of its ceiling, more than the machine allows")
+    if spread is not None and spread > SPREAD_LIMIT:
+        why.append(f"timing spread +-{100 * spread:.0f}%")
+    return "; ".join(why)
 
 
 def run(

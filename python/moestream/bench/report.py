@@ -210,12 +210,24 @@ def format_table(result) -> str:
                     _ceiling(r),
                 ]
                 + [f"{sp[b]:.2f}x" if b in sp else "-" for b in baselines]
+                + ([f"UNRELIABLE: {_unreliable(r)}"] if _unreliable(r) else [])
             )
+        if any(len(b) > len(headers) for b in body):
+            headers = [*headers, "note"]
         lines.extend(_table(headers, body))
     lines.extend(_summary(rows))
     for s in data.get("skipped") or []:
         lines.append(f"suite {s['suite']}: skipped: {s['reason']}")
     return "\n".join(lines)
+
+
+def _unreliable(r: dict) -> str:
+    """The row's unreliable reason (recomputed for results saved before the field existed)."""
+    from .core import unreliable_reason
+
+    if r.get("status") != "ok":
+        return ""
+    return r.get("unreliable") or unreliable_reason(r.get("ceiling_fraction"), r.get("spread"))
 
 
 def _summary(rows: list[dict]) -> list[str]:
@@ -233,6 +245,12 @@ def _summary(rows: list[dict]) -> list[str]:
     for (impl, b), xs in sorted(acc.items()):
         gm = math.exp(sum(math.log(x) for x in xs) / len(xs))
         out.append(f"{impl} vs {b}: geometric-mean speedup {gm:.2f}x over {len(xs)} rows")
+    shaky = [r for r in rows if _unreliable(r)]
+    if shaky:
+        out.append(
+            f"{len(shaky)} rows UNRELIABLE (above the measured ceiling or a spread beyond +-50%): "
+            "rerun them on a quieter machine before trusting their numbers"
+        )
     wrong = [r for r in rows if r["status"] in ("WRONG", "error")]
     for r in wrong:
         out.append(
@@ -256,10 +274,19 @@ def _iqr_rel(r: dict) -> float:
     return (b - a) / m
 
 
+def _spread(r: dict) -> float:
+    """The row's relative spread: half of p10..p90 over the median (for results saved without it,
+    the interquartile range over the median, which the earlier rule used)."""
+    sp = r.get("spread")
+    return float(sp) if sp is not None else _iqr_rel(r)
+
+
 def compare_rows(a: dict, b: dict) -> list[dict]:
     """Matching rows of two results: old/new median, ratio new/old and a verdict ('slower',
-    'faster', '~' within noise, or a status change). Noise: the larger of 5% and the sum of both
-    rows' relative interquartile ranges."""
+    'faster', '~' within noise, 'unreliable', or a status change). A row is called slower or faster
+    only when the change exceeds both runs' spreads (the intervals median +- spread do not
+    overlap) and 5%; a side whose own spread is beyond +-50% or that is above its ceiling makes the
+    verdict 'unreliable'."""
     old = {row_key(r): r for r in a["rows"]}
     out = []
     for r in b["rows"]:
@@ -277,20 +304,24 @@ def compare_rows(a: dict, b: dict) -> list[dict]:
             "noise": None,
         }
         ratio = None
+        s_old = s_new = 0.0
         if o["status"] == "ok" and r["status"] == "ok" and o.get("median_ms") and r.get("median_ms"):
             ratio = r["median_ms"] / o["median_ms"]
-            noise = max(MIN_NOISE, _iqr_rel(o) + _iqr_rel(r))
+            s_old, s_new = _spread(o), _spread(r)
         elif o["status"] == "ok" and r["status"] == "ok" and o.get("gbps") and r.get("gbps"):
             # rows with a bandwidth and no time (the stream suite's link and streamer): the
             # change in the time to move the same bytes
             ratio = o["gbps"] / r["gbps"]
-            noise = MIN_NOISE
             item["old_gbps"], item["new_gbps"] = o["gbps"], r["gbps"]
         if ratio is not None:
+            # the new interval [ratio (1 - s_new), ratio (1 + s_new)] against the old [1 - s_old, 1 + s_old]
+            noise = max(MIN_NOISE, s_old + s_new)
             item["ratio"], item["noise"] = ratio, noise
-            if ratio > 1 + noise:
+            if _unreliable(o) or _unreliable(r):
+                item["verdict"] = "unreliable"
+            elif ratio > 1 + MIN_NOISE and ratio * (1 - s_new) > 1 + s_old:
                 item["verdict"] = "slower"
-            elif ratio < 1 / (1 + noise):
+            elif ratio < 1 / (1 + MIN_NOISE) and ratio * (1 + s_new) < 1 - s_old:
                 item["verdict"] = "faster"
             else:
                 item["verdict"] = "~"
@@ -349,7 +380,8 @@ def format_compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> st
     lines.append("")
     lines.append(
         f"{len(items)} matching rows: {n_fast} faster, {n_slow} slower, "
-        f"{sum(1 for it in items if it['verdict'] == '~')} within noise; "
+        f"{sum(1 for it in items if it['verdict'] == '~')} within noise, "
+        f"{sum(1 for it in items if it['verdict'] == 'unreliable')} unreliable; "
         f"{only_a} rows only in {name_a}, {only_b} only in {name_b}"
     )
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import warnings
 __all__ = ["install_transformers_hook", "patch_moe", "unpatch_moe"]
 
 _HF_MOE_MODULE = "transformers.integrations.moe"
+_HF_MODELING = "transformers.modeling_utils"
 
 
 def patch_moe(model, *, families=None) -> int:
@@ -42,29 +43,44 @@ def _register_with_transformers() -> None:
         )
 
 
-class _LoaderThenRegister(importlib.abc.Loader):
-    """Runs the real loader of ``transformers.integrations.moe``, then registers moestream there."""
+def _install_unreached_warning() -> None:
+    try:
+        from .coverage import install_warning
 
-    def __init__(self, loader):
+        install_warning()
+    except Exception as e:  # noqa: BLE001 (never break the user's transformers import because of us)
+        warnings.warn(f"moestream: could not install the experts-implementation check: {e!r}", stacklevel=2)
+
+
+class _LoaderThenRegister(importlib.abc.Loader):
+    """Runs the real loader of a transformers module, then ``callback`` (moestream's registration)."""
+
+    def __init__(self, loader, callback):
         self._loader = loader
+        self._callback = callback
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _register_with_transformers()
+        self._callback()
 
     def __getattr__(self, name):  # get_source, get_filename, ... of the real loader
         return getattr(self._loader, name)
 
 
 class _TransformersMoeFinder(importlib.abc.MetaPathFinder):
-    """A post-import hook: when transformers' experts registry is first imported, register moestream
-    in it. Costs nothing until then (importing transformers eagerly would cost seconds)."""
+    """A post-import hook: when ``fullname`` (transformers' experts registry, or its
+    ``modeling_utils``) is first imported, run ``callback`` (register moestream there). Costs nothing
+    until then (importing transformers eagerly would cost seconds)."""
+
+    def __init__(self, fullname: str = _HF_MOE_MODULE, callback=_register_with_transformers):
+        self.fullname = fullname
+        self.callback = callback
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _HF_MOE_MODULE:
+        if fullname != self.fullname:
             return None
         sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
         for finder in sys.meta_path:
@@ -76,17 +92,23 @@ class _TransformersMoeFinder(importlib.abc.MetaPathFinder):
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _LoaderThenRegister(spec.loader)
+        spec.loader = _LoaderThenRegister(spec.loader, self.callback)
         return spec
 
 
 def install_transformers_hook() -> None:
     """Make sure the ``"moestream"`` experts implementation is registered with transformers as soon as
-    transformers' experts registry exists: now if it is already imported, else when it gets imported.
-    Called by ``import moestream``."""
-    if _HF_MOE_MODULE in sys.modules:
-        _register_with_transformers()
-        return
-    if any(isinstance(f, _TransformersMoeFinder) for f in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _TransformersMoeFinder())
+    transformers' experts registry exists: now if it is already imported, else when it gets imported;
+    likewise the warning for models whose experts "moestream" cannot reach
+    (:func:`moestream.integrations.coverage.install_warning`) once ``transformers.modeling_utils``
+    exists. Called by ``import moestream``."""
+    for module, callback in (
+        (_HF_MOE_MODULE, _register_with_transformers),
+        (_HF_MODELING, _install_unreached_warning),
+    ):
+        if module in sys.modules and hasattr(
+            sys.modules[module], "PreTrainedModel" if module == _HF_MODELING else "__name__"
+        ):
+            callback()
+        elif not any(isinstance(f, _TransformersMoeFinder) and f.fullname == module for f in sys.meta_path):
+            sys.meta_path.insert(0, _TransformersMoeFinder(module, callback))

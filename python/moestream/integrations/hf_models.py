@@ -165,3 +165,100 @@ def accelerate_offloaded(
     disk_offload(model, offload_dir=offload_dir, execution_device=device)
     gc.collect()
     return model, "accelerate.disk_offload"
+
+
+# words of the offline test tokenizer after its four special tokens; ids beyond them are "w<id>"
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "a",
+    "in",
+    "is",
+    "it",
+    "that",
+    "for",
+    "on",
+    "with",
+    "as",
+    "was",
+    "by",
+    "at",
+    "be",
+    "this",
+    "from",
+    "or",
+    "an",
+    "are",
+    "not",
+    "have",
+    "but",
+    "which",
+    "one",
+    "all",
+    "were",
+    "we",
+    "when",
+    "there",
+    "can",
+    "more",
+    "if",
+    "no",
+    "out",
+    "so",
+    "up",
+    "what",
+    "about",
+    "into",
+    "than",
+    "them",
+    "only",
+    "model",
+    "layer",
+    "expert",
+    "experts",
+    "weights",
+    "stream",
+    "streams",
+    "token",
+    "tokens",
+    "fast",
+    "MoE",
+    "layers",
+    "GPU",
+    "memory",
+    "disk",
+    ".",
+    ",",
+    "!",
+]
+
+
+def write_tokenizer(out_dir: str, vocab_size: int, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2) -> None:
+    """A word-level tokenizer of ``vocab_size`` ids built offline (no download), saved in
+    ``out_dir`` as ``tokenizer.json`` + ``tokenizer_config.json`` so that
+    ``AutoTokenizer.from_pretrained(out_dir)`` loads it: ``<pad>``, ``<s>``, ``</s>`` at the given ids,
+    ``<unk>`` next, then common English words, then ``w<id>`` fillers; words split on whitespace
+    and punctuation and decoded joined by spaces. The prompt gets ``<s>`` first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {pad_id: "<pad>", bos_id: "<s>", eos_id: "</s>"}
+    if len(specials) != 3 or max(specials) >= vocab_size:
+        raise ValueError(f"write_tokenizer: pad/bos/eos ids must be distinct and < vocab_size={vocab_size}")
+    vocab: dict[str, int] = {tok: i for i, tok in specials.items()}
+    words = iter(["<unk>", *_WORDS])
+    for i in range(vocab_size):
+        if i not in specials:
+            vocab[next(words, f"w{i}")] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, none before punctuation
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(out_dir)
