@@ -214,9 +214,9 @@ def test_run_dense_model(dense_checkpoint):
 
 def test_run_reports_bad_input(moe_checkpoint, dense_checkpoint, tmp_path, capsys):
     rc, _, err = _run(
-        ["run", moe_checkpoint, "--prompt", "x", "--device", "cpu", "--max-device-memory", "1MiB"]
+        ["run", moe_checkpoint, "--prompt", "x", "--device", "cpu", "--max-device-memory", "16KiB"]
     )
-    assert rc == 1 and "max_device_memory=1.00 MiB is too small" in err
+    assert rc == 1 and "max_device_memory=16.00 KiB is too small" in err
     rc, _, err = _run(["run", dense_checkpoint, "--prompt", "x", "--device", "cpu", "--patch-moe"])
     assert rc == 1 and "--patch-moe" in err and "no MoE block" in err
     for argv, what in [

@@ -291,3 +291,27 @@ def test_cuda_expert_cache_generate(storage, tmp_path):
     assert torch.equal(_generate(model, ids), want)
     st = ms.offload_stats(model)
     assert st["expert_misses"] > 0 and st["expert_hits"] + st["expert_misses"] == st["expert_lookups"]
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_compressed_experts_are_cached_compressed(storage, tmp_path):
+    from moestream import quant
+
+    base = testing.build_model("qwen3_moe", testing.QUANT_SIZES["qwen3_moe"])
+    scheme = quant.QuantScheme("int4", 32)
+    ref = copy.deepcopy(base)
+    quant.quantize_model(ref, scheme)
+    ids = testing.input_ids(2, 5, vocab=int(base.config.vocab_size))
+    want = _generate(ref, ids, 5)
+    packed = sum(b.numel() * b.element_size() for n, b in ref.named_buffers() if ".experts." in n)
+    m = copy.deepcopy(base)
+    ms.offload(m, device="cpu", storage=storage, offload_dir=str(tmp_path), compress=scheme, expert_slots=3)
+    assert torch.equal(_generate(m, ids, 5), want)
+    st = ms.offload_stats(m)
+    assert st["experts"] == "cache" and st["expert_misses"] > 0
+    assert get_state(m).plan.experts.expert_bytes == packed  # the packed bytes, not bfloat16 ones
+    # whole layers: the packed buffers stream with their layer instead of staying resident
+    m2 = copy.deepcopy(base)
+    ms.offload(m2, device="cpu", storage=storage, offload_dir=str(tmp_path / "l"), compress=scheme, experts="layer")
+    assert torch.equal(_generate(m2, ids, 5), want)
+    assert ms.offload_stats(m2)["resident_bytes"] < packed

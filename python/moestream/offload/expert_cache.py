@@ -42,6 +42,22 @@ class _Compute:
     transpose_b: bool
     act: object  # pipeline.Gate or a callable [N, 2I] -> [N, I]
     post: object = None
+    quant: bool = False  # the weights are moestream.quant.PackedWeight (ops.QUANT_OPS)
+
+
+@dataclass
+class _Packed:
+    """A PackedWeight's buffers as strided views of the expert slots ([slots, ...])."""
+
+    qweight: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    bits: int
+    group_size: int
+
+    def index_select(self, sel: Tensor) -> _Packed:
+        z = None if self.zero is None else self.zero.index_select(0, sel)
+        return _Packed(self.qweight.index_select(0, sel), self.scale.index_select(0, sel), z, self.bits, self.group_size)
 
 
 def compute_spec(module: nn.Module, dense: bool = False) -> _Compute:
@@ -50,6 +66,19 @@ def compute_spec(module: nn.Module, dense: bool = False) -> _Compute:
     from ..nn.moe import GroupedExperts
 
     params = module._parameters
+    from ..quant import QuantizedGroupedExperts
+
+    if isinstance(module, QuantizedGroupedExperts):
+        has_bias = module.gate_up_proj_bias is not None
+        return _Compute(
+            "gate_up_proj",
+            "down_proj",
+            "gate_up_proj_bias" if has_bias else None,
+            "down_proj_bias" if has_bias else None,
+            True,
+            pipeline.Gate(module.activation, module.layout, module.alpha, module.limit),
+            quant=True,
+        )
     if dense:
         # transformers' Llama 4: bmm(x, gate_up_proj [E, H, 2I]) -> up * act_fn(gate) -> bmm(down_proj [E, I, H])
         fn, dtype = module.act_fn, params["down_proj"].dtype
@@ -184,14 +213,24 @@ class ExpertCache:
                         (S, *shape), (per_slot, *inner), off // dtype.itemsize
                     )
             c = g.compute
+            if c.quant:
+                # PackedWeight stand-ins whose buffers are the slots' (what QUANT_OPS' grouped_mm reads)
+                def packed(w: str):
+                    pw = getattr(m, w)
+                    return _Packed(views[f"{w}.qweight"], views[f"{w}.scale"], views.get(f"{w}.zero"), pw.bits, pw.group_size)
+
+                w1, w2 = packed(c.w1), packed(c.w2)
+                g.dtype = m.gate_up_proj.dtype
+            else:
+                w1, w2 = views[c.w1], views[c.w2]
+                g.dtype = w1.dtype
             g.experts = pipeline.Experts(
-                views[c.w1],
-                views[c.w2],
+                w1,
+                w2,
                 views.get(c.b1) if c.b1 else None,
                 views.get(c.b2) if c.b2 else None,
                 c.transpose_b,
             )
-            g.dtype = views[c.w1].dtype
             g.router = None if r is None else weakref.ref(r)
             g.original_forward = m.__dict__.get("forward")
             m.forward = (_CachedDenseForward if d else _CachedForward)(self, gi)
@@ -305,11 +344,13 @@ class ExpertCache:
             idx.extend(range(ends[e], ends[e + 1]))
         dev = rows.device
         lengths = [ends[e + 1] - ends[e] for e in es]
-        if self.gather:
+        quant = g.compute.quant
+        if self.gather or quant:
             # the wave's experts copied out of their slots into one [W, ...] stack (device-to-device,
             # small next to the link that filled them): for kernels that want contiguous weights
+            # (CUDA's grouped_mm, qgrouped_mm)
             sel = torch.tensor([slot[e] for e in es], dtype=torch.int64, device=dev)
-            experts = g.experts.map(lambda t: t.index_select(0, sel))
+            experts = g.experts.map(lambda t: t.index_select(sel) if isinstance(t, _Packed) else t.index_select(0, sel))
             counts = lengths
         else:
             # every slot is a group; the slots of other experts get no rows
@@ -337,10 +378,11 @@ class ExpertCache:
                 y.index_copy_(0, index, y_w.to(y.dtype))
             return
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dev)
+        op_set = ops.QUANT_OPS if quant else ops.OPS
         if whole:
-            y.copy_(pipeline.expert_mlp(ops.OPS, rows, offs, experts, act, post))
+            y.copy_(pipeline.expert_mlp(op_set, rows, offs, experts, act, post))
             return
-        y_w = pipeline.expert_mlp(ops.OPS, rows.index_select(0, index), offs, experts, act, post)
+        y_w = pipeline.expert_mlp(op_set, rows.index_select(0, index), offs, experts, act, post)
         y.index_copy_(0, index, y_w.to(y.dtype))
 
     def _fused(self, g: ExpertGroupState, dev: torch.device) -> bool:
@@ -348,7 +390,7 @@ class ExpertCache:
         post-expert norm, biases (if any) already in the accumulation dtype (else each call would
         convert every slot's biases)."""
         c = g.compute
-        if self.gather or dev.type != "cpu" or not isinstance(c.act, pipeline.Gate) or c.post is not None:
+        if self.gather or c.quant or dev.type != "cpu" or not isinstance(c.act, pipeline.Gate) or c.post is not None:
             return False
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         return all(b is None or b.dtype == acc for b in (g.experts.b_gate_up, g.experts.b_down))

@@ -106,6 +106,9 @@ def _write_units(plan: Plan, groups: list, entries: list[Entry], opts: Resolved,
     os.makedirs(out, exist_ok=True)
     bar = progress_bar(plan.streamed_bytes, "moestream: writing offload files", opts.progress)
     for stem, module, ts in groups:
+        ts = [(k, name) for k, name in ts if entries[k].source.pieces is None]  # file-backed ones stay where they are
+        if not ts:
+            continue
         path = os.path.join(out, f"{stem}.safetensors")
         sio.write_safetensors(
             path,
@@ -164,7 +167,9 @@ def _expert_cache(plan: Plan, entries: list[Entry], opts: Resolved, pool, placeh
                 del dst
                 if bar is not None:
                     bar.update(src.nbytes)
-            specs[e.names[0].rsplit(".", 1)[-1]] = (t.offset, src.dtype, tuple(src.shape[1:]))
+            name = e.names[0]
+            attr = name[len(g.module) + 1 :] if name.startswith(g.module + ".") else name.rsplit(".", 1)[-1]
+            specs[attr] = (t.offset, src.dtype, tuple(src.shape[1:]))  # "down_proj", "down_proj.qweight"
         for x in range(g.num_experts):
             segs = []
             for i, t in enumerate(g.tensors):

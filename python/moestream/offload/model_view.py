@@ -177,6 +177,8 @@ def layout_of(
             continue
         (leaves_before if order[id(m)] < first else leaves_after).append(name)
     tensors = []
+    from ..quant import PackedWeight
+
     for i, e in enumerate(entries):
         p = e.source.pieces
         tensors.append(
@@ -184,12 +186,18 @@ def layout_of(
                 key=i,
                 names=tuple(e.names),
                 nbytes=e.source.nbytes,
-                is_param=e.is_param,
+                # a compressed weight's packed buffers stream like the parameter they stand for
+                is_param=e.is_param or any(isinstance(m, PackedWeight) for m, _ in e.owners),
                 file_pos=(p[0].path, p[0].offset) if p else None,
                 owners=tuple(dict.fromkeys(name_of[id(m)] for m, _ in e.owners)),
             )
         )
     key_of = {(id(m), a): i for i, e in enumerate(entries) for m, a in e.owners}
+
+    def key(module: nn.Module, attr: str) -> int:  # attr may be dotted: "gate_up_proj.qweight"
+        sub, _, a = attr.rpartition(".")
+        return key_of[(id(module.get_submodule(sub) if sub else module), a)]
+
     groups = []
     for x in experts:
         rkeys = ()
@@ -199,7 +207,7 @@ def layout_of(
             ExpertGroupSpec(
                 module=x.name,
                 block=x.block,
-                keys=tuple(key_of[(id(x.module), a)] for a in x.attrs),
+                keys=tuple(key(x.module, a) for a in x.attrs),
                 num_experts=x.num_experts,
                 top_k=x.top_k,
                 router_keys=rkeys,
@@ -229,6 +237,7 @@ class ExpertModule:
     router: nn.Module | None = None
     router_name: str | None = None
     dense: bool = False  # called as module(routed_in [E * T, H]) (transformers' Llama 4)
+    quant: bool = False  # moestream.quant.QuantizedGroupedExperts (packed weights)
 
 
 def _routed_signature(module: nn.Module) -> bool:
@@ -288,10 +297,36 @@ def _router_of(block: nn.Module, experts: nn.Module, E: int, dims: set[int]) -> 
 def find_expert_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list[ExpertModule], list[str]]:
     """The fused experts modules of each block, in block order, and the names of experts modules
     that cannot be run one expert at a time (their forward computes every expert)."""
+    from ..quant import QuantizedGroupedExperts
+
     name_of = {id(m): n for n, m in model.named_modules()}
     found, dense = [], []
     for bi, b in enumerate(blocks):
         for m in b.modules():
+            if isinstance(m, QuantizedGroupedExperts):
+                # compressed experts: expert e is the slice [e] of every packed buffer (and bias)
+                attrs = [
+                    f"{w}.{t}"
+                    for w in ("gate_up_proj", "down_proj")
+                    for t in ("qweight", "scale", "zero")
+                    if getattr(getattr(m, w), t, None) is not None
+                ] + [a for a in ("gate_up_proj_bias", "down_proj_bias") if getattr(m, a) is not None]
+                parent = next((p for p in b.modules() if any(c is m for c in p.children())), b)
+                rname, router = _router_of(parent, m, m.num_experts, {m.hidden_size})
+                found.append(
+                    ExpertModule(
+                        block=bi,
+                        name=name_of[id(m)],
+                        module=m,
+                        attrs=attrs,
+                        num_experts=m.num_experts,
+                        top_k=_top_k(parent, m, model),
+                        router=router,
+                        router_name=None if rname is None else name_of[id(router)],
+                        quant=True,
+                    )
+                )
+                continue
             spec = _expert_attrs(m)
             if spec is None:
                 continue
