@@ -9,10 +9,9 @@ import os
 import re
 import warnings
 
+import moestream as ms
 import pytest
 import torch
-
-import moestream as ms
 from moestream import _C, testing
 from moestream.offload import get_state
 from moestream.offload.options import parse_bytes
@@ -119,8 +118,14 @@ def test_bytes_read_per_decoded_token_is_what_the_router_selected(tmp_path):
     k = _top_k(base)
     # a cache of one layer's selection holds nothing across tokens; no prediction, no page cache
     ms.offload(
-        model, device="cpu", storage="disk", offload_dir=str(tmp_path), expert_slots=k,
-        expert_prefetch=False, direct_io=False, prefetch=0,
+        model,
+        device="cpu",
+        storage="disk",
+        offload_dir=str(tmp_path),
+        expert_slots=k,
+        expert_prefetch=False,
+        direct_io=False,
+        prefetch=0,
     )
     plan = get_state(model).plan
     expert_bytes = plan.experts.expert_bytes
@@ -136,8 +141,9 @@ def test_bytes_read_per_decoded_token_is_what_the_router_selected(tmp_path):
 def _streamer(policy, units=4, slots=2):
     pool = _C.HostPool(units * 4096)
     pool.view(0, units * 4096).copy_(torch.arange(units).repeat_interleave(4096).to(torch.uint8))
-    cfg = _C.StreamerConfig(device="cpu", slot_bytes=4096, num_slots=slots, num_readers=1,
-                            contiguous_slots=True, eviction=policy)
+    cfg = _C.StreamerConfig(
+        device="cpu", slot_bytes=4096, num_slots=slots, num_readers=1, contiguous_slots=True, eviction=policy
+    )
     s = _C.Streamer(pool, cfg)
     for u in range(units):
         assert s.add_unit([_C.Segment(0, 4096, _C.Segment.FROM_POOL, u * 4096, f"u{u}")]) == u
@@ -256,8 +262,15 @@ def test_ms_nn_moe_blocks(routing):
             super().__init__()
             gpt = routing == "gpt_oss"
             self.layers = torch.nn.ModuleList(
-                ms.nn.MoE(32, 24, 6, 2 if routing != "llama4" else 1, routing=routing, expert_bias=gpt,
-                          activation="gptoss" if gpt else "swiglu")
+                ms.nn.MoE(
+                    32,
+                    24,
+                    6,
+                    2 if routing != "llama4" else 1,
+                    routing=routing,
+                    expert_bias=gpt,
+                    activation="gptoss" if gpt else "swiglu",
+                )
                 for _ in range(3)
             )
 
@@ -312,6 +325,8 @@ def test_compressed_experts_are_cached_compressed(storage, tmp_path):
     assert get_state(m).plan.experts.expert_bytes == packed  # the packed bytes, not bfloat16 ones
     # whole layers: the packed buffers stream with their layer instead of staying resident
     m2 = copy.deepcopy(base)
-    ms.offload(m2, device="cpu", storage=storage, offload_dir=str(tmp_path / "l"), compress=scheme, experts="layer")
+    ms.offload(
+        m2, device="cpu", storage=storage, offload_dir=str(tmp_path / "l"), compress=scheme, experts="layer"
+    )
     assert torch.equal(_generate(m2, ids, 5), want)
     assert ms.offload_stats(m2)["resident_bytes"] < packed

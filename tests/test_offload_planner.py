@@ -174,7 +174,9 @@ def test_expert_plan_slots_units_and_budget():
     # the layer units hold only the attention; the routers stay resident
     assert [[t.name for t in u.tensors] for u in plan.units][0] == ["layers.0.attn.weight"]
     assert plan.resident_bytes == 2 * 64 * KiB + 3 * 8 * 128
-    assert [(g.module, g.first_unit) for g in ep.groups] == [(f"layers.{b}.mlp.experts", 8 * b) for b in range(3)]
+    assert [(g.module, g.first_unit) for g in ep.groups] == [
+        (f"layers.{b}.mlp.experts", 8 * b) for b in range(3)
+    ]
     g = ep.groups[0]
     assert [(t.offset, t.nbytes) for t in g.tensors] == [(0, 6_000), (_round(6_000, ALIGN), 3_000)]
     assert ep.num_slots == 8 * plan.num_slots  # no budget: one layer's experts per layer slot

@@ -60,11 +60,8 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_model_4x_budget_runs_from_disk_within_rss_budget(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    os.makedirs(ckpt)
-    size = _write_checkpoint(ckpt)
-    assert size >= 4 * BUDGET
+def _run_child(ckpt: str) -> dict:
+    """Loads and generates from `ckpt` under BUDGET in a fresh process; its measurements."""
     r = subprocess.run(
         [sys.executable, "-c", _CHILD, ckpt, str(BUDGET)],
         check=False,
@@ -73,7 +70,15 @@ def test_model_4x_budget_runs_from_disk_within_rss_budget(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_model_4x_budget_runs_from_disk_within_rss_budget(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    os.makedirs(ckpt)
+    size = _write_checkpoint(ckpt)
+    assert size >= 4 * BUDGET
+    res = _run_child(ckpt)
     assert len(res["tokens"]) == 8 + 3
     assert res["device_bytes"] <= BUDGET
     # every forward streamed all the layers from the files (4 forwards: prefill + 3 decode steps)
@@ -94,21 +99,30 @@ def test_moe_checkpoint_4x_budget_reads_only_routed_experts_within_rss_budget(tm
 
     ckpt = str(tmp_path / "ckpt")
     os.makedirs(ckpt)
-    sizes = {"vocab": 1024, "hidden": 1024, "inter": 512, "dense_inter": 1024, "experts": 32, "k": 4,
-             "layers": 6, "heads": 8, "kv_heads": 2, "head_dim": 64, "tie_word_embeddings": False}
+    sizes = {
+        "vocab": 1024,
+        "hidden": 1024,
+        "inter": 512,
+        "dense_inter": 1024,
+        "experts": 32,
+        "k": 4,
+        "layers": 6,
+        "heads": 8,
+        "kv_heads": 2,
+        "head_dim": 64,
+        "tie_word_embeddings": False,
+    }
     layers, rest = write_random_checkpoint(ckpt, "qwen3_moe", sizes)
     size = sum(os.path.getsize(f) for f in layers + rest)
     assert size >= 4 * BUDGET
-    r = subprocess.run(
-        [sys.executable, "-c", _CHILD, ckpt, str(BUDGET)], check=False, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = _run_child(ckpt)
     assert len(res["tokens"]) == 8 + 3 and res["device_bytes"] <= BUDGET
     # prefill (8 tokens) + 3 decode steps read less than two passes over the experts
     assert res["bytes_read"] < 2 * res["streamed_bytes"], (res["bytes_read"], res["streamed_bytes"])
     growth = res["peak"] - res["base"]
-    print(f"MoE checkpoint {size / MB:.0f} MB, peak RSS +{growth / MB:.0f} MB, read {res['bytes_read'] / MB:.0f} MB")
+    print(
+        f"MoE checkpoint {size / MB:.0f} MB, peak RSS +{growth / MB:.0f} MB, read {res['bytes_read'] / MB:.0f} MB"
+    )
     assert growth <= BUDGET + 300 * MB, f"peak RSS grew by {growth / MB:.0f} MB"
 
 

@@ -259,28 +259,8 @@ std::pair<at::Tensor, int> Streamer::acquire(int unit, const std::vector<int>& a
     if (a < 0 || a >= static_cast<int>(units_.size()) || a == unit) continue;
     ensure_loaded(a, keep, false);
   }
-  std::shared_ptr<Job> job = slots_[s].job;
-  const bool hit = job->state >= Job::kDone;
-  cv_.wait(lk, [&] { return job->state >= Job::kDone; });
-  acquires_++;
-  hits_ += hit ? 1 : 0;
-  wait_ns_ += now_ns() - t0;
-  if (job->state != Job::kDone) {
-    slots_[s].in_use--;
-    if (slots_[s].job == job) {
-      slots_[s].unit = -1;
-      unit_slot_[unit] = -1;
-    }
-    std::string err = job->error.empty() ? std::string("moestream.Streamer: the load of unit ") +
-                                               std::to_string(unit) + " was cancelled"
-                                         : job->error;
-    lk.unlock();
-    TORCH_CHECK(false, err);
-  }
   at::Tensor mem = slots_[s].mem;
-  lk.unlock();
-  // The slot is in use, so no later job can re-record its ready event before this wait is enqueued.
-  backend_->consumer_wait_ready(s);
+  wait_ready(lk, unit, s, t0);
   return {mem, s};
 }
 
@@ -299,6 +279,10 @@ void Streamer::wait(int unit) {
   checked_unit(unit, "wait");
   const int s = unit_slot_[unit];
   TORCH_CHECK(s >= 0 && slots_[s].in_use > 0, "moestream.Streamer.wait: unit ", unit, " is not requested");
+  wait_ready(lk, unit, s, t0);
+}
+
+void Streamer::wait_ready(std::unique_lock<std::mutex>& lk, int unit, int s, int64_t t0) {
   std::shared_ptr<Job> job = slots_[s].job;
   const bool hit = job->state >= Job::kDone;
   cv_.wait(lk, [&] { return job->state >= Job::kDone; });
@@ -318,6 +302,7 @@ void Streamer::wait(int unit) {
     TORCH_CHECK(false, err);
   }
   lk.unlock();
+  // The slot is in use, so no later job can re-record its ready event before this wait is enqueued.
   backend_->consumer_wait_ready(s);
 }
 

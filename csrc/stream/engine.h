@@ -281,6 +281,9 @@ class Streamer {
 
   int ensure_loaded(int unit, const std::unordered_set<int>& keep, bool required);  // mu_ held
   bool evicts_before(const Slot& a, const Slot& b) const;                          // mu_ held
+  // Waits (lk holding mu_) for the load in slot s of the pinned unit; unlocks. A failed load
+  // unpins the unit and raises.
+  void wait_ready(std::unique_lock<std::mutex>& lk, int unit, int s, int64_t t0);
   int checked_unit(int unit, const char* fn) const;
   void scheduler_loop();
   void complete(const std::shared_ptr<Job>& job, const std::string& error);

@@ -264,6 +264,8 @@ def _check_dtypes(entries, sources: dict[int, Source], checkpoint_dir: str) -> N
                 else ""
             )
         )
+
+
 def _quant_metadata(ckpt: dict[str, sio.TensorInfo], meta: dict) -> dict[str, dict]:
     """The moestream.quant metadata of a checkpoint: the index's "quant", else every shard's
     __metadata__["moestream.quant"] merged."""

@@ -57,27 +57,30 @@ class _Packed:
 
     def index_select(self, sel: Tensor) -> _Packed:
         z = None if self.zero is None else self.zero.index_select(0, sel)
-        return _Packed(self.qweight.index_select(0, sel), self.scale.index_select(0, sel), z, self.bits, self.group_size)
+        return _Packed(
+            self.qweight.index_select(0, sel), self.scale.index_select(0, sel), z, self.bits, self.group_size
+        )
 
 
 def compute_spec(module: nn.Module, dense: bool = False) -> _Compute:
     """The expert MLP of ``module``: ``ms.nn.GroupedExperts``, or a transformers experts module
     (``has_gate``, ``has_bias``, ``is_transposed``, ``_apply_gate`` / ``act_fn``, post-expert norm)."""
     from ..nn.moe import GroupedExperts
-
-    params = module._parameters
     from ..quant import QuantizedGroupedExperts
 
-    if isinstance(module, QuantizedGroupedExperts):
+    params = module._parameters
+    if isinstance(module, (GroupedExperts, QuantizedGroupedExperts)):
+        # moestream's own modules: a fused gate; packed weights are always [E, N, K]
+        quant = isinstance(module, QuantizedGroupedExperts)
         has_bias = module.gate_up_proj_bias is not None
         return _Compute(
             "gate_up_proj",
             "down_proj",
             "gate_up_proj_bias" if has_bias else None,
             "down_proj_bias" if has_bias else None,
-            True,
+            True if quant else module.transpose_b,
             pipeline.Gate(module.activation, module.layout, module.alpha, module.limit),
-            quant=True,
+            quant=quant,
         )
     if dense:
         # transformers' Llama 4: bmm(x, gate_up_proj [E, H, 2I]) -> up * act_fn(gate) -> bmm(down_proj [E, I, H])
@@ -88,16 +91,6 @@ def compute_spec(module: nn.Module, dense: bool = False) -> _Compute:
             return (up * fn(gate)).to(dtype)
 
         return _Compute("gate_up_proj", "down_proj", None, None, False, act)
-    if isinstance(module, GroupedExperts):
-        has_bias = module.gate_up_proj_bias is not None
-        return _Compute(
-            "gate_up_proj",
-            "down_proj",
-            "gate_up_proj_bias" if has_bias else None,
-            "down_proj_bias" if has_bias else None,
-            module.transpose_b,
-            pipeline.Gate(module.activation, module.layout, module.alpha, module.limit),
-        )
     has_gate = getattr(module, "has_gate", True) and params.get("gate_up_proj") is not None
     has_bias = bool(getattr(module, "has_bias", False))
     w1 = "gate_up_proj" if has_gate else "up_proj"
@@ -114,7 +107,7 @@ def compute_spec(module: nn.Module, dense: bool = False) -> _Compute:
     if act is None:
         fn = module._apply_gate if has_gate else module.act_fn
         dtype = params["down_proj"].dtype
-        act = lambda h: fn(h).to(dtype)  # noqa: E731
+        act = lambda h: fn(h).to(dtype)
     post = module.post_expert_norm if getattr(module, "has_post_expert_norm", False) else None
     return _Compute(
         w1,
@@ -215,11 +208,16 @@ class ExpertCache:
             c = g.compute
             if c.quant:
                 # PackedWeight stand-ins whose buffers are the slots' (what QUANT_OPS' grouped_mm reads)
-                def packed(w: str):
-                    pw = getattr(m, w)
-                    return _Packed(views[f"{w}.qweight"], views[f"{w}.scale"], views.get(f"{w}.zero"), pw.bits, pw.group_size)
-
-                w1, w2 = packed(c.w1), packed(c.w2)
+                w1, w2 = (
+                    _Packed(
+                        views[f"{w}.qweight"],
+                        views[f"{w}.scale"],
+                        views.get(f"{w}.zero"),
+                        getattr(m, w).bits,
+                        getattr(m, w).group_size,
+                    )
+                    for w in (c.w1, c.w2)
+                )
                 g.dtype = m.gate_up_proj.dtype
             else:
                 w1, w2 = views[c.w1], views[c.w2]
@@ -350,7 +348,9 @@ class ExpertCache:
             # small next to the link that filled them): for kernels that want contiguous weights
             # (CUDA's grouped_mm, qgrouped_mm)
             sel = torch.tensor([slot[e] for e in es], dtype=torch.int64, device=dev)
-            experts = g.experts.map(lambda t: t.index_select(sel) if isinstance(t, _Packed) else t.index_select(0, sel))
+            experts = g.experts.map(
+                lambda t: t.index_select(sel) if isinstance(t, _Packed) else t.index_select(0, sel)
+            )
             counts = lengths
         else:
             # every slot is a group; the slots of other experts get no rows
@@ -369,8 +369,18 @@ class ExpertCache:
             x_w = rows if whole else rows.index_select(0, index)
             ex = g.experts
             y_w = ops.moe_experts(
-                x_w, sid[:, None], ones, ex.w_gate_up, ex.w_down, ex.b_gate_up, ex.b_down,
-                act.kind, act.layout, ex.transpose_b, act.alpha, act.limit,
+                x_w,
+                sid[:, None],
+                ones,
+                ex.w_gate_up,
+                ex.w_down,
+                ex.b_gate_up,
+                ex.b_down,
+                act.kind,
+                act.layout,
+                ex.transpose_b,
+                act.alpha,
+                act.limit,
             )
             if whole:
                 y.copy_(y_w)
@@ -390,7 +400,13 @@ class ExpertCache:
         post-expert norm, biases (if any) already in the accumulation dtype (else each call would
         convert every slot's biases)."""
         c = g.compute
-        if self.gather or c.quant or dev.type != "cpu" or not isinstance(c.act, pipeline.Gate) or c.post is not None:
+        if (
+            self.gather
+            or c.quant
+            or dev.type != "cpu"
+            or not isinstance(c.act, pipeline.Gate)
+            or c.post is not None
+        ):
             return False
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         return all(b is None or b.dtype == acc for b in (g.experts.b_gate_up, g.experts.b_down))

@@ -76,7 +76,9 @@ def _set_tensor(e: Entry, value: torch.Tensor) -> None:
 def _file_groups(plan: Plan) -> list[tuple[str, str, list[tuple[int, str]]]]:
     """(file stem, unit name, [(key, tensor name)]) of each offload file: one per unit, one per
     experts module (its fused [E, ...] tensors, read one expert at a time)."""
-    out = [(f"unit-{ui:05d}", u.module, [(t.key, t.name) for t in u.tensors]) for ui, u in enumerate(plan.units)]
+    out = [
+        (f"unit-{ui:05d}", u.module, [(t.key, t.name) for t in u.tensors]) for ui, u in enumerate(plan.units)
+    ]
     if plan.experts is not None:
         for gi, g in enumerate(plan.experts.groups):
             out.append((f"experts-{gi:05d}", g.module, [(t.key, t.name) for t in g.tensors]))
@@ -106,7 +108,9 @@ def _write_units(plan: Plan, groups: list, entries: list[Entry], opts: Resolved,
     os.makedirs(out, exist_ok=True)
     bar = progress_bar(plan.streamed_bytes, "moestream: writing offload files", opts.progress)
     for stem, module, ts in groups:
-        ts = [(k, name) for k, name in ts if entries[k].source.pieces is None]  # file-backed ones stay where they are
+        ts = [
+            (k, name) for k, name in ts if entries[k].source.pieces is None
+        ]  # file-backed ones stay where they are
         if not ts:
             continue
         path = os.path.join(out, f"{stem}.safetensors")
@@ -119,7 +123,9 @@ def _write_units(plan: Plan, groups: list, entries: list[Entry], opts: Resolved,
         infos, _ = sio.read_header(path)
         for k, name in ts:
             src, info = entries[k].source, infos[name]
-            entries[k].source = Source(src.dtype, src.shape, pieces=[Piece(path, info.offset, info.nbytes, 0)])
+            entries[k].source = Source(
+                src.dtype, src.shape, pieces=[Piece(path, info.offset, info.nbytes, 0)]
+            )
     if bar is not None:
         bar.close()
     sio.fsync_dir(out)
@@ -133,26 +139,36 @@ def _warn_unpinned(what: str, nbytes: int, error: str) -> None:
     )
 
 
-def _expert_cache(plan: Plan, entries: list[Entry], opts: Resolved, pool, placeholders: dict, bar_enabled: bool):
-    """The expert streamer (one expert per slot, slots contiguous) with one unit per expert, and the
-    experts' parameters turned into placeholders."""
-    ep = plan.experts
+def _streamer(plan: Plan, opts: Resolved, pool, slot_bytes: int, num_slots: int, **extra):
+    """A Streamer of `num_slots` slots of `slot_bytes` with the plan's readers and staging."""
     config = _C.StreamerConfig(
         device=opts.engine_device,
-        slot_bytes=ep.slot_bytes,
-        num_slots=ep.num_slots,
+        slot_bytes=slot_bytes,
+        num_slots=num_slots,
         num_readers=opts.num_readers,
         chunk_bytes=plan.chunk_bytes,
         num_staging=plan.num_staging,
         direct_io=opts.direct_io,
         staging_pin=opts.pin,
-        contiguous_slots=True,
-        eviction=opts.eviction,
+        **extra,
     )
-    streamer = _C.Streamer(pool, config)
+    return _C.Streamer(pool, config)
+
+
+def _expert_cache(
+    plan: Plan, entries: list[Entry], opts: Resolved, pool, placeholders: dict, bar_enabled: bool
+):
+    """The expert streamer (one expert per slot, slots contiguous) with one unit per expert, and the
+    experts' parameters turned into placeholders."""
+    ep = plan.experts
+    streamer = _streamer(
+        plan, opts, pool, ep.slot_bytes, ep.num_slots, contiguous_slots=True, eviction=opts.eviction
+    )
     files = _Files(streamer)
     cache = ExpertCache(streamer, prefetch=opts.expert_prefetch, gather=opts.device.type == "cuda")
-    bar = progress_bar(ep.expert_bytes, "moestream: filling host memory (experts)", bar_enabled and pool is not None)
+    bar = progress_bar(
+        ep.expert_bytes, "moestream: filling host memory (experts)", bar_enabled and pool is not None
+    )
     for g in ep.groups:
         specs, params = {}, []
         for i, t in enumerate(g.tensors):
@@ -176,9 +192,15 @@ def _expert_cache(plan: Plan, entries: list[Entry], opts: Resolved, pool, placeh
                 src = entries[t.key].source
                 name = f"{t.name}[{x}]"
                 if opts.storage == "cpu":
-                    segs.append(_C.Segment(t.offset, t.nbytes, _C.Segment.FROM_POOL, g.host_offsets[i] + x * t.nbytes, name))
+                    segs.append(
+                        _C.Segment(
+                            t.offset, t.nbytes, _C.Segment.FROM_POOL, g.host_offsets[i] + x * t.nbytes, name
+                        )
+                    )
                 else:
-                    segs.extend(files.segments(slice_pieces(src.pieces, x * t.nbytes, t.nbytes), name, dst=t.offset))
+                    segs.extend(
+                        files.segments(slice_pieces(src.pieces, x * t.nbytes, t.nbytes), name, dst=t.offset)
+                    )
             assert streamer.add_unit(segs) == g.first_unit + x
         for t in g.tensors:
             e = entries[t.key]
@@ -188,9 +210,7 @@ def _expert_cache(plan: Plan, entries: list[Entry], opts: Resolved, pool, placeh
             _set_tensor(e, _placeholder(src.dtype, src.shape, opts.device, placeholders))
             params.append(e.obj)
             e.owners = []
-        cache.groups.append(
-            ExpertGroupState(g.module, g.first_unit, g.num_experts, g.top_k, specs, params)
-        )
+        cache.groups.append(ExpertGroupState(g.module, g.first_unit, g.num_experts, g.top_k, specs, params))
     if bar is not None:
         bar.close()
     cache_files = list(files.index)
@@ -211,17 +231,7 @@ def materialize(plan: Plan, entries: list[Entry], opts: Resolved) -> OffloadStat
 def _materialize(plan: Plan, entries: list[Entry], opts: Resolved, tmpdir: str | None) -> OffloadState:
     device = opts.device
     pool = _C.HostPool(plan.host_bytes, opts.pin) if plan.host_bytes else None
-    config = _C.StreamerConfig(
-        device=opts.engine_device,
-        slot_bytes=plan.slot_bytes,
-        num_slots=plan.num_slots,
-        num_readers=opts.num_readers,
-        chunk_bytes=plan.chunk_bytes,
-        num_staging=plan.num_staging,
-        direct_io=opts.direct_io,
-        staging_pin=opts.pin,
-    )
-    streamer = _C.Streamer(pool, config)
+    streamer = _streamer(plan, opts, pool, plan.slot_bytes, plan.num_slots)
     if opts.pin != _C.PinMode.none and not streamer.staging_pinned:
         _warn_unpinned("staging buffers", plan.staging_bytes, streamer.staging_pin_error)
     files = _Files(streamer)

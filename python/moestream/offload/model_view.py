@@ -284,7 +284,9 @@ def _top_k(block: nn.Module, experts: nn.Module, model: nn.Module) -> int:
     return v if isinstance(v, int) and v >= 1 else 1
 
 
-def _router_of(block: nn.Module, experts: nn.Module, E: int, dims: set[int]) -> tuple[str | None, nn.Module | None]:
+def _router_of(
+    block: nn.Module, experts: nn.Module, E: int, dims: set[int]
+) -> tuple[str | None, nn.Module | None]:
     for name, m in block.named_children():
         if m is experts:
             continue
@@ -303,6 +305,7 @@ def find_expert_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list
     found, dense = [], []
     for bi, b in enumerate(blocks):
         for m in b.modules():
+            kind = "routed"
             if isinstance(m, QuantizedGroupedExperts):
                 # compressed experts: expert e is the slice [e] of every packed buffer (and bias)
                 attrs = [
@@ -311,38 +314,27 @@ def find_expert_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list
                     for t in ("qweight", "scale", "zero")
                     if getattr(getattr(m, w), t, None) is not None
                 ] + [a for a in ("gate_up_proj_bias", "down_proj_bias") if getattr(m, a) is not None]
-                parent = next((p for p in b.modules() if any(c is m for c in p.children())), b)
-                rname, router = _router_of(parent, m, m.num_experts, {m.hidden_size})
-                found.append(
-                    ExpertModule(
-                        block=bi,
-                        name=name_of[id(m)],
-                        module=m,
-                        attrs=attrs,
-                        num_experts=m.num_experts,
-                        top_k=_top_k(parent, m, model),
-                        router=router,
-                        router_name=None if rname is None else name_of[id(router)],
-                        quant=True,
-                    )
+                E, dims, kind = m.num_experts, {m.hidden_size}, "quant"
+            else:
+                spec = _expert_attrs(m)
+                if spec is None:
+                    continue
+                attrs, E = spec
+                routed = _routed_signature(m)
+                # a dense module (every expert on every routed input, zeros where a token did not
+                # pick the expert) is cached when it has no biases: a zero input row gives a zero row
+                dense_ok = (
+                    not routed
+                    and set(attrs) == {"gate_up_proj", "down_proj"}
+                    and callable(getattr(m, "act_fn", None))
                 )
-                continue
-            spec = _expert_attrs(m)
-            if spec is None:
-                continue
-            attrs, E = spec
-            routed = _routed_signature(m)
-            # a dense module (every expert on every routed input, zeros where a token did not pick
-            # the expert) is cached when it has no biases: a zero input row then gives a zero row
-            dense_ok = not routed and set(attrs) == {"gate_up_proj", "down_proj"} and callable(
-                getattr(m, "act_fn", None)
-            )
-            if not (routed or dense_ok) or not set(attrs) <= EXPERT_ATTRS:
-                dense.append(name_of[id(m)])
-                continue
+                if not (routed or dense_ok) or not set(attrs) <= EXPERT_ATTRS:
+                    dense.append(name_of[id(m)])
+                    continue
+                down = m._parameters["down_proj"]
+                dims, kind = {int(down.shape[1]), int(down.shape[2])}, "routed" if routed else "dense"
             parent = next((p for p in b.modules() if any(c is m for c in p.children())), b)
-            down = m._parameters["down_proj"]
-            rname, router = _router_of(parent, m, E, {int(down.shape[1]), int(down.shape[2])})
+            rname, router = _router_of(parent, m, E, dims)
             found.append(
                 ExpertModule(
                     block=bi,
@@ -353,7 +345,8 @@ def find_expert_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list
                     top_k=_top_k(parent, m, model),
                     router=router,
                     router_name=None if rname is None else name_of[id(router)],
-                    dense=not routed,
+                    dense=kind == "dense",
+                    quant=kind == "quant",
                 )
             )
     return found, dense

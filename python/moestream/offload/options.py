@@ -143,9 +143,13 @@ class OffloadOptions:
         if self.experts not in (None, "cache", "layer"):
             raise ValueError(f"moestream.offload: experts must be 'cache' or 'layer', got {self.experts!r}")
         if self.cache_policy not in ("lru", "lfu"):
-            raise ValueError(f"moestream.offload: cache_policy must be 'lru' or 'lfu', got {self.cache_policy!r}")
+            raise ValueError(
+                f"moestream.offload: cache_policy must be 'lru' or 'lfu', got {self.cache_policy!r}"
+            )
         if self.expert_slots is not None and (
-            isinstance(self.expert_slots, bool) or not isinstance(self.expert_slots, int) or self.expert_slots < 1
+            isinstance(self.expert_slots, bool)
+            or not isinstance(self.expert_slots, int)
+            or self.expert_slots < 1
         ):
             raise ValueError(
                 f"moestream.offload: expert_slots must be None or an int >= 1, got {self.expert_slots!r}"

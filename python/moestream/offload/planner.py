@@ -328,7 +328,9 @@ def plan_offload(layout: ModelLayout, opts: Resolved) -> Plan:
 
     warnings = []
     want = min(opts.prefetch + 1, len(unit_modules))
-    num_slots = want if budget is None else min(want, (budget - resident - ram_extra - ecache_min) // slot_need)
+    num_slots = (
+        want if budget is None else min(want, (budget - resident - ram_extra - ecache_min) // slot_need)
+    )
     if num_slots < want:
         warnings.append(
             f"moestream.offload: max_device_memory={fmt_bytes(budget)} holds {num_slots} slot(s) of "
