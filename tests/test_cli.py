@@ -202,6 +202,29 @@ def test_run_moe_streams_the_same_text_as_transformers(moe_checkpoint, extra):
         assert "patch_moe: 6 MoE blocks" in err
 
 
+def test_run_compressed(tmp_path, capsys):
+    from moestream import quant
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = str(tmp_path / "llama")
+    testing.write_random_checkpoint(d, "llama", testing.QUANT_SIZES["llama"])
+    testing.write_tokenizer(d, int(testing.family_config("llama", testing.QUANT_SIZES["llama"]).vocab_size))
+    tok = AutoTokenizer.from_pretrained(d)
+    ref = AutoModelForCausalLM.from_pretrained(d).eval()
+    quant.quantize_model(ref, quant.QuantScheme("int4", 32))
+    enc = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        want = ref.generate(**enc, max_new_tokens=5, do_sample=False)
+    want = tok.decode(want[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    argv = ["run", d, "--prompt", PROMPT, "--max-new-tokens", "5", "--device", "cpu", "--compress", "int4"]
+    rc, out, err = _run([*argv, "--group-size", "32"])
+    assert rc == 0, err
+    assert out.strip() == want.strip()
+    with pytest.raises(SystemExit) as e:
+        _run([*argv, "--group-size", "48"])
+    assert e.value.code == 2 and "--group-size" in capsys.readouterr().err
+
+
 def test_run_dense_model(dense_checkpoint):
     want = _reference_text(dense_checkpoint, 5)
     rc, out, err = _run(

@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         "where the experts allow it), 'layer' streams whole layers with every expert",
     )
     r.add_argument(
+        "--compress",
+        choices=("int8", "int4"),
+        help="stream the blocks' linears and experts compressed (group-wise, quantized while loading "
+        "unless the checkpoint is compressed already)",
+    )
+    r.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="input elements per quantization group with --compress (32-128; default %(default)s)",
+    )
+    r.add_argument(
         "--patch-moe",
         action="store_true",
         help="run the MoE blocks on moestream's fused router and experts (ms.patch_moe) before streaming",
@@ -187,6 +199,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out=None, err
     kwargs = {}
     if args.experts is not None:
         kwargs["experts"] = args.experts
+    if args.compress is not None:
+        from .quant import QuantScheme
+
+        try:
+            kwargs["compress"] = QuantScheme(args.compress, args.group_size)
+        except ValueError as e:
+            parser.error(f"--group-size: {e}")
     model = None
     if args.patch_moe:
         # patch_moe must see the transformers blocks before their weights are streamed
