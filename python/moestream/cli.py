@@ -143,35 +143,6 @@ def _peak_rss_bytes() -> int | None:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
-def _streamer(tokenizer, out, enabled: bool):
-    """A transformers TextStreamer writing to ``out`` that also records when each new token came."""
-    from transformers import TextStreamer
-
-    class _TimedStreamer(TextStreamer):
-        def __init__(self):
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.token_times: list[float] = []
-            self._prompt_seen = False
-
-        def put(self, value):
-            if not self._prompt_seen:  # generate() first puts the prompt
-                self._prompt_seen = True
-            else:
-                self.token_times.append(time.perf_counter())
-            if enabled:
-                super().put(value)
-
-        def end(self):
-            if enabled:
-                super().end()
-
-        def on_finalized_text(self, text: str, stream_end: bool = False):
-            out.write(text + ("\n" if stream_end else ""))
-            out.flush()
-
-    return _TimedStreamer()
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out=None, err=None) -> int:
     """``python -m moestream run``: load, generate (streaming the text to ``out``), report to ``err``."""
     out = sys.stdout if out is None else out
@@ -190,11 +161,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out=None, err
         parser.error(f"CHECKPOINT {args.checkpoint!r} is not a directory")
     device = _device(args.device, parser)
     try:
-        from transformers import AutoTokenizer
+        from .integrations import hf_text
     except ImportError:
         print("error: the run command needs transformers: pip install 'moestream[transformers]'", file=err)
         return 1
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.checkpoint)
+    tokenizer = hf_text.load_tokenizer(args.tokenizer or args.checkpoint)
 
     kwargs = {}
     if args.experts is not None:
@@ -256,7 +227,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out=None, err
         gen.update(do_sample=False)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         gen["pad_token_id"] = tokenizer.eos_token_id
-    streamer = _streamer(tokenizer, out, enabled=not args.no_stream)
+    streamer = hf_text.timed_streamer(tokenizer, out, enabled=not args.no_stream)
 
     state.reset_stats()  # count what generation reads, not what loading did
     if device.type == "cuda":

@@ -194,28 +194,8 @@ def checkpoints(sizes: dict, dtype: torch.dtype, device: torch.device) -> tuple[
 # rows
 
 
-class CacheRows:
-    def __init__(self, shape: str, dtype: torch.dtype, device: torch.device, **params) -> None:
-        self.shape, self.dtype, self.device, self.params = shape, dtype, device, params
-
-    def row(self, op: str, impl: str, role: str, tokens: int, **params) -> Row:
-        return Row(
-            suite=SUITE,
-            op=op,
-            impl=impl,
-            role=role,
-            shape=self.shape,
-            tokens=tokens,
-            dtype=dtype_name(self.dtype),
-            device=str(self.device),
-            status="ok",
-            params={**self.params, **{k: v for k, v in params.items() if v is not None}},
-        )
-
-    def link(self, impl: str, gbps: float, note: str, **params) -> Row:
-        r = self.row("link", impl, "ceiling", 0, note=note, **params)
-        r.gbps = gbps
-        return r
+class CacheRows(links.SuiteRows):
+    suite = SUITE
 
     def decode(self, routing: str, batch: int, impl: str, role: str, m: Measurement, **params) -> Row:
         r = self.row(
@@ -456,11 +436,7 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
             gc.collect()
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        from transformers import AutoModelForCausalLM
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mem = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(dev).eval()
+        mem = hf_models.load_causal_lm(ckpt, dtype, dev)
         for B in BATCHES:
             prompt, feed = feeds[B]
             mm = links.decode(mem, dev, prompt, steps, feed=feed, warmup=warmup)

@@ -235,6 +235,15 @@ _WORDS = [
 ]
 
 
+def load_causal_lm(checkpoint_dir: str, dtype: torch.dtype, device) -> nn.Module:
+    """The checkpoint's model, all in memory on `device`, in eval mode (an in-memory baseline)."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype).to(device).eval()
+
+
 def write_tokenizer(out_dir: str, vocab_size: int, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2) -> None:
     """A word-level tokenizer of ``vocab_size`` ids built offline (no download), saved in
     ``out_dir`` as ``tokenizer.json`` + ``tokenizer_config.json`` so that
