@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .. import _C
+from .core import Row, dtype_name
 from .timing import Measurement, TimingPolicy, measure
 
 READERS = 4  # reader threads of the disk probe and the engine
@@ -92,3 +93,32 @@ def decode(
         if after_warmup is not None:
             after_warmup()
         return measure([step], device, TimingPolicy.fixed(steps), before=before)
+
+
+class SuiteRows:
+    """Makes a streaming suite's rows: its name, the run's shape, dtype and device, and the params
+    every row has; ``link`` rows carry a measured link rate (the suite's ceiling)."""
+
+    suite = ""
+
+    def __init__(self, shape: str, dtype: torch.dtype, device: torch.device, **params) -> None:
+        self.shape, self.dtype, self.device, self.params = shape, dtype, device, params
+
+    def row(self, op: str, impl: str = "moestream", role: str = "ours", tokens: int = 0, **params) -> Row:
+        return Row(
+            suite=self.suite,
+            op=op,
+            impl=impl,
+            role=role,
+            shape=self.shape,
+            tokens=tokens,
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+            status="ok",
+            params={**self.params, **{k: v for k, v in params.items() if v is not None}},
+        )
+
+    def link(self, impl: str, gbps: float, note: str, **params) -> Row:
+        r = self.row("link", impl, "ceiling", note=note, **params)
+        r.gbps = gbps
+        return r

@@ -46,7 +46,7 @@ from .. import _C, testing
 from ..integrations import hf_models
 from ..offload import get_state
 from . import links
-from .core import BenchConfig, Measured, Row, dtype_name, register_suite
+from .core import BenchConfig, Measured, Row, register_suite
 from .shapes import Shape, get_shape
 from .timing import Measurement, TimingPolicy, measure, synchronize
 
@@ -82,31 +82,14 @@ def stream_model(shape: Shape, device: torch.device, quick: bool) -> tuple[str, 
 # rows
 
 
-class StreamRows:
+class StreamRows(links.SuiteRows):
     """Makes the suite's rows: shape, dtype and device of the run, and the params every row has."""
 
+    suite = "stream"
+
     def __init__(self, shape: str, dtype: torch.dtype, device: torch.device, **params) -> None:
-        self.shape, self.dtype, self.device, self.params = shape, dtype, device, params
+        super().__init__(shape, dtype, device, **params)
         self.gpu = device.type == "cuda"
-
-    def row(self, op: str, impl: str = "moestream", role: str = "ours", tokens: int = 0, **params) -> Row:
-        return Row(
-            suite="stream",
-            op=op,
-            impl=impl,
-            role=role,
-            shape=self.shape,
-            tokens=tokens,
-            dtype=dtype_name(self.dtype),
-            device=str(self.device),
-            status="ok",
-            params={**self.params, **{k: v for k, v in params.items() if v is not None}},
-        )
-
-    def link(self, impl: str, gbps: float, note: str, **params) -> Row:
-        r = self.row("link", impl, "ceiling", note=note, **params)
-        r.gbps = gbps
-        return r
 
     def streamer(self, storage: str, gbps: float, note: str) -> Row:
         """Judged against the link by :func:`judge`."""
