@@ -470,7 +470,7 @@ def test_compare_two_results(cli_result, tmp_path, capsys):
             r[k] *= f
     for rows in (a["rows"], b["rows"]):  # a quiet machine: the verdicts do not depend on this run's noise
         for r in rows:
-            r["spread"], r["ceiling_fraction"] = 0.02, None
+            r["spread"], r["ceiling_fraction"], r["unreliable"] = 0.02, None, ""
     b["rows"].append(dict(ok[2], tokens=999))  # only in B
     path_b = tmp_path / "b.json"
     path_b.write_text(json.dumps(b))
