@@ -39,7 +39,9 @@ def test_unregistered_families_are_the_ones_the_route_misses():
     fams = {f.name: f for f in coverage.moe_families()}
     for name in ("llama4", "dbrx", "jetmoe"):
         assert not fams[name].experts_implementation, name
-    assert fams["llama4"].patch_moe and fams["llama4"].route == "patch_moe"
+    for name in ("llama4", "dbrx", "jetmoe"):  # patch_moe is their route
+        assert fams[name].patch_moe and fams[name].route == "patch_moe", name
+    assert "JetMoeMoA" in fams["jetmoe"].patch_moe_note  # what it leaves out is said
     assert fams["qwen3_moe"].route == 'patch_moe and set_experts_implementation("moestream")'
     from transformers import DbrxForCausalLM, JetMoeForCausalLM, Llama4ForCausalLM, Qwen3MoeForCausalLM
 

@@ -8,7 +8,8 @@ Two routes put a family's experts on moestream's kernels:
   experts_implementation="moestream")``): transformers' own router, moestream's expert path. It
   reaches only experts classes that transformers dispatches through its experts registry (decorated
   with ``@use_experts_implementation``); on the others (Llama 4, DBRX, JetMoE, ...) it changes
-  nothing, so :func:`install_warning` makes transformers say so when it is asked for.
+  nothing, so :func:`install_warning` makes transformers say so when it is asked for (and points
+  at ``patch_moe`` where it covers the family).
 
 :func:`moe_families` finds every family of the installed transformers that defines an experts or MoE
 class (from the sources, nothing imported); :func:`check_experts_route` builds a family's experts
@@ -58,6 +59,7 @@ class FamilyCoverage:
     experts_classes: tuple[str, ...]  # registered with transformers' experts implementations
     other_classes: tuple[str, ...]  # MoE / experts classes that are not
     patch_moe: bool
+    patch_moe_note: str = ""  # what patch_moe covers, where it is not the whole MoE of the family
 
     @property
     def experts_implementation(self) -> bool:
@@ -84,7 +86,7 @@ def moe_families() -> list[FamilyCoverage]:
     MoE class, in name order (sources read, nothing imported)."""
     from .transformers import SUPPORTED_FAMILIES
 
-    patched = {f.name for f in SUPPORTED_FAMILIES}
+    patched = {f.name: f.note for f in SUPPORTED_FAMILIES}
     root = _models_dir()
     out = []
     for name in sorted(os.listdir(root)):
@@ -100,7 +102,12 @@ def moe_families() -> list[FamilyCoverage]:
         others = tuple(c for c in moe if c not in decorated)
         out.append(
             FamilyCoverage(
-                name, f"transformers.models.{name}.modeling_{name}", decorated, others, name in patched
+                name,
+                f"transformers.models.{name}.modeling_{name}",
+                decorated,
+                others,
+                name in patched,
+                patched.get(name, ""),
             )
         )
     return out
@@ -284,7 +291,8 @@ def markdown_table(families: list[FamilyCoverage], checked: dict[str, str | None
             route = "yes"
         else:
             route = "registered, but not checked (its experts could not be built at a tiny size)"
-        lines.append(f"| {f.name} | {'yes' if f.patch_moe else 'no'} | {route} |")
+        patch = ("yes" + (f" ({f.patch_moe_note})" if f.patch_moe_note else "")) if f.patch_moe else "no"
+        lines.append(f"| {f.name} | {patch} | {route} |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@
   experts_implementation="moestream")``) runs transformers' own experts modules on moestream's ops
   while keeping transformers' router.
 
-Supported families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS and Llama 4 (text).
+Supported families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Llama 4 (text), DBRX
+and JetMoE (its MLP experts; its mixture-of-attention experts stay transformers').
 
 How transformers keeps working on a patched model: its output recorders (``output_router_logits``)
 attach hooks to modules by ``isinstance`` against the original router / block classes, and its
@@ -319,6 +320,10 @@ class _Family:
     shared: str | None = None
     shared_gate: str | None = None
     return_router: str | None = None  # what the block returns next to the hidden states
+    # submodules replaced next to the block (their hooks and init flags follow them; None: the
+    # router and the experts); the others are kept as they are, the same objects
+    replaced: tuple[str, ...] | None = None
+    note: str = ""  # what the README's table says next to "yes"
 
 
 SUPPORTED_FAMILIES: tuple[_Family, ...] = (
@@ -357,6 +362,16 @@ SUPPORTED_FAMILIES: tuple[_Family, ...] = (
         shared="shared_expert",
         return_router="logits",
     ),
+    # (DBRX's router only computes the logits, the block routes: the router is kept as it is)
+    _Family("dbrx", "transformers.models.dbrx.modeling_dbrx", "DbrxFFN", "router", replaced=("experts",)),
+    _Family(
+        "jetmoe",
+        "transformers.models.jetmoe.modeling_jetmoe",
+        "JetMoeMoE",
+        "router",
+        replaced=("router",),
+        note="MLP experts only: the attention experts, JetMoeMoA, stay transformers'",
+    ),
 )
 
 _FAMILY_TITLES = {
@@ -367,6 +382,8 @@ _FAMILY_TITLES = {
     "deepseek_v3": "DeepSeek-V3",
     "gpt_oss": "GPT-OSS",
     "llama4": "Llama 4",
+    "dbrx": "DBRX",
+    "jetmoe": "JetMoE",
 }
 
 
@@ -420,8 +437,161 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor | None) -> None:
         setattr(module, name, value)
 
 
-def _build(fam: _Family, block: nn.Module) -> MoE:
-    """A MoE equivalent to ``block`` that owns ``block``'s own Parameter / buffer / shared modules."""
+# ----------------------------------------------------------------------------------------------
+# DBRX and JetMoE: MoE blocks whose weights are not laid out as a fused experts module
+#
+# nn.GroupedExperts cannot hold their weights under their state_dict keys (DBRX: gate, up and down
+# as three [E * I, H] parameters of ``experts.mlp``; JetMoE: ``input_linear.weight`` [E, 2I, H] and
+# ``output_linear.weight`` [E, H, I] next to the router, a bias [H] after the combine), so their
+# replacements keep the submodules that hold the weights (the same objects) and only run other
+# code: a copy of the block, and of the one submodule whose forward changes, of a class deriving
+# from the moestream implementation below and from the transformers class it replaces.
+
+
+def _copy_as(module: nn.Module, cls: type) -> nn.Module:
+    """A new module of class ``cls`` holding ``module``'s attributes, parameters, buffers, submodules
+    and hooks (the same objects; the containers are copies, so registering on one leaves the other
+    alone)."""
+    new = cls.__new__(cls)
+    for key, value in vars(module).items():
+        new.__dict__[key] = value.copy() if isinstance(value, (dict, set)) else value
+    return new
+
+
+class _ActKind:
+    """The fused kind reproducing a holder's activation module, read once per module object: a
+    later replacement of the activation is seen (identity check, also under torch.compile) and then
+    read again. None: no fused kind does, the module itself runs (exact, unfused)."""
+
+    def __init__(self, act: object):
+        self.act = act
+        self.kind = _act_kind(act)
+
+    def of(self, act: object) -> str | None:
+        if act is not self.act:
+            self.act, self.kind = act, _act_kind(act)
+        return self.kind
+
+
+def _dbrx_route(logits: Tensor, k: int, p: float | None) -> tuple[Tensor, Tensor]:
+    """DBRX's routing: softmax over E in the logits' dtype, top-k, weights divided by their p-norm
+    (``moe_normalize_expert_weights``; None: not normalised) -> (weights [T, k] in the logits'
+    dtype, ids [T, k])."""
+    if logits.dtype == torch.float32:
+        # router_topk computes in float32: the same probabilities, the same selection; its
+        # normalisation (sum + 1e-20) is the 1-norm (the sum of k probabilities is >= k / E, far
+        # above where 1e-20 could change a float32 sum)
+        weights, ids = ops.router_topk(logits, k, "softmax", normalize=p is not None and p == 1)
+        if p is not None and p != 1:
+            weights = weights / torch.norm(weights, p=p, dim=-1, keepdim=True)
+        return weights, ids
+    # bfloat16 / float16: transformers selects on probabilities rounded to the logits' dtype, where
+    # ties are common (router_topk would select on float32 ones and break them otherwise); float64:
+    # router_topk would compute in float32. Both: transformers' own computation, on T x E values.
+    probs = torch.softmax(logits, dim=1, dtype=logits.dtype)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if p is not None:
+        weights = weights / torch.norm(weights, p=p, dim=-1, keepdim=True)
+    return weights, ids
+
+
+class _DbrxExperts(nn.Module):
+    """DBRX's experts (``mlp.w1`` gate, ``mlp.v1`` up, ``mlp.w2`` down, each [E * I, H], i.e. [E, I, H]
+    per expert) on moestream's ops: permute -> grouped_mm (gate) and grouped_mm (up) -> gated
+    activation -> grouped_mm (down) -> weighted unpermute. ``moe_experts`` takes gate and up as one
+    [E, 2I, H] tensor; joining DBRX's two would copy two thirds of the experts' weights at every
+    call (or keep a second copy), so gate and up are two grouped matmuls on the same rows: the same
+    FLOPs, only the [T * k, 2I] activation input is joined.
+
+    ``forward(hidden_states [..., H], top_k_index [T, k], top_k_weights [T, k])`` -> [B, -1, H] with
+    B = hidden_states.shape[0], as transformers' ``DbrxExperts``."""
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        mlp = self.mlp
+        H, I, E = self.hidden_size, self.ffn_hidden_size, self.num_experts
+        x = hidden_states.reshape(-1, H)
+        w1, v1, w2 = (w.view(E, I, H) for w in (mlp.w1, mlp.v1, mlp.w2))
+        rows, perm, offsets = ops.permute(x, top_k_index, E)
+        gate = ops.grouped_mm(rows, w1, offsets, True)
+        up = ops.grouped_mm(rows, v1, offsets, True)
+        kind = self._moestream_act.of(mlp.activation_fn)
+        if kind is not None:
+            h = ops.gated_activation(torch.cat([gate, up], dim=-1), kind, "concat")
+        else:
+            h = mlp.activation_fn(gate) * up
+        y = ops.grouped_mm(h, w2, offsets, False)  # w2 is [I, H] per expert: x @ w2, no transpose
+        out = ops.unpermute(y, perm, top_k_weights)
+        return out.view(hidden_states.shape[0], -1, H)
+
+
+class _DbrxFFN(nn.Module):
+    """DBRX's MoE block: transformers' router (its logits, and its in-place jitter of the input in
+    training), DBRX's routing (:func:`_dbrx_route`), the experts of :class:`_DbrxExperts`."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        logits = self.router(hidden_states)
+        weights, ids = _dbrx_route(logits, int(self.top_k), self.moe_normalize_expert_weights)
+        return self.experts(hidden_states, ids, weights)
+
+
+class _JetMoeRouter(nn.Module):
+    """JetMoE's top-k gating on :func:`moestream.router_topk`: float32 logits, top-k on them, softmax
+    over the k, weights in the input's dtype. Returns ``(weights [T, k], ids [T, k], None, None,
+    logits [T, E] float32)``: the logits at index 4, where transformers' output recorder reads them;
+    the places of transformers' sorted-token bookkeeping (which needs a host sync, and which
+    moestream's permute replaces) hold None."""
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, None, None, Tensor]:
+        logits = self.layer(hidden_states).float()
+        weights, ids = ops.router_topk(logits, int(self.top_k), "softmax", True)
+        return weights.type_as(hidden_states), ids, None, None, logits
+
+
+class _JetMoeMoE(nn.Module):
+    """JetMoE's MoE MLP: :class:`_JetMoeRouter`, then the experts (``input_linear.weight`` [E, 2I, H],
+    ``output_linear.weight`` [E, H, I], transformers' layout) through :func:`moestream.moe_experts`,
+    then the block's bias [H]."""
+
+    def forward(self, layer_input: Tensor) -> Tensor:
+        bsz, length, emb = layer_input.size()
+        x = layer_input.reshape(-1, emb)
+        weights, ids, _, _, _ = self.router(x)
+        w1, w2 = self.input_linear.weight, self.output_linear.weight
+        kind = self._moestream_act.of(self.activation)
+        if kind is not None:
+            y = ops.moe_experts(x, ids, weights, w1, w2, None, None, kind, "concat", True)
+        else:  # an activation without a fused kind: the module's own, between moestream's matmuls
+            act = _act_gate(self.activation)
+            y = pipeline.run(ops.OPS, x, ids, weights, pipeline.Experts(w1, w2, transpose_b=True), act)
+        return y.view(bsz, length, emb) + self.bias
+
+
+def _build_dbrx(block: nn.Module) -> nn.Module:
+    new = _copy_as(block, _compat_class(_DbrxFFN, type(block)))
+    experts = _copy_as(block.experts, _compat_class(_DbrxExperts, type(block.experts)))
+    experts.__dict__["_moestream_act"] = _ActKind(block.experts.mlp.activation_fn)
+    new._modules["experts"] = experts
+    return new
+
+
+def _build_jetmoe(block: nn.Module) -> nn.Module:
+    new = _copy_as(block, _compat_class(_JetMoeMoE, type(block)))
+    new.__dict__["_moestream_act"] = _ActKind(block.activation)
+    new._modules["router"] = _copy_as(block.router, _compat_class(_JetMoeRouter, type(block.router)))
+    return new
+
+
+_OWN_BUILDERS: dict[str, Callable[[nn.Module], nn.Module]] = {"dbrx": _build_dbrx, "jetmoe": _build_jetmoe}
+
+
+def _build(fam: _Family, block: nn.Module) -> nn.Module:
+    """A MoE equivalent to ``block`` that owns ``block``'s own Parameter / buffer / shared modules
+    (DBRX, JetMoE: a copy of the block running moestream's code, :data:`_OWN_BUILDERS`)."""
+    own = _OWN_BUILDERS.get(fam.name)
+    if own is not None:
+        new = own(block)
+        _check_same_tensors(block, new)
+        return new
     hf_router = getattr(block, fam.router)
     hf_experts = block.experts
     spec = _experts_spec(fam, hf_experts)
@@ -537,10 +707,10 @@ def _copy_init_flag(src: nn.Module, dst: nn.Module) -> None:
         dst.__dict__["_is_hf_initialized"] = src.__dict__["_is_hf_initialized"]
 
 
-def _pairs(fam_router: str, orig: nn.Module, new: nn.Module) -> Iterable[tuple[nn.Module, nn.Module]]:
+def _pairs(fam: _Family, orig: nn.Module, new: nn.Module) -> Iterable[tuple[nn.Module, nn.Module]]:
     yield orig, new
-    yield getattr(orig, fam_router), getattr(new, fam_router)
-    yield orig.experts, new.experts
+    for name in (fam.router, "experts") if fam.replaced is None else fam.replaced:
+        yield getattr(orig, name), getattr(new, name)
 
 
 def _has_accelerate_hook(module: nn.Module) -> bool:
@@ -591,10 +761,17 @@ def patch_moe(model: nn.Module, *, families: Iterable[str] | None = None) -> int
     that shares the block's Parameter objects (no copy, no extra memory; ``state_dict()`` keys and
     ``save_pretrained`` output unchanged). Returns the number of blocks replaced.
 
-    Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Llama 4 (``families``
-    restricts to some of ``"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
-    "llama4"``). Blocks already patched are left alone. Raises ``ValueError`` when the model has no
-    block to patch. Undo with :func:`unpatch_moe`.
+    Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Llama 4, DBRX and JetMoE
+    (``families`` restricts to some of ``"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+    "deepseek_v3", "gpt_oss", "llama4", "dbrx", "jetmoe"``). Blocks already patched are left alone.
+    Raises ``ValueError`` when the model has no block to patch. Undo with :func:`unpatch_moe`.
+
+    DBRX (``DbrxFFN``) and JetMoE (``JetMoeMoE``) keep their own modules: the block and its experts
+    module (DBRX) or router (JetMoE) become moestream classes holding the same submodules and
+    weights; transformers' DBRX router module (it only computes the logits) stays as it is.
+    JetMoE's mixture-of-attention experts (``JetMoeMoA``, split around the attention) are not
+    replaced. Their experts' activation, when no fused kernel computes it, runs as the module's
+    own between moestream's matmuls (exact, unfused) instead of being refused.
 
     The config the experts read gets ``_experts_implementation = "moestream"``; a later
     ``model.set_experts_implementation(name)`` is honoured by the patched experts (Llama 4's experts
@@ -635,7 +812,7 @@ def patch_moe(model: nn.Module, *, families: Iterable[str] | None = None) -> int
             )
     built = [(parent, name, block, fam, _build(fam, block)) for parent, name, block, fam in targets]
     for parent, name, block, fam, moe in built:
-        for src, dst in _pairs(fam.router, block, moe):
+        for src, dst in _pairs(fam, block, moe):
             _copy_hooks(src, dst)
             _copy_init_flag(src, dst)
         moe.__dict__["_moestream_original"] = (block, fam)
@@ -656,6 +833,8 @@ def patch_moe(model: nn.Module, *, families: Iterable[str] | None = None) -> int
 def _dispatch_config(moe: nn.Module):
     """The transformers config whose ``_experts_implementation`` the experts of a patched block read
     (None for experts that do not dispatch through transformers' registry)."""
+    if not isinstance(moe, MoE):  # DBRX, JetMoE: their experts never read it, patched or not
+        return None
     experts = moe.submodule("experts")
     if not experts.__dict__.get("_moestream_dispatches", False):
         return None
@@ -682,7 +861,7 @@ def unpatch_moe(model: nn.Module) -> int:
             _set_path(block, pname, p)
         for bname, b in moe.named_buffers():
             _set_path(block, bname, b)
-        for src, dst in _pairs(fam.router, block, moe):
+        for src, dst in _pairs(fam, block, moe):
             _copy_hooks(dst, src)
             _copy_init_flag(dst, src)
         block.train(moe.training)
