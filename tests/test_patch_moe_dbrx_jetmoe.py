@@ -564,3 +564,31 @@ def test_dbrx_routing_weights_match_transformers_at_every_dtype():
             else:
                 assert torch.equal(got_i, want_i)
                 torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)
+
+
+def test_jetmoe_routing_matches_transformers_at_every_dtype():
+    # the gating alone on fresh inputs: the (expert, weight) of every (token, slot) read back from
+    # transformers' sorted bookkeeping; bf16 / fp16 logits hold ties, which go as in transformers
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeTopKGating
+
+    E, k, H = 8, 3, 16
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        gating = JetMoeTopKGating(H, E, k).to(dtype)
+        with torch.no_grad():
+            gating.layer.weight.copy_(torch.randint(-2, 3, (E, H)).to(dtype) * 0.25)
+        container = torch.nn.ModuleDict({"router": gating})
+        ours = integ._copy_as(gating, integ._compat_class(integ._JetMoeRouter, JetMoeTopKGating))
+        x = torch.randint(-2, 3, (64, H)).to(dtype)  # few distinct logits: ties in every dtype
+        with torch.no_grad():
+            index_sorted, _, gates, expert_size, want_logits = container["router"](x)
+            weights, ids, _, _, logits = ours(x)
+        want_ids = torch.empty(64 * k, dtype=torch.long)
+        want_ids[index_sorted] = torch.repeat_interleave(torch.arange(E), torch.tensor(expert_size))
+        want_w = torch.empty(64 * k, dtype=gates.dtype)
+        want_w[index_sorted] = gates
+        assert torch.equal(logits, want_logits) and weights.dtype == dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(ids.reshape(-1), want_ids)
+            assert torch.equal(weights.reshape(-1), want_w)
+        else:  # router_topk: ties to the lower id; the same weights, the same set of values
+            torch.testing.assert_close(weights.sort(-1).values, want_w.view(64, k).sort(-1).values)

@@ -535,15 +535,24 @@ class _DbrxFFN(nn.Module):
 
 
 class _JetMoeRouter(nn.Module):
-    """JetMoE's top-k gating on :func:`moestream.router_topk`: float32 logits, top-k on them, softmax
-    over the k, weights in the input's dtype. Returns ``(weights [T, k], ids [T, k], None, None,
+    """JetMoE's top-k gating: float32 logits, top-k on them, softmax over the k, weights in the
+    input's dtype (:func:`moestream.router_topk` for float32 / float64 models). Returns ``(weights [T, k], ids [T, k], None, None,
     logits [T, E] float32)``: the logits at index 4, where transformers' output recorder reads them;
     the places of transformers' sorted-token bookkeeping (which needs a host sync, and which
     moestream's permute replaces) hold None."""
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, None, None, Tensor]:
         logits = self.layer(hidden_states).float()
-        weights, ids = ops.router_topk(logits, int(self.top_k), "softmax", True)
+        k = int(self.top_k)
+        if hidden_states.dtype in (torch.float32, torch.float64):
+            weights, ids = ops.router_topk(logits, k, "softmax", True)
+        else:
+            # logits of a bfloat16 / float16 linear hold that dtype's few values: ties at the k-th
+            # place are common (1 token in 512 at E = 8, H = 1024, measured), and router_topk breaks
+            # them to the lower id where torch.topk may not. transformers' own computation (on
+            # T x E values) picks the same experts as transformers.
+            top, ids = logits.topk(k, dim=1)
+            weights = torch.softmax(top, dim=1)
         return weights.type_as(hidden_states), ids, None, None, logits
 
 
