@@ -209,7 +209,8 @@ def test_block_on_fresh_inputs_and_gradcheck(family):
     assert type(patched).__name__ == f"Moestream{_BLOCK[family]}"
     x = torch.randn(3, 5, 10, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(patched(x), ref_block(x)) <= 1e-12
+        # (JetMoE routes in float32: router_topk's and torch's softmax differ by float32 rounding)
+        assert rel_err(patched(x), ref_block(x)) <= (1e-12 if family == "dbrx" else 1e-6)
     params = dict(patched.named_parameters())
     # JetMoE's router computes in float32 (transformers' too): finite differences in float64 do not
     # see it, so its gradients w.r.t. the input and the router weight are checked against
