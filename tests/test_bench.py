@@ -472,7 +472,8 @@ def test_compare_two_results(cli_result, tmp_path, capsys):
         for r in rows:
             r["spread"], r["ceiling_fraction"], r["unreliable"] = 0.02, None, ""
     b["rows"].append(dict(ok[2], tokens=999))  # only in B
-    path_b = tmp_path / "b.json"
+    path_a, path_b = tmp_path / "a.json", tmp_path / "b.json"  # A as quieted above, not as measured
+    path_a.write_text(json.dumps(a))
     path_b.write_text(json.dumps(b))
     items = {it["key"]: it for it in report.compare_rows(a, b)}
     assert items[report.row_key(slow)]["verdict"] == "slower"
