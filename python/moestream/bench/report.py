@@ -682,8 +682,10 @@ def plot_expert_cache(data: dict, path: str | Path) -> None:
 
     rows = [r for r in data["rows"] if r["suite"] == "expert_cache" and r["op"].startswith("decode")]
     dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rows))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(10, 5.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(10 * len(dtypes), 5.6), squeeze=False)
+    handles: dict[str, object] = {}
     for ax, dtype in zip(axes[0], dtypes):
+        notes: dict[int, str] = {}
         rs = [r for r in rows if r["dtype"] == dtype]
         groups = list(OrderedDict.fromkeys((r["params"].get("routing", r["op"]), r["tokens"]) for r in rs))
         impls = list(OrderedDict.fromkeys(r["impl"] for r in rs))
@@ -744,33 +746,27 @@ def plot_expert_cache(data: dict, path: str | Path) -> None:
                             label="cold floor (no cache: every selected expert read)" if gi == 0 else None,
                         )
                     hr = p.get("hit_rate")
-                    if hr is not None:
-                        ax.text(
-                            gi,
-                            0.02,
-                            f"hit {100 * hr:.0f}%, top10% experts get {100 * p.get('top10_share', 0):.0f}%",
-                            transform=ax.get_xaxis_transform(),
-                            ha="center",
-                            fontsize=7,
+                    if hr is not None:  # under the group's name, not over its bars
+                        notes[gi] = (
+                            f"cache hit {100 * hr:.0f}%\ntop 10% of experts: {100 * p.get('top10_share', 0):.0f}%"
                         )
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"routing={g}\nbatch {b}" for g, b in groups], fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("decode tokens/s (log)")
+        ax.set_xticklabels(
+            [f"routing={g}, batch {b}\n{notes.get(gi, '')}".rstrip() for gi, (g, b) in enumerate(groups)],
+            fontsize=7.5,
+        )
+        _log_axis(ax, "y")
+        ax.set_ylabel("decode tokens/s (log; higher is better)")
         ax.set_title(
             f"{rs[0]['shape']} {dtype} on {rs[0]['device']}: {(rs[0].get('params') or {}).get('model', '')}",
             fontsize=9,
         )
         ax.grid(True, axis="y", which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
         ymin, ymax = ax.get_ylim()
-        ax.set_ylim(ymin, ymax * 3)
-    m = data["meta"]
-    fig.suptitle(f"moestream expert cache: decode on {m.get('device_name')} ({m.get('date')})", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set_ylim(ymin, ymax * 1.6)  # room for the value labels above the tallest bar
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    _finish(fig, data, "moestream expert cache: decode", path, list(handles.values()), list(handles))
 
 
 # suite -> its picture (suites without an entry: plot_timed)
