@@ -599,10 +599,17 @@ def plot_model(data: dict, path: str | Path) -> None:
         ax.set_ylim(0, top * 1.15 if top else 1)
         ax.set_ylabel("tokens/s (higher is better)")
         ax.set_title(
-            f"{ph} ({dtype}): batch {p0.get('batch')} x seq {p0.get('seq')}, {p0.get('layers')} layers",
+            f"{ph} ({dtype}): batch {p0.get('batch')} x seq {p0.get('seq')}, "
+            f"{p0.get('layers')} layer{'' if p0.get('layers') == 1 else 's'}",
             fontsize=9,
         )
         ax.grid(True, axis="y", alpha=0.3)
+    if any(_unreliable(r) for r in rows):
+        from matplotlib.patches import Patch
+
+        handles["hatched: UNRELIABLE (see the table)"] = Patch(
+            facecolor="white", edgecolor="black", hatch="//"
+        )
     title = "moestream bench model: tokens/s, bars labelled with the speedup vs " + (base or "-")
     _finish(fig, data, title, path, list(handles.values()), list(handles))
 
