@@ -291,8 +291,10 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
     # --quick: the slow methods read every weight each step, so their step time hardly depends on
     # the batch (0.9 s at batch 1 and 8 for layer streaming, 2.6 s / 3.2 s for accelerate on a
     # 2-core CPU): batch 1 only, and no warm-up step beyond the timing loop's own one
-    base_batches = BATCHES[:1] if cfg.quick else BATCHES
-    base_warmup = 0 if cfg.quick else 1
+    # (--shape tiny takes seconds: every row kept)
+    trim = cfg.quick and cfg.shape.name != "tiny"
+    base_batches = BATCHES[:1] if trim else BATCHES
+    base_warmup = 0 if trim else 1
     dirs, setup_s = checkpoints(sizes, dtype, dev)
     ckpt0 = dirs["uniform"]
     layer_files, other_files = _shards(ckpt0)
@@ -473,5 +475,6 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
 
 @register_suite(SUITE, help="decoding an offloaded MoE model through the expert cache vs layer streaming")
 def expert_cache_suite(cfg: BenchConfig) -> list[Measured]:
-    per_routing = 2 * 2 + (1 if cfg.quick else 2) * 2  # cache, memory; layer, accelerate
+    trim = cfg.quick and cfg.shape.name != "tiny"
+    per_routing = 2 * 2 + (1 if trim else 2) * 2  # cache, memory; layer, accelerate
     return Measured.per_dtype(cfg, SUITE, run_expert_cache_suite, expected_rows=2 + 2 * per_routing)
