@@ -571,8 +571,57 @@ def test_plot_written(cli_result, tmp_path, capsys):
     _, _, path = cli_result
     png = tmp_path / "plot.png"
     assert main(["--load", str(path), "--plot", str(png)]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "plot written" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for suite in ("ops", "moe"):  # one picture per suite, beside the path given
+        one = tmp_path / f"plot-{suite}.png"
+        assert one.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plot written to {one}" in out
+    assert not png.exists()
+
+
+def _synthetic_row(suite, op, impl, role, tokens, median_ms, **extra):
+    row = {"suite": suite, "op": op, "impl": impl, "role": role, "shape": "s", "tokens": tokens}
+    row.update(dtype="float32", device="cpu", status="ok", median_ms=median_ms, p10_ms=median_ms)
+    row.update(p90_ms=median_ms, speedup={}, params={}, tokens_per_s=median_ms and tokens / median_ms * 1e3)
+    row.update(extra)
+    return row
+
+
+def test_plot_picks_a_picture_per_suite(tmp_path):
+    """Each suite's rows go to its own plotter (model: bars per phase; ep: step time and
+    all-to-all bytes), a run of one suite is drawn at the path itself, and a row that failed does
+    not break its picture."""
+    pytest.importorskip("matplotlib")
+    R = _synthetic_row
+    model = [
+        R("model", f"{m}_{ph}", impl, role, 128, t, params={"model": m, "phase": ph, "batch": 1, "seq": 128})
+        for m in ("qwen3_moe", "mixtral")
+        for ph in ("forward", "train")
+        for impl, role, t in (("hf-eager", "baseline", 90.0), ("moestream", "ours", 30.0))
+    ]
+    model.append(dict(model[0], impl="hf-grouped_mm", status="skipped", median_ms=None, tokens_per_s=None))
+    ep = [
+        R("ep", "train_step", impl, role, T, t * T)
+        for T in (16, 1024)
+        for impl, role, t in (("single-process", "baseline", 1.0), ("moestream-ep2", "ours", 1.5))
+    ]
+    ep += [
+        R(
+            "ep",
+            "a2a_bytes",
+            "moestream-ep2",
+            "ours",
+            T,
+            None,
+            params={"measured_bytes": 1e5 * T, "theoretical_bytes": 1e5 * T, "ratio": 1.0},
+        )
+        for T in (16, 1024)
+    ]
+    meta = {"device_name": "cpu", "date": "today", "shape": {"name": "s"}}
+    written = report.plot({"meta": meta, "rows": model + ep}, tmp_path / "run.png")
+    assert written == [tmp_path / "run-model.png", tmp_path / "run-ep.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    assert report.plot({"meta": meta, "rows": ep}, tmp_path / "ep.png") == [tmp_path / "ep.png"]
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, cli_result, tmp_path, capsys):

@@ -275,9 +275,14 @@ def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stream/link" in out and "4 GB/s" in out
     if importlib.util.find_spec("matplotlib"):  # plot: rows without a time (link) are left out
-        png = tmp_path / "p.png"
-        report.plot(data, png)
-        assert png.stat().st_size > 0
+        written = report.plot(data, tmp_path / "p.png")  # one picture per suite
+        suites = {r["suite"] for r in data["rows"]}
+        assert (
+            sorted(written) == sorted(tmp_path / f"p-{s}.png" for s in suites)
+            if len(suites) > 1
+            else [tmp_path / "p.png"]
+        )
+        assert all(p.stat().st_size > 0 for p in written)
 
 
 def test_missing_dependency_skips_and_a_crash_is_an_error(monkeypatch):

@@ -405,70 +405,277 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def plot(result, path: str | Path) -> None:
-    """Time vs tokens per implementation (top) and fraction of the machine's ceiling (bottom),
-    one column per suite/op/dtype."""
+def plot(result, path: str | Path) -> list[Path]:
+    """One picture per suite of the run, chosen by :data:`PLOTTERS` (:func:`plot_timed` for suites
+    without their own). A run of one suite is drawn at ``path``; a run of several at
+    ``<stem>-<suite><suffix>`` beside it. Returns the paths written."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
+    data = _as_dict(result)
+    suites = list(OrderedDict.fromkeys(r["suite"] for r in data["rows"])) or [""]
+    p = Path(path)
+    written = []
+    for suite in suites:
+        out = p if len(suites) == 1 else p.with_name(f"{p.stem}-{suite}{p.suffix}")
+        one = {**data, "rows": [r for r in data["rows"] if r["suite"] == suite]}
+        PLOTTERS.get(suite, plot_timed)(one, out)
+        written.append(out)
+    return written
+
+
+def _impl_colors(impls) -> dict[str, str]:
+    """One colour per implementation, the same in every panel of a picture."""
     import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {impl: cycle[i % len(cycle)] for i, impl in enumerate(OrderedDict.fromkeys(impls))}
+
+
+def _finish(fig, data: dict, title: str, path: str | Path, handles=None, labels=None) -> None:
+    """Title, one legend for the whole picture below the panels (never over the data), save."""
+    m = data["meta"]
+    fig.suptitle(f"{title} on {m.get('device_name')} ({m.get('date')})", fontsize=10)
+    rect_bottom = 0.0
+    if handles:
+        ncol = min(len(handles), 4)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        rect_bottom = 0.035 * math.ceil(len(handles) / ncol) + 0.01
+    fig.tight_layout(rect=(0, rect_bottom, 1, 0.97))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _no_rows(data: dict, path: str | Path, title: str, why: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.axis("off")
+    ax.text(0.5, 0.5, why, ha="center", va="center")
+    _finish(fig, data, title, path)
+
+
+def _log_axis(ax, axis: str, ticks=None) -> None:
+    """A log axis labelled with plain numbers (1, 2, 5 per decade), not 10^x."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    if ticks is not None:
+        (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
+    else:
+        a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    a.set_minor_formatter(NullFormatter())
 
-    data = _as_dict(result)
-    cache_rows = [r for r in data["rows"] if r["suite"] == "expert_cache" and r["op"].startswith("decode")]
-    if cache_rows:  # its own picture; beside the other suites' one when the run has both
-        others = any(r["suite"] != "expert_cache" for r in data["rows"])
-        p = Path(path)
-        plot_expert_cache(data, p.with_name(f"{p.stem}-expert_cache{p.suffix}") if others else p)
-        if not others:
-            return
+
+def plot_timed(data: dict, path: str | Path) -> None:
+    """Suites of timed cases (ops, moe, quant): one column per op and dtype; top, the median time
+    per call against tokens (log-log, p10..p90 as error bars); bottom, the fraction of the
+    machine's ceiling (matmul or bandwidth) each row reaches, 100% marked."""
+    import matplotlib.pyplot as plt
+
     panels: OrderedDict[tuple, dict[str, list[dict]]] = OrderedDict()
     for r in data["rows"]:
         # rows with a time per call (bandwidth-only rows, e.g. the stream suite's link, have none)
         if r["status"] != "ok" or r.get("median_ms") is None or not r.get("tokens"):
             continue
-        if r["suite"] == "expert_cache":
-            continue
         panels.setdefault((r["suite"], r["op"], r["dtype"]), {}).setdefault(r["impl"], []).append(r)
-    n = max(1, len(panels))
-    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7.5), squeeze=False)
-    for j, ((suite, op, dtype), impls) in enumerate(panels.items()):
-        ax_t, ax_c = axes[0][j], axes[1][j]
+    suite = data["rows"][0]["suite"] if data["rows"] else ""
+    if not panels:
+        return _no_rows(data, path, f"moestream bench {suite}", "no timed rows")
+    colors = _impl_colors(i for impls in panels.values() for i in impls)
+    has_ceiling = any(
+        r.get("ceiling_fraction") is not None
+        for impls in panels.values()
+        for rs in impls.values()
+        for r in rs
+    )
+    n = len(panels)
+    nrows = 2 if has_ceiling else 1
+    fig, axes = plt.subplots(nrows, n, figsize=(max(5.0, 3.6 * n), 3.4 * nrows + 0.8), squeeze=False)
+    handles: dict[str, object] = {}
+    for j, ((_suite, op, dtype), impls) in enumerate(panels.items()):
+        ax_t = axes[0][j]
+        tokens = sorted({r["tokens"] for rs in impls.values() for r in rs})
         for impl, rs in impls.items():
             rs = sorted(rs, key=lambda r: r["tokens"])
             xs = [r["tokens"] for r in rs]
-            ax_t.plot(xs, [r["median_ms"] for r in rs], marker="o", label=impl)
-            fr = [(r["tokens"], r["ceiling_fraction"]) for r in rs if r.get("ceiling_fraction") is not None]
-            if fr:
-                ax_c.plot([x for x, _ in fr], [100 * y for _, y in fr], marker="o", label=impl)
-        tokens = sorted({r["tokens"] for rs in impls.values() for r in rs})
-        ax_t.set_title(f"{suite}/{op} ({dtype})", fontsize=9)
-        ax_t.set_yscale("log")
-        ax_t.set_ylabel("median time (ms)")
-        ax_t.legend(fontsize=7)
-        ax_c.set_xlabel("tokens")
-        ax_c.set_ylabel("% of measured ceiling (matmul or bandwidth)")
-        for ax in (ax_t, ax_c):
-            ax.set_xscale("log")
-            ax.set_xticks(tokens)
-            ax.xaxis.set_major_formatter(plain)
-            ax.xaxis.set_minor_formatter(NullFormatter())
+            ys = [r["median_ms"] for r in rs]
+            lo = [max(0.0, y - (r.get("p10_ms") or y)) for y, r in zip(ys, rs)]
+            hi = [max(0.0, (r.get("p90_ms") or y) - y) for y, r in zip(ys, rs)]
+            c = colors[impl]
+            h = ax_t.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=4, capsize=2, color=c, label=impl)
+            handles.setdefault(impl, h)
+            bad = [(x, y) for x, y, r in zip(xs, ys, rs) if _unreliable(r)]
+            if bad:  # unreliable rows ringed in red
+                ax_t.scatter(*zip(*bad), s=80, facecolors="none", edgecolors="red", zorder=5)
+            if has_ceiling:
+                fr = [
+                    (r["tokens"], r["ceiling_fraction"]) for r in rs if r.get("ceiling_fraction") is not None
+                ]
+                if fr:
+                    axes[1][j].plot([x for x, _ in fr], [100 * y for _, y in fr], marker="o", ms=4, color=c)
+        ax_t.set_title(f"{op} ({dtype})", fontsize=9)
+        ax_t.set_ylabel("median time per call (ms)" if j == 0 else "")
+        _log_axis(ax_t, "y")
+        for ax in axes[:, j]:
+            _log_axis(ax, "x", tokens)
             ax.grid(True, which="major", alpha=0.3)
-        ax_t.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax_t.yaxis.set_major_formatter(plain)
-        ax_t.yaxis.set_minor_formatter(NullFormatter())
-    if not panels:
-        axes[0][0].text(0.5, 0.5, "no timed rows", ha="center", va="center")
-    m = data["meta"]
-    shape = (m.get("shape") or {}).get("name", "")
-    fig.suptitle(f"moestream bench: {shape} on {m.get('device_name')} ({m.get('date')})", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            ax.set_xlabel("tokens")
+        if has_ceiling:
+            ax_c = axes[1][j]
+            ax_c.axhline(100, color="gray", linewidth=0.8, linestyle="--")
+            fracs = [r.get("ceiling_fraction") or 0.0 for rs in impls.values() for r in rs]
+            ax_c.set_ylim(0, 112 * max([1.0, *fracs]))
+            ax_c.set_ylabel("% of measured ceiling\n(matmul or bandwidth)" if j == 0 else "")
+    if any(_unreliable(r) for impls in panels.values() for rs in impls.values() for r in rs):
+        from matplotlib.lines import Line2D
+
+        handles["UNRELIABLE row"] = Line2D(
+            [], [], marker="o", ms=9, linestyle="", markerfacecolor="none", markeredgecolor="red"
+        )
+    shape = (data["meta"].get("shape") or {}).get("name", "")
+    _finish(fig, data, f"moestream bench {suite}: {shape}", path, list(handles.values()), list(handles))
+
+
+def _bar_label(ax, x: float, y: float, text: str, fontsize: float = 7) -> None:
+    ax.annotate(
+        text, (x, y), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=fontsize
+    )
+
+
+def plot_model(data: dict, path: str | Path) -> None:
+    """The model suite at a glance: one panel per phase (forward, train) and dtype; per model a
+    group of bars, tokens/s of every implementation, each labelled with its speedup against
+    transformers eager (the first baseline); failed rows named at the foot of their group."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["rows"] if r["suite"] == "model"]
+    if not rows:
+        return _no_rows(data, path, "moestream bench model", "no model rows")
+    phase = lambda r: (r.get("params") or {}).get("phase") or r["op"].rsplit("_", 1)[-1]
+    model = lambda r: (r.get("params") or {}).get("model") or r["op"].rsplit("_", 1)[0]
+    panels = list(OrderedDict.fromkeys((phase(r), r["dtype"]) for r in rows))
+    impls = list(OrderedDict.fromkeys(r["impl"] for r in rows))
+    colors = _impl_colors(impls)
+    base = next((r["impl"] for r in rows if r["role"] == "baseline"), None)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 5.2 * len(panels)), 4.8), squeeze=False)
+    width = 0.8 / len(impls)
+    handles: dict[str, object] = {}
+    for ax, (ph, dtype) in zip(axes[0], panels):
+        rs = [r for r in rows if phase(r) == ph and r["dtype"] == dtype]
+        models = list(OrderedDict.fromkeys(model(r) for r in rs))
+        top = 0.0
+        for gi, mdl in enumerate(models):
+            failed = []
+            for ii, impl in enumerate(impls):
+                r = next((r for r in rs if model(r) == mdl and r["impl"] == impl), None)
+                if r is None:
+                    continue
+                x = gi - 0.4 + width * (ii + 0.5)
+                if r["status"] != "ok" or not r.get("tokens_per_s"):
+                    failed.append(f"{impl}: {r['status']}")
+                    continue
+                tps = r["tokens_per_s"]
+                top = max(top, tps)
+                bad = bool(_unreliable(r))
+                h = ax.bar(x, tps, width * 0.92, color=colors[impl], hatch="//" if bad else None, label=impl)
+                handles.setdefault(impl, h)
+                sp = (r.get("speedup") or {}).get(base)
+                _bar_label(ax, x, tps, f"{sp:.2f}x" if sp else ("1x" if impl == base else ""))
+            if failed:
+                ax.text(
+                    gi, 0.02, "\n".join(failed), transform=ax.get_xaxis_transform(), ha="center", fontsize=6
+                )
+        r0 = rs[0]
+        p0 = r0.get("params") or {}
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, fontsize=9)
+        ax.set_ylim(0, top * 1.15 if top else 1)
+        ax.set_ylabel("tokens/s (higher is better)")
+        ax.set_title(
+            f"{ph} ({dtype}): batch {p0.get('batch')} x seq {p0.get('seq')}, "
+            f"{p0.get('layers')} layer{'' if p0.get('layers') == 1 else 's'}",
+            fontsize=9,
+        )
+        ax.grid(True, axis="y", alpha=0.3)
+    if any(_unreliable(r) for r in rows):
+        from matplotlib.patches import Patch
+
+        handles["hatched: UNRELIABLE (see the table)"] = Patch(
+            facecolor="white", edgecolor="black", hatch="//"
+        )
+    title = "moestream bench model: tokens/s, bars labelled with the speedup vs " + (base or "-")
+    _finish(fig, data, title, path, list(handles.values()), list(handles))
+
+
+def plot_ep(data: dict, path: str | Path) -> None:
+    """The ep suite at a glance, per dtype: left, the training step's time against tokens for one
+    process and for two ranks (log-log, the speedup labelled); right, the bytes the forward
+    all-to-alls moved per step against the theoretical bytes of uniform routing."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["rows"] if r["suite"] == "ep" and r["status"] == "ok"]
+    if not rows:
+        return _no_rows(data, path, "moestream bench ep", "no ep rows")
+    dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rows))
+    colors = _impl_colors([r["impl"] for r in rows if r["op"] == "train_step"] + ["measured", "theoretical"])
+    fig, axes = plt.subplots(len(dtypes), 2, figsize=(10, 4.2 * len(dtypes) + 0.6), squeeze=False)
+    handles: dict[str, object] = {}
+    for (ax_t, ax_b), dtype in zip(axes, dtypes):
+        steps = [r for r in rows if r["op"] == "train_step" and r["dtype"] == dtype and r.get("median_ms")]
+        tokens = sorted({r["tokens"] for r in steps})
+        for impl in OrderedDict.fromkeys(r["impl"] for r in steps):
+            rs = sorted((r for r in steps if r["impl"] == impl), key=lambda r: r["tokens"])
+            ys = [r["median_ms"] for r in rs]
+            lo = [max(0.0, y - (r.get("p10_ms") or y)) for y, r in zip(ys, rs)]
+            hi = [max(0.0, (r.get("p90_ms") or y) - y) for y, r in zip(ys, rs)]
+            h = ax_t.errorbar(
+                [r["tokens"] for r in rs], ys, yerr=[lo, hi], marker="o", ms=4, capsize=2, color=colors[impl]
+            )
+            handles.setdefault(impl, h)
+            for r in rs:
+                for x in (r.get("speedup") or {}).values():
+                    _bar_label(ax_t, r["tokens"], r["median_ms"], f"{x:.2f}x", 7)
+        ax_t.set_title(f"train step ({dtype}), world 2 vs one process (speedups labelled)", fontsize=9)
+        ax_t.set_ylabel("median step time (ms)")
+        ax_t.set_xlabel("tokens in total")
+        if tokens:
+            _log_axis(ax_t, "x", tokens)
+            pad = 1.6 if len(tokens) == 1 else 1.15
+            ax_t.set_xlim(tokens[0] / pad, tokens[-1] * pad)
+        _log_axis(ax_t, "y")
+        ax_t.grid(True, which="major", alpha=0.3)
+
+        a2a = sorted(
+            (r for r in rows if r["op"] == "a2a_bytes" and r["dtype"] == dtype), key=lambda r: r["tokens"]
+        )
+        for gi, r in enumerate(a2a):
+            p = r.get("params") or {}
+            for ii, (what, v) in enumerate(
+                (("measured", p.get("measured_bytes")), ("theoretical", p.get("theoretical_bytes")))
+            ):
+                if v is None:
+                    continue
+                x = gi - 0.2 + 0.4 * ii
+                h = ax_b.bar(x, v / 2**20, 0.38, color=colors[what])
+                handles.setdefault(f"all-to-all bytes {what}", h)
+            if p.get("ratio") is not None and p.get("measured_bytes") is not None:
+                _bar_label(ax_b, gi - 0.2, p["measured_bytes"] / 2**20, f"{p['ratio']:.2f}x", 7)
+        ax_b.set_xticks(range(len(a2a)))
+        ax_b.set_xticklabels([f"T={r['tokens']}" for r in a2a])
+        ax_b.set_ylabel("MiB per forward step (both ranks)")
+        ax_b.set_title(f"forward all-to-all bytes ({dtype}), measured / theoretical labelled", fontsize=9)
+        ax_b.grid(True, axis="y", alpha=0.3)
+        if a2a:
+            ax_b.set_ylim(0, ax_b.get_ylim()[1] * 1.12)
+    shape = (data["meta"].get("shape") or {}).get("name", "")
+    _finish(fig, data, f"moestream bench ep: {shape}", path, list(handles.values()), list(handles))
 
 
 def plot_expert_cache(data: dict, path: str | Path) -> None:
@@ -482,8 +689,10 @@ def plot_expert_cache(data: dict, path: str | Path) -> None:
 
     rows = [r for r in data["rows"] if r["suite"] == "expert_cache" and r["op"].startswith("decode")]
     dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rows))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(10, 5.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(10 * len(dtypes), 5.6), squeeze=False)
+    handles: dict[str, object] = {}
     for ax, dtype in zip(axes[0], dtypes):
+        notes: dict[int, str] = {}
         rs = [r for r in rows if r["dtype"] == dtype]
         groups = list(OrderedDict.fromkeys((r["params"].get("routing", r["op"]), r["tokens"]) for r in rs))
         impls = list(OrderedDict.fromkeys(r["impl"] for r in rs))
@@ -544,30 +753,28 @@ def plot_expert_cache(data: dict, path: str | Path) -> None:
                             label="cold floor (no cache: every selected expert read)" if gi == 0 else None,
                         )
                     hr = p.get("hit_rate")
-                    if hr is not None:
-                        ax.text(
-                            gi,
-                            0.02,
-                            f"hit {100 * hr:.0f}%, top10% experts get {100 * p.get('top10_share', 0):.0f}%",
-                            transform=ax.get_xaxis_transform(),
-                            ha="center",
-                            fontsize=7,
+                    if hr is not None:  # under the group's name, not over its bars
+                        notes[gi] = (
+                            f"cache hit {100 * hr:.0f}%\ntop 10% of experts: {100 * p.get('top10_share', 0):.0f}%"
                         )
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"routing={g}\nbatch {b}" for g, b in groups], fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("decode tokens/s (log)")
+        ax.set_xticklabels(
+            [f"routing={g}, batch {b}\n{notes.get(gi, '')}".rstrip() for gi, (g, b) in enumerate(groups)],
+            fontsize=7.5,
+        )
+        _log_axis(ax, "y")
+        ax.set_ylabel("decode tokens/s (log; higher is better)")
         ax.set_title(
             f"{rs[0]['shape']} {dtype} on {rs[0]['device']}: {(rs[0].get('params') or {}).get('model', '')}",
             fontsize=9,
         )
         ax.grid(True, axis="y", which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
         ymin, ymax = ax.get_ylim()
-        ax.set_ylim(ymin, ymax * 3)
-    m = data["meta"]
-    fig.suptitle(f"moestream expert cache: decode on {m.get('device_name')} ({m.get('date')})", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set_ylim(ymin, ymax * 1.6)  # room for the value labels above the tallest bar
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    _finish(fig, data, "moestream expert cache: decode", path, list(handles.values()), list(handles))
+
+
+# suite -> its picture (suites without an entry: plot_timed)
+PLOTTERS = {"model": plot_model, "ep": plot_ep, "expert_cache": plot_expert_cache}

@@ -18,7 +18,8 @@ temporary directory) and reused by later runs. It comes in two routings, with th
 Decode steps feed random token ids (teacher forcing), not the greedy tokens: greedy decoding of a
 random model falls into repeating a few tokens, whose identical routing would flatter any cache.
 Batch 1 and batch 8 (8 sequences); the time is per decode step (prefill and warm-up excluded);
-tokens/s = batch / step time.
+tokens/s = batch / step time. ``--quick`` runs layer streaming and accelerate, whose step time
+hardly depends on the batch (they read every weight each step), at batch 1 only.
 
 Per routing, batch and method one row ``decode_<routing>`` (tokens = batch). moestream's rows carry
 the counters of the timed steps (``ms.offload_stats``): hit rate, bytes read per step and per token,
@@ -287,6 +288,13 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
     steps = 4 if cfg.quick else 16
     warmup = 2 if cfg.quick else 6
     base_steps = 2 if cfg.quick else 4  # the slow methods (layer streaming, accelerate)
+    # --quick: the slow methods read every weight each step, so their step time hardly depends on
+    # the batch (0.9 s at batch 1 and 8 for layer streaming, 2.6 s / 3.2 s for accelerate on a
+    # 2-core CPU): batch 1 only, and no warm-up step beyond the timing loop's own one
+    # (--shape tiny takes seconds: every row kept)
+    trim = cfg.quick and cfg.shape.name != "tiny"
+    base_batches = BATCHES[:1] if trim else BATCHES
+    base_warmup = 0 if trim else 1
     dirs, setup_s = checkpoints(sizes, dtype, dev)
     ckpt0 = dirs["uniform"]
     layer_files, other_files = _shards(ckpt0)
@@ -354,7 +362,7 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
             st = get_state(model)
             sel = _Selections(model, E) if mode == "cache" else None
             n = steps if mode == "cache" else base_steps
-            for B in BATCHES:
+            for B in BATCHES if mode == "cache" else base_batches:
                 prompt, feed = feeds[B]
 
                 def reset(st=st, sel=sel):
@@ -369,7 +377,7 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
                     prompt,
                     n,
                     feed=feed,
-                    warmup=warmup if mode == "cache" else 1,
+                    warmup=warmup if mode == "cache" else base_warmup,
                     before=drop,
                     after_warmup=reset,
                 )
@@ -418,7 +426,7 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
                 sel.remove()
             del model, st
             gc.collect()
-        if not gpu:
+        if not gpu and not cfg.quick:  # (quick: the link measured at the start and the end only)
             disk_runs.append(links.disk_gbps(layer_files, direct=True))
 
         # ---- baselines: accelerate on the same checkpoint, and the model in memory
@@ -428,9 +436,9 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
             base, name = hf_models.accelerate_offloaded(ckpt, dtype, dev, off)
             bfiles = links.files_under(off)
             bdrop = (lambda f=bfiles: links.drop_page_cache(f)) if bfiles else None
-            for B in BATCHES:
+            for B in base_batches:
                 prompt, feed = feeds[B]
-                bm = links.decode(base, dev, prompt, base_steps, feed=feed, warmup=1, before=bdrop)
+                bm = links.decode(base, dev, prompt, base_steps, feed=feed, warmup=base_warmup, before=bdrop)
                 rows.append(make.decode(routing, B, name, "baseline", bm, note=f"batch {B}"))
             del base
             gc.collect()
@@ -467,4 +475,6 @@ def run_expert_cache_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
 
 @register_suite(SUITE, help="decoding an offloaded MoE model through the expert cache vs layer streaming")
 def expert_cache_suite(cfg: BenchConfig) -> list[Measured]:
-    return Measured.per_dtype(cfg, SUITE, run_expert_cache_suite, expected_rows=2 + 2 * 2 * 4)
+    trim = cfg.quick and cfg.shape.name != "tiny"
+    per_routing = 2 * 2 + (1 if trim else 2) * 2  # cache, memory; layer, accelerate
+    return Measured.per_dtype(cfg, SUITE, run_expert_cache_suite, expected_rows=2 + 2 * per_routing)

@@ -124,6 +124,7 @@ def measure_round_robin(
     device: torch.device,
     policy: TimingPolicy,
     before: Callable[[], object] | None = None,
+    warmed: bool = False,
 ) -> dict[str, Measurement]:
     """The timing loop. Time several implementations round-robin, one call of each per round, so
     that a change of load on the machine hits every implementation alike; each implementation's
@@ -131,7 +132,9 @@ def measure_round_robin(
     used once and ``warmup_s`` has passed (one round only when a round already takes longer than
     the budget); then :func:`repetitions` timed rounds, the count estimated from the warm-up as
     if each implementation were timed alone. ``before()``, when given, runs before every call and
-    is not timed (e.g. evicting files from the page cache)."""
+    is not timed (e.g. evicting files from the page cache). ``warmed``: every call has already run
+    once (a correctness check did it); with a fixed repetition count (``TimingPolicy.fixed``) that
+    was the warm-up, and no further round is made (a whole model's training step takes seconds)."""
     if not impls or not all(impls.values()):
         raise ValueError("measure() needs at least one call per implementation")
     names = list(impls)
@@ -140,7 +143,9 @@ def measure_round_robin(
     pc = time.perf_counter
     synchronize(device)
     t0, untimed, done = pc(), 0.0, 0
-    while done < n_sets or pc() - t0 - untimed < policy.warmup_s:
+    # already warmed by the caller, one set, a fixed count: nothing to warm or to estimate
+    skip = warmed and n_sets == 1 and policy.min_reps == policy.max_reps == policy.slow_reps
+    while not skip and (done < n_sets or pc() - t0 - untimed < policy.warmup_s):
         for name in names:
             if before is not None:
                 t = pc()
@@ -155,8 +160,8 @@ def measure_round_robin(
         if device.type == "cuda" and done % n_sets == 0:
             synchronize(device)  # keep the estimate honest: the host may run ahead of the device
     synchronize(device)
-    per_call = (pc() - t0 - untimed) / (done * len(names))
-    reps = repetitions(per_call, policy)
+    per_call = (pc() - t0 - untimed) / max(1, done * len(names))
+    reps = repetitions(per_call, policy)  # (per_call 0, no warm-up round: max_reps)
 
     times: dict[str, list[float]] = {name: [] for name in names}
     if device.type == "cuda":
