@@ -7,6 +7,10 @@
 //    are dequantised, then every row of a takes 4 dot products against them (one load of a feeds
 //    4 FMAs). The bytes read are the packed ones: 1.06 (int8) or 0.56 (int4) bytes per weight at
 //    group 64, against 2 for bfloat16.
+//  - int4 weights with bfloat16 activations on AVX512-BF16, up to 8 rows per group: VDPBF16PS on
+//    the codes looked up as exact bf16 integers, the group's scale applied to each group's partial
+//    sum (fused_bf16); the other few-row cases dequantise in registers to float32 (fused_avx512).
+//    Both prefetch the packed rows in software.
 //  - many rows: a panel of W (K x P floats, about 256 KiB) is dequantised and multiplied by the
 //    group's rows with ATen's SGEMM (at::cpu::mm_out), panel after panel.
 // Dequantisation is (code - zero) * scale in float32, exactly as quant.dequantize computes it, so the
@@ -41,9 +45,9 @@ namespace {
 
 enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 
-// The widest ISA the CPU has; the environment variable MOESTREAM_QUANT_ISA=avx2|scalar caps it, so
-// that the tests run every version on one machine (avx512: the float32 kernels without VDPBF16PS) (read at each call: a getenv, nothing next to
-// the kernel).
+// The widest ISA the CPU has; the environment variable MOESTREAM_QUANT_ISA=avx512|avx2|scalar caps
+// it, so that the tests run every version on one machine (avx512: the float32 AVX-512 kernels, not
+// the VDPBF16PS one; read at each call: a getenv, nothing next to the kernel).
 Isa cpu_isa() {
   Isa best = cpu::has_avx512_bf16()      ? Isa::kAvx512Bf16
              : cpu::has_avx512_bw_vl_dq() ? Isa::kAvx512
@@ -251,11 +255,12 @@ void dot4(Isa isa, const float* a, const float* w, int64_t K, int nb, float* res
 // FMA-latency bound). res[j * MB + m] = <a row m, weight row n + j>.
 
 #if MS_HAVE_X86_SIMD
-// Software prefetch, in the kernels that read the packed rows: the same bytes kPfBlocks calls
-// ahead (the next NB weight rows; rows are contiguous). One thread of the 2-core VM read int4 codes
-// at 4.5-5 GB/s without it and at 7 GB/s with it (1 row, 4 experts [1024 x 1024], rotated
-// weights; 2 calls ahead: 6.3, 4 ahead: 4.5).
-constexpr int64_t kPfBlocks = 1;
+// Software prefetch in the kernels that read the packed rows: the bytes kPfBytes ahead of the ones
+// being read (the rows of a work item are contiguous, so that is the next weight rows). One thread
+// of the 2-core VM read the int4 codes of 4 experts [1024 x 1024] at 4.5-5 GB/s without it and
+// at ~7 GB/s with it; 4-48 KiB ahead measured alike within the noise of the shared machine
+// (QuantizedGroupedExperts at 1 token, weights rotated through 16 copies).
+constexpr int64_t kPfBytes = 8192;
 
 template <int NB, int MB>
 MS_TARGET_AVX512 void fused_avx512(const Packed& p, int64_t e, int64_t n, const float* a, int64_t lda, float* res) {
@@ -275,7 +280,7 @@ MS_TARGET_AVX512 void fused_avx512(const Packed& p, int64_t e, int64_t n, const 
     s[j] = p.s + r * G;
     z[j] = p.z ? p.z + r * G : nullptr;
   }
-  const int64_t pf = kPfBlocks * NB * rb, gbytes = p.bits == 4 ? gs / 2 : gs;
+  const int64_t pf = kPfBytes, gbytes = p.bits == 4 ? gs / 2 : gs;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t k0 = g * gs;
     for (int j = 0; j < NB; ++j)
@@ -421,7 +426,7 @@ MS_TARGET_AVX512BF16 void fused_bf16(const Packed& p, int64_t e, int64_t n, cons
     s[j] = p.s + r * G;
   }
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
-  const int64_t pf = kPfBlocks * NB * rb;
+  const int64_t pf = kPfBytes;
   const int64_t gbytes = gs / 2;
   const bool wide = gs % 64 == 0;
   for (int64_t g = 0; g < G; ++g) {
@@ -473,7 +478,7 @@ MS_TARGET_AVX512BF16 void fused_bf16(const Packed& p, int64_t e, int64_t n, cons
 
 using FusedBf16Fn = void (*)(const Packed&, int64_t, int64_t, const c10::BFloat16*, int64_t, float*);
 
-// Weight rows per call for mb rows of a: 2 * NB * MB accumulators (part, acc) within 24 of the 32
+// Weight rows per call for mb rows of a: 2 * NB * MB accumulators (part, acc), at most 16 of the 32
 // registers; more weight rows at one row keep more independent VDPBF16PS chains in flight.
 constexpr int bf16_nb(int mb) { return mb == 1 ? 8 : (mb == 2 ? 4 : (mb <= 4 ? 2 : 1)); }
 
@@ -505,7 +510,7 @@ void bf16_item(const Packed& p, int64_t g, int64_t r0, int64_t r1, int64_t n0, i
   const float zdef = static_cast<float>(1 << (p.bits - 1));
   for (int64_t m0 = r0; m0 < r1; m0 += kMaxMB) {
     const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, r1 - m0));
-    const int NB = mb == 1 ? 8 : (mb == 2 ? 4 : (mb <= 4 ? 2 : 1));
+    const int NB = bf16_nb(mb);
     float res[8 * kMaxMB];
     for (int64_t n = n0; n < n1;) {
       const int nb = n + NB <= n1 ? NB : 1;
@@ -557,15 +562,20 @@ MS_TARGET_AVX512 void to_bf16_avx512(const float* src, c10::BFloat16* dst, int64
 
 // Groups up to this many rows take the fused AVX-512 kernel (other ISAs: the dot-product kernel
 // on dequantised rows, up to kSmallRows); larger ones take dequantised panels + a BLAS GEMM.
-// Measured on one thread of the 2-core Xeon test VM (AVX-512 + AVX512-BF16, heavily shared: the
-// numbers are minima of 20 runs), [M, 4096] x [4096, 4096], int4 group 64, bf16 activations, ms:
-//   rows              1     2     4     8     16    32
-//   bf16 F.linear     5.2   4.2   4.3   4.6   4.9   7.3   (oneDNN, VDPBF16PS, bf16 weights)
-//   fused int4        1.7   2.9   4.8   9.2   23.6  44.8
-//   panels int4       20.6  18.2  21.2  21.2  31.3  35.8
-// (int8 alike.) The fused kernel's float32 FMAs make it compute-bound beyond ~3 rows; the panel
-// path loses to oneDNN on the bf16 weights by more than its dequantisation explains (not
-// understood yet). Up to 16 rows the fused kernel is the better of the two.
+// Measured on one thread of the 2-core Xeon test VM (AVX-512 + AVX512-BF16, shared with other
+// jobs: minima of 24 calls, weights rotated through 16 copies, > L3), qlinear [M, 4096] x
+// [4096, 4096], group 64, bf16 activations, ms (2026-12-01; indicative, the machine was busy):
+//   rows                1     2     4     8     16    32
+//   bf16 F.linear       3.1   3.6   3.6   3.6   4.2   8.0   (oneDNN, bf16 weights)
+//   int4, VDPBF16PS     1.85  2.1   3.6   5.0   -     -     (fused_bf16)
+//   int4, float32 FMA   1.8   2.5   4.5   10.8  20.5  -     (fused_avx512)
+//   int4, panels        -     -     -     -     -     13.1
+//   int8, float32 FMA   2.3   2.7   6.9   6.1   19.8  16.7  (32: panels)
+// (An earlier run of the same table: 1 row 1.7 ms int4 against 5.2 ms bf16.) A microbenchmark of
+// the loops on that VM put VDPBF16PS at about one per ns and a float32 FMA at 0.67 ns: 32 against
+// 24 multiply-adds per ns, so the bf16 kernel gains from its cheaper decoding only; beyond ~4 rows
+// both are compute-bound and lose to oneDNN (the repeated decode of each weight for every block of
+// 8 rows, where oneDNN reads bf16 as it is).
 constexpr int64_t kFusedRows = 16;
 constexpr int64_t kSmallRows = 16;
 // int4 with bfloat16 activations on AVX512-BF16: groups up to this many rows take the VDPBF16PS
