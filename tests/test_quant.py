@@ -218,7 +218,7 @@ def test_bad_input_names_the_argument():
         ops.qlinear(a, q, s[0], None, 4, gs, None)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "native"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "native"])
 @pytest.mark.parametrize(("scheme", "symmetric"), SCHEMES, ids=SCHEME_IDS)
 def test_every_isa_matches(monkeypatch, isa, scheme, symmetric):
     # MOESTREAM_QUANT_ISA caps the kernels' ISA, so the AVX2 and portable versions run here too
@@ -236,6 +236,76 @@ def test_every_isa_matches(monkeypatch, isa, scheme, symmetric):
         assert_accurate(out, ref64, R.grouped_mm(a, w64.bfloat16(), offsets, True, bias.bfloat16()), isa)
         out32 = ms.ops.qgrouped_mm(a.float(), q, s, z, offsets, bits, gs, bias)
         assert_accurate(out32, ref64, None, isa)
+
+
+# The shape classes of the bfloat16 kernels (VDPBF16PS with native ISA, the float32 AVX-512 one
+# with "avx512"): every row count of a group from 1 to 17 (row blocks of 1-8 and a second block),
+# output columns that leave a remainder after the blocks of 8, 4 and 2 weight rows, group sizes
+# 32 / 64 / 96 / 128 with one or several groups per row, empty groups, rows past offsets[-1].
+BF16_CASES = [
+    (list(range(1, 18)) + [0], 160, 32, 19),
+    ([1, 0, 2, 3, 0, 4], 12, 128, 13),
+    ([5, 6, 7, 8], 30, 192, 7),
+    ([9, 0, 16], 26, 96, 21),
+    ([1], 1, 384, 11),
+    ([2, 1], 5, 256, 1),
+]
+
+
+def bf16_bound(out, ref64):
+    # our float32 sums lose far less than a bfloat16 step: every element within one bfloat16
+    # rounding of the exact result (+ float32 noise relative to the largest), a much tighter bound
+    # than the 2x-the-reference rule, so a wrong zero-point or scale term cannot hide in it
+    diff = (out.double() - ref64).abs()
+    bound = ref64.abs() * 2.0**-8 + ref64.abs().max() * 1e-5 + 1e-30
+    return float((diff / bound).max())
+
+
+@pytest.mark.parametrize("isa", ["avx512", "native"])
+@pytest.mark.parametrize(("scheme", "symmetric"), SCHEMES, ids=SCHEME_IDS)
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: f"M{c[1]}_K{c[2]}_N{c[3]}_E{len(c[0])}")
+def test_bf16_rows_every_shape_class(monkeypatch, isa, scheme, symmetric, case):
+    if isa != "native":
+        monkeypatch.setenv("MOESTREAM_QUANT_ISA", isa)
+    counts, M, K, N = case
+    E, bits = len(counts), Q.SCHEMES[scheme]
+    gs = next(g for g in (128, 96, 64, 32) if K % g == 0 and (K // g > 1 or K == 32))
+    # activations with a common offset: the zero points' term (sum of a over each group) is large
+    a = (torch.randn(M, K) + 2.0).bfloat16()
+    _, q, s, z = packed((E, N, K), scheme, symmetric, gs)
+    offsets = make_offsets(counts)
+    bias = torch.randn(E, N).bfloat16()
+    out = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, bias)
+    ref64, _ = dequant_ref(a, q, s, z, bits, gs, offsets, bias)
+    used = int(offsets[-1])
+    assert out.dtype == torch.bfloat16 and bool((out[used:] == 0).all())
+    ref_lowp = R.grouped_mm(a, Q.dequantize(q, s, z, bits, gs, torch.bfloat16), offsets, True, bias)
+    assert_accurate(out, ref64, ref_lowp, "qgrouped_mm")
+    # the rows of groups of up to 16 rows (the register kernels; larger ones take bf16 panels)
+    small = torch.repeat_interleave(torch.tensor([c <= 16 for c in counts]), torch.tensor(counts))
+    assert bf16_bound(out[:used][small], ref64[:used][small]) <= 1.0
+    # qlinear on the rows of the first group: the same kernels through the other entry point
+    rows = a[: max(counts[0], 1)]
+    w64 = Q.dequantize(q[0], s[0], None if z is None else z[0], bits, gs, torch.float64)
+    out_l = ms.ops.qlinear(rows, q[0], s[0], None if z is None else z[0], bits, gs, None)
+    assert bf16_bound(out_l, rows.double() @ w64.t()) <= 1.0
+
+
+def test_bf16_kernel_matches_float32_kernel(monkeypatch):
+    # decode: the VDPBF16PS kernel and the float32 AVX-512 kernel compute the same function; both
+    # return bfloat16, so they may differ by the rounding of nearly-tied values only
+    E, N, K, gs = 4, 70, 512, 64
+    a = torch.randn(6, K).bfloat16()
+    for scheme, sym in SCHEMES:
+        bits = Q.SCHEMES[scheme]
+        _, q, s, z = packed((E, N, K), scheme, sym, gs)
+        offsets = make_offsets([1, 2, 0, 3])
+        native = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, None)
+        monkeypatch.setenv("MOESTREAM_QUANT_ISA", "avx512")
+        fp32 = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, None)
+        monkeypatch.delenv("MOESTREAM_QUANT_ISA")
+        diff = (native.float() - fp32.float()).abs()
+        assert float((diff / (fp32.float().abs() * 2.0**-7 + 1e-3)).max()) <= 1.0, scheme
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@
 //    are dequantised, then every row of a takes 4 dot products against them (one load of a feeds
 //    4 FMAs). The bytes read are the packed ones: 1.06 (int8) or 0.56 (int4) bytes per weight at
 //    group 64, against 2 for bfloat16.
+//  - int4 weights with bfloat16 activations on AVX512-BF16, up to 8 rows per group: VDPBF16PS on
+//    the codes looked up as exact bf16 integers, the group's scale applied to each group's partial
+//    sum (fused_bf16); the other few-row cases dequantise in registers to float32 (fused_avx512).
+//    Both prefetch the packed rows in software.
 //  - many rows: a panel of W (K x P floats, about 256 KiB) is dequantised and multiplied by the
 //    group's rows with ATen's SGEMM (at::cpu::mm_out), panel after panel.
 // Dequantisation is (code - zero) * scale in float32, exactly as quant.dequantize computes it, so the
@@ -39,17 +43,23 @@
 namespace moestream {
 namespace {
 
-enum class Isa { kScalar, kAvx2, kAvx512 };
+enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 
-// The widest ISA the CPU has; the environment variable MOESTREAM_QUANT_ISA=avx2|scalar caps it, so
-// that the tests run every version on one machine (read at each call: a getenv, nothing next to
-// the kernel).
+// The widest ISA the CPU has; the environment variable MOESTREAM_QUANT_ISA=avx512|avx2|scalar caps
+// it, so that the tests run every version on one machine (avx512: the float32 AVX-512 kernels, not
+// the VDPBF16PS one; read at each call: a getenv, nothing next to the kernel).
 Isa cpu_isa() {
-  Isa best = cpu::has_avx512_bw_vl_dq() ? Isa::kAvx512 : (cpu::has_avx2() ? Isa::kAvx2 : Isa::kScalar);
+  Isa best = cpu::has_avx512_bf16()      ? Isa::kAvx512Bf16
+             : cpu::has_avx512_bw_vl_dq() ? Isa::kAvx512
+             : cpu::has_avx2()            ? Isa::kAvx2
+                                          : Isa::kScalar;
   const char* cap = std::getenv("MOESTREAM_QUANT_ISA");
   if (cap != nullptr) {
-    if (std::strcmp(cap, "scalar") == 0) return Isa::kScalar;
-    if (std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) return Isa::kAvx2;
+    Isa c = best;
+    if (std::strcmp(cap, "scalar") == 0) c = Isa::kScalar;
+    else if (std::strcmp(cap, "avx2") == 0) c = Isa::kAvx2;
+    else if (std::strcmp(cap, "avx512") == 0) c = Isa::kAvx512;
+    return std::min(c, best);
   }
   return best;
 }
@@ -156,7 +166,7 @@ void dequant_row(Isa isa, const Packed& p, int64_t e, int64_t n, float* out) {
   const float* s = p.s + r * p.G;
   const float* z = p.z ? p.z + r * p.G : nullptr;
 #if MS_HAVE_X86_SIMD
-  if (isa == Isa::kAvx512) return dequant_row_avx512(q, s, z, p.bits, p.gs, p.G, out);
+  if (isa >= Isa::kAvx512) return dequant_row_avx512(q, s, z, p.bits, p.gs, p.G, out);
   if (isa == Isa::kAvx2) return dequant_row_avx2(q, s, z, p.bits, p.gs, p.G, out);
 #endif
   dequant_row_scalar(q, s, z, p.bits, p.gs, p.G, out);
@@ -232,7 +242,7 @@ MS_TARGET_AVX512 void dot4_avx512(const float* a, const float* w, int64_t K, int
 
 void dot4(Isa isa, const float* a, const float* w, int64_t K, int nb, float* res) {
 #if MS_HAVE_X86_SIMD
-  if (isa == Isa::kAvx512) return dot4_avx512(a, w, K, nb, res);
+  if (isa >= Isa::kAvx512) return dot4_avx512(a, w, K, nb, res);
   if (isa == Isa::kAvx2) return dot4_avx2(a, w, K, nb, res);
 #endif
   dot4_scalar(a, w, K, nb, res);
@@ -245,6 +255,13 @@ void dot4(Isa isa, const float* a, const float* w, int64_t K, int nb, float* res
 // FMA-latency bound). res[j * MB + m] = <a row m, weight row n + j>.
 
 #if MS_HAVE_X86_SIMD
+// Software prefetch in the kernels that read the packed rows: the bytes kPfBytes ahead of the ones
+// being read (the rows of a work item are contiguous, so that is the next weight rows). One thread
+// of the 2-core VM read the int4 codes of 4 experts [1024 x 1024] at 4.5-5 GB/s without it and
+// at ~7 GB/s with it; 4-48 KiB ahead measured alike within the noise of the shared machine
+// (QuantizedGroupedExperts at 1 token, weights rotated through 16 copies).
+constexpr int64_t kPfBytes = 8192;
+
 template <int NB, int MB>
 MS_TARGET_AVX512 void fused_avx512(const Packed& p, int64_t e, int64_t n, const float* a, int64_t lda, float* res) {
   __m512 acc[NB][MB][2];
@@ -263,8 +280,12 @@ MS_TARGET_AVX512 void fused_avx512(const Packed& p, int64_t e, int64_t n, const 
     s[j] = p.s + r * G;
     z[j] = p.z ? p.z + r * G : nullptr;
   }
+  const int64_t pf = kPfBytes, gbytes = p.bits == 4 ? gs / 2 : gs;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t k0 = g * gs;
+    for (int j = 0; j < NB; ++j)
+      for (int64_t o = 0; o < gbytes; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(q[j] + g * gbytes + o + pf), _MM_HINT_T0);
     if (p.bits == 4) {
       __m512 table[NB];
       for (int j = 0; j < NB; ++j)
@@ -357,6 +378,166 @@ void fused_item(const Packed& p, int64_t g, int64_t r0, int64_t r1, int64_t n0, 
 #endif
 
 // ----------------------------------------------------------------------------------------------
+// AVX512-BF16, int4 weights, bfloat16 activations, few rows: VDPBF16PS (32 bf16 products per
+// instruction, float32 sums). The codes are small integers, exact in bfloat16, and so are the
+// activations, so every product is exact: per (weight row, a row) the dot product of each group
+// with the centred codes (c - 8) is summed in float32 and multiplied by the group's scale once
+// (acc += part * scale). An asymmetric zero point adds (8 - zero) * scale * sum(a over the group)
+// per group, with the groups' activation sums computed once per call (asum). The result is
+// dequantize-then-matmul up to the order of the float32 sums. VPERMW looks the centred bf16 code
+// up in a 32-entry table (the 16 values twice: bit 4 of an index, left over from a neighbouring
+// nibble, is ignored).
+//  - groups of 64 or 128 ("wide"): 32 bytes zero-extended to 16-bit lanes give 64 weights with 4
+//    instructions (two lookups, one shift); the activations are reordered once per call to match.
+//  - groups of 32 or 96: the 16 bytes of each 32-element run, broadcast to both halves of a ymm,
+//    widened and shifted by 0 (lanes 0-15) or 4 (lanes 16-31): lane i is element i, in the
+//    activations' own order (3 instructions per 32 weights).
+// Measured (one thread of the 2-core VM, shared; see the table above the driver): VDPBF16PS issued
+// at about one per ns there, barely more multiply-adds per ns than two float32 FMAs, so the gain
+// over fused_avx512 comes from the cheaper decoding only: 5-10% at 1-2 rows, none at 4-8, a loss
+// at 16. int8 through VCVTNE2PS2BF16 (7 instructions per 32 weights) was slower than fused_avx512
+// at every row count and is not used.
+
+#if MS_HAVE_X86_SIMD
+
+// int4 with groups of 64 or 128: the layout of the activations the wide loop of fused_bf16 reads
+// (each 64 elements as 0-15, 32-47, 16-31, 48-63).
+bool bf16_reorder(int64_t gs) { return gs % 64 == 0; }
+
+template <int NB, int MB>
+MS_TARGET_AVX512BF16 void fused_bf16(const Packed& p, int64_t e, int64_t n, const c10::BFloat16* a, int64_t lda,
+                                     float* res) {
+  __m512 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
+  const int64_t gs = p.gs, G = p.G, rb = p.row_bytes();
+  // bf16 bits of (i & 15) - 8, i = 0..31: small integers, so the top half of their float32 bits
+  alignas(64) static const uint16_t kTable4[32] = {
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000,
+      0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040,
+      0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+  const __m512i table = _mm512_load_si512(kTable4);
+  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const uint8_t* q[NB];
+  const float* s[NB];
+  for (int j = 0; j < NB; ++j) {
+    const int64_t r = e * p.N + n + j;
+    q[j] = p.q + r * rb;
+    s[j] = p.s + r * G;
+  }
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
+  const int64_t pf = kPfBytes;
+  const int64_t gbytes = gs / 2;
+  const bool wide = gs % 64 == 0;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 part[NB][MB];
+    for (int j = 0; j < NB; ++j)
+      for (int m = 0; m < MB; ++m) part[j][m] = _mm512_setzero_ps();
+    for (int j = 0; j < NB; ++j)
+      for (int64_t o = 0; o < gbytes; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(q[j] + g * gbytes + o + pf), _MM_HINT_T0);
+    if (wide) {
+      // 64 weights from 32 bytes: zero-extended to 16-bit lanes, lane i is byte i; its low nibble
+      // is looked up directly, its high nibble after a shift (4 instructions per 64 weights). Lane i
+      // of the low vector is element i of the first 16-byte run (i < 16) or element i - 16 of the
+      // second (+32); the activations were reordered to match (bf16_reorder).
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
+        for (int j = 0; j < NB; ++j) {
+          const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[j] + k / 2)));
+          const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(x, table));
+          const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(x, 4), table));
+          for (int m = 0; m < MB; ++m) {
+            const uint16_t* am = a16 + m * lda + k;
+            part[j][m] = _mm512_dpbf16_ps(part[j][m], reinterpret_cast<__m512bh>(_mm512_loadu_si512(am)), lo);
+            part[j][m] = _mm512_dpbf16_ps(part[j][m], reinterpret_cast<__m512bh>(_mm512_loadu_si512(am + 32)), hi);
+          }
+        }
+      }
+    } else {
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+        for (int j = 0; j < NB; ++j) {
+          const __m256i raw =
+              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[j] + k / 2)));
+          const __m512bh wb = reinterpret_cast<__m512bh>(
+              _mm512_permutexvar_epi16(_mm512_srlv_epi16(_mm512_cvtepu8_epi16(raw), shifts), table));
+          for (int m = 0; m < MB; ++m) {
+            const __m512bh av = reinterpret_cast<__m512bh>(_mm512_loadu_si512(a16 + m * lda + k));
+            part[j][m] = _mm512_dpbf16_ps(part[j][m], av, wb);
+          }
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const __m512 sv = _mm512_set1_ps(s[j][g]);
+      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(part[j][m], sv, acc[j][m]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MB; ++m) res[j * MB + m] = _mm512_reduce_add_ps(acc[j][m]);
+}
+
+using FusedBf16Fn = void (*)(const Packed&, int64_t, int64_t, const c10::BFloat16*, int64_t, float*);
+
+// Weight rows per call for mb rows of a: 2 * NB * MB accumulators (part, acc), at most 16 of the 32
+// registers; more weight rows at one row keep more independent VDPBF16PS chains in flight.
+constexpr int bf16_nb(int mb) { return mb == 1 ? 8 : (mb == 2 ? 4 : (mb <= 4 ? 2 : 1)); }
+
+template <int MB>
+FusedBf16Fn bf16_fn(int nb) {
+  constexpr int NB = bf16_nb(MB);
+  return nb == NB ? &fused_bf16<NB, MB> : &fused_bf16<1, MB>;
+}
+
+FusedBf16Fn pick_bf16(int mb, int nb) {
+  switch (mb) {
+    case 1: return bf16_fn<1>(nb);
+    case 2: return bf16_fn<2>(nb);
+    case 3: return bf16_fn<3>(nb);
+    case 4: return bf16_fn<4>(nb);
+    case 5: return bf16_fn<5>(nb);
+    case 6: return bf16_fn<6>(nb);
+    case 7: return bf16_fn<7>(nb);
+    default: return bf16_fn<8>(nb);
+  }
+}
+
+// out[r0:r1, n0:n1] of group g with the bf16 kernels (a: bf16 rows, stride lda; asum [M, G] the
+// groups' activation sums when the weight has zero points, else null).
+void bf16_item(const Packed& p, int64_t g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, const c10::BFloat16* a,
+               int64_t lda, const float* asum, const float* bg, float* out) {
+  constexpr int kMaxMB = 8;
+  const int64_t N = p.N, G = p.G;
+  const float zdef = static_cast<float>(1 << (p.bits - 1));
+  for (int64_t m0 = r0; m0 < r1; m0 += kMaxMB) {
+    const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, r1 - m0));
+    const int NB = bf16_nb(mb);
+    float res[8 * kMaxMB];
+    for (int64_t n = n0; n < n1;) {
+      const int nb = n + NB <= n1 ? NB : 1;
+      pick_bf16(mb, nb)(p, g, n, a + m0 * lda, lda, res);
+      for (int j = 0; j < nb; ++j) {
+        const int64_t r = g * N + n + j;
+        const float* s = p.s + r * G;
+        const float* z = p.z ? p.z + r * G : nullptr;
+        for (int m = 0; m < mb; ++m) {
+          float v = res[j * mb + m];
+          if (z) {
+            // the zero point: sum over groups of (2^(bits-1) - zero) * scale * sum(a over the group)
+            const float* as = asum + (m0 + m) * G;
+            float c = 0.f;
+            for (int64_t h = 0; h < G; ++h) c += (zdef - z[h]) * s[h] * as[h];
+            v += c;
+          }
+          out[(m0 + m) * N + n + j] = bg ? v + bg[n + j] : v;
+        }
+      }
+      n += nb;
+    }
+  }
+}
+#endif
+
+// ----------------------------------------------------------------------------------------------
 // float32 -> bfloat16 (round to nearest even; the values are finite) for the bf16 panels
 
 void to_bf16_scalar(const float* src, c10::BFloat16* dst, int64_t n) {
@@ -381,17 +562,25 @@ MS_TARGET_AVX512 void to_bf16_avx512(const float* src, c10::BFloat16* dst, int64
 
 // Groups up to this many rows take the fused AVX-512 kernel (other ISAs: the dot-product kernel
 // on dequantised rows, up to kSmallRows); larger ones take dequantised panels + a BLAS GEMM.
-// Measured on one thread of the 2-core Xeon test VM (AVX-512 + AVX512-BF16, heavily shared: the
-// numbers are minima of 20 runs), [M, 4096] x [4096, 4096], int4 group 64, bf16 activations, ms:
-//   rows              1     2     4     8     16    32
-//   bf16 F.linear     5.2   4.2   4.3   4.6   4.9   7.3   (oneDNN, VDPBF16PS, bf16 weights)
-//   fused int4        1.7   2.9   4.8   9.2   23.6  44.8
-//   panels int4       20.6  18.2  21.2  21.2  31.3  35.8
-// (int8 alike.) The fused kernel's float32 FMAs make it compute-bound beyond ~3 rows; the panel
-// path loses to oneDNN on the bf16 weights by more than its dequantisation explains (not
-// understood yet). Up to 16 rows the fused kernel is the better of the two.
+// Measured on one thread of the 2-core Xeon test VM (AVX-512 + AVX512-BF16, shared with other
+// jobs: minima of 24 calls, weights rotated through 16 copies, > L3), qlinear [M, 4096] x
+// [4096, 4096], group 64, bf16 activations, ms (2026-12-01; indicative, the machine was busy):
+//   rows                1     2     4     8     16    32
+//   bf16 F.linear       3.1   3.6   3.6   3.6   4.2   8.0   (oneDNN, bf16 weights)
+//   int4, VDPBF16PS     1.85  2.1   3.6   5.0   -     -     (fused_bf16)
+//   int4, float32 FMA   1.8   2.5   4.5   10.8  20.5  -     (fused_avx512)
+//   int4, panels        -     -     -     -     -     13.1
+//   int8, float32 FMA   2.3   2.7   6.9   6.1   19.8  16.7  (32: panels)
+// (An earlier run of the same table: 1 row 1.7 ms int4 against 5.2 ms bf16.) A microbenchmark of
+// the loops on that VM put VDPBF16PS at about one per ns and a float32 FMA at 0.67 ns: 32 against
+// 24 multiply-adds per ns, so the bf16 kernel gains from its cheaper decoding only; beyond ~4 rows
+// both are compute-bound and lose to oneDNN (the repeated decode of each weight for every block of
+// 8 rows, where oneDNN reads bf16 as it is).
 constexpr int64_t kFusedRows = 16;
 constexpr int64_t kSmallRows = 16;
+// int4 with bfloat16 activations on AVX512-BF16: groups up to this many rows take the VDPBF16PS
+// kernel (no faster than fused_avx512 beyond, slower at 16 rows).
+constexpr int64_t kBf16Rows = 8;
 // Output columns (rows of W) per work item of the small-row kernels.
 constexpr int64_t kSmallCols = 64;
 
@@ -408,10 +597,14 @@ int64_t panel_cols(int64_t K, int64_t N, int64_t elem_bytes) {
 }
 
 struct Inputs {
-  const float* af;  // a in float32, rows of stride lda (padded: rows 16 KiB apart alias in L1)
+  const float* af;  // a in float32, rows of stride lda (padded: rows 16 KiB apart alias in L1); null
+                    // when every group takes a bf16 path
   int64_t lda;
   const c10::BFloat16* ab;  // a itself when the panels are bfloat16 (else null), stride K
   const float* bias;        // [E, N] float32 or null
+  const c10::BFloat16* ah;  // a in bf16 for the VDPBF16PS kernel (else null), rows of stride ldh
+  int64_t ldh;
+  const float* asum;  // [M, G] sums of a over each group (the zero points' term), or null
 };
 
 // out_f [M, N] float32 (rows past ends[E-1] already zero) <- the groups' products.
@@ -419,7 +612,8 @@ void qmm_run(const Packed& p, const Inputs& in, const std::vector<int64_t>& ends
   const int64_t K = p.K, N = p.N, E = static_cast<int64_t>(ends.size()), lda = in.lda;
   const int64_t P = panel_cols(K, N, in.ab != nullptr ? 2 : 4);
   const Isa isa = cpu_isa();
-  const int64_t small = isa == Isa::kAvx512 ? kFusedRows : kSmallRows;
+  const bool dp_bf16 = in.ah != nullptr;  // qmm_common sets it only with kAvx512Bf16 (int4, bf16 a)
+  const int64_t small = isa >= Isa::kAvx512 ? kFusedRows : kSmallRows;
   std::vector<Item> items;
   int64_t start = 0;
   for (int64_t g = 0; g < E; ++g) {
@@ -449,7 +643,11 @@ void qmm_run(const Packed& p, const Inputs& in, const std::vector<int64_t>& ends
       const float* bg = in.bias ? in.bias + it.g * N : nullptr;
       if (rows <= small) {
 #if MS_HAVE_X86_SIMD
-        if (isa == Isa::kAvx512) {
+        if (dp_bf16 && rows <= kBf16Rows) {
+          bf16_item(p, it.g, it.r0, it.r1, it.n0, it.n1, in.ah, in.ldh, in.asum, bg, out);
+          continue;
+        }
+        if (isa >= Isa::kAvx512) {
           fused_item(p, it.g, it.r0, it.r1, it.n0, it.n1, in.af, lda, bg, out);
           continue;
         }
@@ -535,21 +733,59 @@ at::Tensor qmm_common(const at::Tensor& a, const at::Tensor& qweight, const at::
         }
       }
     } else {
-      // a in float32 with rows padded by 16 floats
-      const int64_t lda = K + 16;
-      auto afb = at::empty({M, lda}, a.options().dtype(at::kFloat));
-      afb.narrow(1, 0, K).copy_(a);
-      at::Tensor ab;
-      if (a.scalar_type() == at::kBFloat16 && cpu::lowp_native(at::kBFloat16) && cpu_isa() == Isa::kAvx512)
-        ab = a.contiguous();
+      const Isa isa = cpu_isa();
+      const bool bf16_in = a.scalar_type() == at::kBFloat16;
       const auto q = qweight.contiguous();
       const auto s = scale.contiguous();
       at::Tensor z;
       if (zero.has_value()) z = zero->contiguous();
       Packed p{q.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(), z.defined() ? z.const_data_ptr<float>() : nullptr,
                static_cast<int>(bits), group_size, K, N, d.G};
-      Inputs in{afb.const_data_ptr<float>(), lda, ab.defined() ? ab.const_data_ptr<c10::BFloat16>() : nullptr,
-                bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr};
+      int64_t largest = 0;  // rows of the largest group
+      for (int64_t g = 0, start = 0; g < static_cast<int64_t>(ends.size()); start = ends[g], ++g)
+        largest = std::max(largest, ends[g] - start);
+      Inputs in{nullptr, 0, nullptr, bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, nullptr, 0, nullptr};
+      at::Tensor ac = a.contiguous(), afb, ahb, asum;
+      if (bf16_in && bits == 4 && isa == Isa::kAvx512Bf16) {
+        // bf16 rows for VDPBF16PS, padded by 32 elements when several rows share a weight row (rows
+        // 4 KiB apart fall in one L1 set); one row is used as it is
+        const int64_t ldh = used > 1 ? K + 32 : K;
+        const bool reorder = bf16_reorder(group_size);
+        if (ldh == K && !reorder) {
+          ahb = ac;
+        } else {
+          ahb = at::empty({used, ldh}, a.options());
+          const c10::BFloat16* src = ac.const_data_ptr<c10::BFloat16>();
+          c10::BFloat16* dst = ahb.data_ptr<c10::BFloat16>();
+          // the 16-element chunks of every 64 in the order 0, 2, 1, 3 (fused_bf16's wide loop)
+          static constexpr int kChunk[4] = {0, 2, 1, 3};
+          for (int64_t m = 0; m < used; ++m) {
+            const c10::BFloat16* in_row = src + m * K;
+            c10::BFloat16* out_row = dst + m * ldh;
+            if (!reorder) {
+              std::memcpy(out_row, in_row, K * sizeof(c10::BFloat16));
+              continue;
+            }
+            for (int64_t k = 0; k < K; k += 64)
+              for (int c = 0; c < 4; ++c) std::memcpy(out_row + k + 16 * c, in_row + k + 16 * kChunk[c], 32);
+          }
+        }
+        in.ah = ahb.const_data_ptr<c10::BFloat16>();
+        in.ldh = ldh;
+        if (p.z != nullptr) {
+          asum = ac.narrow(0, 0, used).view({used, d.G, group_size}).sum(-1, false, at::kFloat);
+          in.asum = asum.const_data_ptr<float>();
+        }
+      }
+      if (bf16_in && cpu::lowp_native(at::kBFloat16) && isa >= Isa::kAvx512) in.ab = ac.const_data_ptr<c10::BFloat16>();
+      if (in.ah == nullptr || largest > kBf16Rows) {
+        // a in float32 with rows padded by 16 floats (the float32 kernels; the panels without bf16)
+        const int64_t lda = K + 16;
+        afb = at::empty({M, lda}, a.options().dtype(at::kFloat));
+        afb.narrow(1, 0, K).copy_(a);
+        in.af = afb.const_data_ptr<float>();
+        in.lda = lda;
+      }
       qmm_run(p, in, ends, out_f.data_ptr<float>());
     }
   }

@@ -45,8 +45,10 @@ def _make_inputs(cfg: BenchConfig, dtype: torch.dtype, T: int, scheme: Q.QuantSc
         w1 = W.gate_up_weight(s, torch.float32, dev, g)
         w2 = W.down_weight(s, torch.float32, dev, g)
         transposed = not s.transpose_b  # the packed format is [E, N, K]
-        p1 = Q.PackedWeight.from_weight(w1, scheme, transposed=transposed)
-        p2 = Q.PackedWeight.from_weight(w2, scheme, transposed=transposed)
+        # quantized from the weights in the case's dtype: the compressed model of a model in that
+        # dtype computes in it (float32 weights here sent bfloat16 rows through the float32 kernels)
+        p1 = Q.PackedWeight.from_weight(w1.to(dtype), scheme, transposed=transposed)
+        p2 = Q.PackedWeight.from_weight(w2.to(dtype), scheme, transposed=transposed)
         d1, d2 = p1.dequantize(dtype), p2.dequantize(dtype)
         if transposed:
             d1, d2 = d1.transpose(1, 2).contiguous(), d2.transpose(1, 2).contiguous()
