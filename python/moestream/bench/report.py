@@ -591,8 +591,8 @@ def plot_stream(data: dict, path: str | Path) -> None:
     """The stream suite at a glance, one row of panels per dtype. Left: decode tokens/s (all
     sequences; bars, log scale, each with its value) of moestream and accelerate at every batch,
     and of the uncompressed and compressed models at batch 1; over moestream's bars a black tick
-    at the link's floor (the most tokens/s the bytes streamed per step allow) and, for the
-    compressed rows, a dashed tick at compute alone (every layer resident). Right: the measured
+    at the link's floor (the most tokens/s the bytes streamed per step allow) and a dashed one at
+    compute alone (the steps' time not spent waiting for weights). Right: the measured
     link rates (gray) against what the streamer and each moestream decode row move over the link,
     with their fraction of it. Unreliable or failed rows are hatched and marked '?'; legends sit
     below the axes."""
@@ -619,7 +619,10 @@ def plot_stream(data: dict, path: str | Path) -> None:
     def shaky(r: dict) -> bool:
         return r["status"] != "ok" or bool(_unreliable(r))
 
-    floor_label, compute_label = "link floor: bytes per step / link", "compute alone (every layer resident)"
+    floor_label, compute_label = (
+        "link floor: bytes per step / link",
+        "compute alone: step time minus its wait for weights",
+    )
     for (ax, ax_bw), dtype in zip(axes, dtypes):
         rs = [r for r in rows if r["dtype"] == dtype]
         timed = [r for r in rs if r["op"] in ("decode", "compressed_decode") and r.get("tokens_per_s")]

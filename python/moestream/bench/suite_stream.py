@@ -13,9 +13,9 @@ and measures, per dtype:
 - ``streamer``: the bandwidth the engine sustains streaming every layer through its slots with no
   compute (one timed call = one round through all layers), its fraction of the link as the fraction
   of ceiling (target on GPU: >= 0.85);
-- ``decode``: time per decode step at batch 1, 8 and 32 (:data:`BATCHES`; KV cache; tokens =
-  batch, so tokens/s is the throughput: FlexGen's view, every streamed layer is read once per step
-  whatever the batch) for moestream and for accelerate's ``cpu_offload`` (GPU) / ``disk_offload``
+- ``decode``: time per decode step at batch 1, 8 and 32 (:data:`BATCHES`; 1 and 32 in quick
+  mode; KV cache; tokens = batch, so tokens/s is the throughput: FlexGen's view, every streamed
+  layer is read once per step whatever the batch) for moestream and for accelerate's ``cpu_offload`` (GPU) / ``disk_offload``
   (CPU) on the same checkpoint at the same batch (the baseline, so the speedup is the runner's usual
   one; target on GPU at batch 1: >= 1.5x); moestream's fraction of ceiling is floor / time, the floor
   being the bytes streamed per step over the link bandwidth (target on GPU at batch 1: time <= 1.15x
@@ -25,17 +25,18 @@ and measures, per dtype:
   :mod:`moestream.quant`) into packed offload files, all with the same slots and the page cache
   dropped before every step: the speedup of the compressed models, the bytes per token
   (``bytes_per_step``: the packed ones, from ``ms.offload_stats``), ``bytes_ratio`` (uncompressed
-  over packed), the floor (packed bytes over the measured disk link), and ``compute_ms``, the same
-  step with every layer resident (compute alone, no byte moved), with ``bound_by`` = ``compute``
-  when that alone exceeds the floor (the quantized kernels, not the disk, set the pace) or
-  ``link``. Target: int4 >= 3x bfloat16 (its bytes are 3.6x fewer);
+  over packed), the floor (packed bytes over the measured disk link). Target: int4 >= 3x
+  bfloat16 (its bytes are 3.6x fewer). Every moestream decode row also has ``compute_ms``, the
+  median over its steps of the step's time minus the time it waited for weights to land (what a
+  step costs with every load already there), and ``bound_by`` = ``compute`` when that alone
+  exceeds the floor (the kernels, not the link, set the pace) or ``link``;
 - ``device_memory`` (GPU): peak allocated during batch-1 decode as a fraction of the
   max_device_memory budget.
 
 Model: ``--shape llama-3-8b`` / ``llama-3-70b`` (dense shapes) give the sizes, the number of layers is
 the suite's (fewer in quick mode and on CPU); ``--shape tiny`` a toy Llama of the tiny shape's sizes
 (smoke tests); MoE shapes use the suite's reference model, Llama-3-8B. ``--quick`` on CPU cuts the
-Llama's widths by :data:`QUICK_CPU_DIVISOR` (model ``llama3-8b-width/4/6L``), so that every row kind
+Llama's widths by :data:`QUICK_CPU_DIVISOR` (model ``llama3-8b-width/8/4L``), so that every row kind
 is there in well under a minute on two cores; the full run keeps the real widths. transformers and
 accelerate are imported only when the suite runs.
 
@@ -63,7 +64,7 @@ from ..offload import get_state
 from . import links
 from .core import BenchConfig, Measured, Row, register_suite
 from .shapes import Shape, get_shape
-from .timing import Measurement, TimingPolicy, measure, synchronize
+from .timing import Measurement, TimingPolicy, measure, quantile, synchronize
 
 READERS, CHUNK = links.READERS, links.CHUNK
 _drop_page_cache, _files_under, _gbps = links.drop_page_cache, links.files_under, links.gbps
@@ -75,13 +76,15 @@ _LLAMA3 = {"max_pos": 8192, "rope_theta": 500000.0, "tie_word_embeddings": False
 # Decode batches of the throughput rows (FlexGen's view: a streamed layer is read once per step
 # whatever the batch, so tokens/s grows with it until compute catches up with the link).
 BATCHES = (1, 8, 32)
+QUICK_BATCHES = (1, 32)  # --quick: the ends only
 # Compressed schemes of the compressed-decode rows (moestream.quant, group 64).
 SCHEMES = ("int8", "int4")
-# Quick mode on CPU: the shape's Llama cut to a quarter of its widths, an 8192-token vocabulary and
-# 4 layers (one more than the 3 slots, so every step still streams every layer): ~220 MB per step in
-# float32, every row kind in under a minute on two cores, where 4 Llama-3-8B-sized layers (436 MB
-# each in bfloat16) took ~3 minutes for the three rows the suite had then.
-QUICK_CPU_DIVISOR = 4
+# Quick mode on CPU: the shape's Llama cut to an eighth of its widths, an 8192-token vocabulary and
+# 4 layers (one more than the 3 slots, so every step still streams every layer): ~55 MB per step in
+# float32, so that every row kind comes in under a minute on two busy cores (4 Llama-3-8B-sized
+# layers took ~3 minutes for the three rows the suite had then; a quarter of the widths ~70 s with
+# the rows it has now, most of it quantizing on load and accelerate).
+QUICK_CPU_DIVISOR = 8
 QUICK_CPU_VOCAB = 8192
 
 
@@ -226,8 +229,8 @@ class StreamRows(links.SuiteRows):
 def judge(rows: list[Row], link_gbps: float) -> None:
     """The streamer rows' fraction of the link, and the decode rows' floor (bytes streamed per step
     over the link bandwidth; 0 when every layer is resident) and fraction of ceiling floor / time.
-    A compressed-decode row with ``compute_ms`` (the same step with every layer resident: compute
-    alone) says what bounds it: the link when the floor is the larger, compute when that is."""
+    A row with ``compute_ms`` (its steps' time not spent waiting for weights) says what bounds
+    it: the link when the floor is the larger, compute when that is."""
     for r in rows:
         if r.op == "streamer":
             r.params["link_gbps"] = link_gbps
@@ -275,16 +278,17 @@ class Steps:
     step) and the prompt length: the full run's, or quick mode's (fewer, with a shorter prompt:
     the prefill of 32 sequences is what costs there)."""
 
-    batch1: int = 16  # ours at batch 1, and the compressed rows
+    batch1: int = 16  # ours at batch 1
+    compressed: int = 16  # the compressed rows (batch 1)
     batched: int = 8  # ours at batch 8 and 32
-    compute: int = 4  # the compressed rows' compute-only steps
     baseline1: int = 8  # accelerate at batch 1
     baseline_batched: int = 4  # accelerate at batch 8 and 32
     prompt: int = 16
+    batches: tuple[int, ...] = BATCHES
 
     @staticmethod
     def for_run(quick: bool) -> Steps:
-        return Steps(3, 2, 1, 2, 1, 8) if quick else Steps()
+        return Steps(3, 2, 2, 2, 1, 8, QUICK_BATCHES) if quick else Steps()
 
 
 def _decode(
@@ -295,6 +299,27 @@ def _decode(
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, vocab, (batch, prompt), generator=g)
     return links.decode(model, device, ids, steps, before=before)
+
+
+def _decode_ours(
+    model, device: torch.device, vocab: int, steps: int, batch: int, prompt: int, drop_files: list[str] | None
+) -> tuple[Measurement, float]:
+    """:func:`_decode` of an offloaded model (the page cache of ``drop_files`` dropped before every
+    step when given), and its compute time per step: the median over the timed steps of the step's
+    time minus the time it waited for weights to land (``ms.offload_stats``' ``wait_seconds``,
+    read before every step), i.e. what the step costs when every load is already there."""
+    waits: list[float] = []
+
+    def before():
+        waits.append(ms.offload_stats(model)["wait_seconds"])
+        if drop_files:
+            _drop_page_cache(drop_files)
+
+    m = _decode(model, device, vocab, steps, batch=batch, prompt=prompt, before=before)
+    waits.append(ms.offload_stats(model)["wait_seconds"])
+    w = waits[-(steps + 1) :]  # before each timed step, and after the last
+    busy = sorted(t - (b - a) * 1e3 for t, a, b in zip(m.times_ms, w, w[1:]))
+    return m, quantile(busy, 0.5)
 
 
 def _per_step(model) -> int:
@@ -330,16 +355,14 @@ def _compressed_rows(
     dev: torch.device,
     layer_files: list[str],
     vocab: int,
-    layers: int,
     steps: Steps,
 ) -> list[Row]:
     """Batch-1 decode from disk of the checkpoint as it is and quantized on load with every scheme
     of :data:`SCHEMES` into packed offload files (the bytes ``save_layered(compress=...)`` writes,
     read back the same way), each with the same slots (prefetch + 1: every layer streamed per
     step), the page cache dropped before every step. On a GPU from disk too: the fewer bytes cross
-    the slowest link. Each is also timed with every layer resident (``compute_ms``: compute
-    alone, no byte moved per step), so that the row says whether the link or the kernels bound
-    it."""
+    the slowest link. ``compute_ms`` (see :func:`_decode_ours`) says whether the link or the
+    kernels bound each."""
     rows: list[Row] = []
     unc_bytes = 0
     for scheme in (None, *SCHEMES):
@@ -350,28 +373,18 @@ def _compressed_rows(
         if scheme is None:
             unc_bytes = nbytes
         files = layer_files + _files_under(qdir)
-        cold = _decode(
-            model, dev, vocab, steps.batch1, prompt=steps.prompt, before=lambda f=files: _drop_page_cache(f)
-        )
+        m, compute_ms = _decode_ours(model, dev, vocab, steps.compressed, 1, steps.prompt, files)
         stats = ms.offload_stats(model)
         del model
-        shutil.rmtree(qdir, ignore_errors=True)
-        # compute only: the same weights, every layer in a slot of its own (prefetch = layers - 1),
-        # so that after the prefill no step moves a byte
-        extra = {} if scheme is None else {"compress": scheme}
-        model = _load(ckpt, dev, "cpu", None, prefetch=layers - 1, **extra)
-        if _per_step(model):
-            raise RuntimeError("stream suite: the compute-only model still streams its layers")
-        compute = _decode(model, dev, vocab, steps.compute, prompt=steps.prompt)
-        del model
         _free(dev)
+        shutil.rmtree(qdir, ignore_errors=True)
         rows.append(
             make.compressed(
                 scheme,
-                cold,
+                m,
                 nbytes,
                 unc_bytes,
-                compute_ms=compute.median_ms,
+                compute_ms=compute_ms,
                 streamed_bytes=int(stats["streamed_bytes"]),
                 num_slots=int(stats["num_slots"]),
             )
@@ -448,12 +461,14 @@ def run_stream_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
         else:
             torch.cuda.reset_peak_memory_stats(dev)
         l0 = ms.offload_stats(model)["bytes_loaded"]
-        m1 = _decode(model, dev, vocab, steps.batch1, prompt=steps.prompt, before=drop)
+        dfiles = layer_files if storage == "disk" else None
+        m1, c1 = _decode_ours(model, dev, vocab, steps.batch1, 1, steps.prompt, dfiles)
         loaded_per_forward = (ms.offload_stats(model)["bytes_loaded"] - l0) / (steps.batch1 + 2)
         ours.append(
             make.decode(
                 m1,
                 per_step,
+                compute_ms=c1,
                 loaded_bytes_per_forward=loaded_per_forward,
                 storage=storage,
                 num_slots=int(s0["num_slots"]),
@@ -464,16 +479,18 @@ def run_stream_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
                 make.device_memory(torch.cuda.max_memory_allocated(dev), budget, int(s0["device_bytes"]))
             )
         # throughput: the same model at larger batches
-        for b in BATCHES:
+        for b in steps.batches:
             if b == 1:
                 continue
-            m = _decode(model, dev, vocab, steps.batched, batch=b, prompt=steps.prompt, before=drop)
-            ours.append(make.decode(m, per_step, b, storage=storage, num_slots=int(s0["num_slots"])))
+            m, c = _decode_ours(model, dev, vocab, steps.batched, b, steps.prompt, dfiles)
+            ours.append(
+                make.decode(m, per_step, b, compute_ms=c, storage=storage, num_slots=int(s0["num_slots"]))
+            )
         del model
         _free(dev)
 
         # ---- compressed decode from disk (see _compressed_rows)
-        ours += _compressed_rows(make, ckpt, work, dev, layer_files, vocab, sizes["layers"], steps)
+        ours += _compressed_rows(make, ckpt, work, dev, layer_files, vocab, steps)
 
         if not gpu:
             disk_runs.append(_disk_gbps(layer_files, direct=True))
@@ -500,7 +517,7 @@ def run_stream_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
         )
         bfiles = _files_under(os.path.join(work, "accelerate-offload"))
         bdrop = (lambda: _drop_page_cache(bfiles)) if bfiles else None
-        for b in BATCHES:
+        for b in steps.batches:
             n = steps.baseline1 if b == 1 else steps.baseline_batched
             bm = _decode(base, dev, vocab, n, batch=b, prompt=steps.prompt, before=bdrop)
             rows.append(make.baseline(name, bm, b))
