@@ -105,15 +105,18 @@ def test_stream_suite_tiny_real_run(tmp_path):
         plain / 4 < i8["bytes_per_step"] < plain and plain / 8 < i4["bytes_per_step"] < i8["bytes_per_step"]
     )
     assert i4["bytes_ratio"] == pytest.approx(plain / i4["bytes_per_step"])
+    assert i4["loaded_bytes_per_step"] < comp["moestream"]["params"]["loaded_bytes_per_step"]
     for r in comp.values():
         assert (
             r["status"] == "ok"
             and r["params"]["compute_ms"] > 0
             and r["params"]["bound_by"] in ("link", "compute")
         )
-        assert r["params"]["floor_ms"] == pytest.approx(
-            r["params"]["bytes_per_step"] / (r["params"]["link_gbps"] * 1e6)
-        )
+        p = r["params"]
+        # measured bytes moved per step: the packed ones, at most every streamed unit's
+        assert 0 < p["loaded_bytes_per_step"] <= p["bytes_per_step"]
+        assert p["floor_ms"] == pytest.approx(p["loaded_bytes_per_step"] / (p["link_gbps"] * 1e6))
+        assert p["link_gbps"] == p["files_link_gbps"] > 0
     assert set(comp["moestream int4"]["speedup"]) == {"moestream"}
 
 

@@ -26,7 +26,10 @@ and measures, per dtype:
   dropped before every step: the speedup of the compressed models, the bytes per token
   (``bytes_per_step``: the packed ones, from ``ms.offload_stats``), ``bytes_ratio`` (uncompressed
   over packed), the floor (packed bytes over the measured disk link). Target: int4 >= 3x
-  bfloat16 (its bytes are 3.6x fewer). Every moestream decode row also has ``compute_ms``, the
+  bfloat16 (its bytes are 3.6x fewer). Their floors use ``files_link_gbps``, the disk rate measured
+  on the very files each model streamed right after its decode. Every moestream decode row has
+  ``loaded_bytes_per_step`` (measured: the bytes moved into the slots per timed step, the floor's
+  bytes; the slot ring may keep a unit between steps) and ``compute_ms``, the
   median over its steps of the step's time minus the time it waited for weights to land (what a
   step costs with every load already there), and ``bound_by`` = ``compute`` when that alone
   exceeds the floor (the kernels, not the link, set the pace) or ``link``;
@@ -169,8 +172,9 @@ class StreamRows(links.SuiteRows):
             **params,
         )
         r.record(m)
-        r.bytes = float(bytes_per_step)
-        r.gbps = bytes_per_step / (m.median_ms * 1e-3) / 1e9
+        moved = params.get("loaded_bytes_per_step", bytes_per_step)  # measured, when given
+        r.bytes = float(moved)
+        r.gbps = moved / (m.median_ms * 1e-3) / 1e9
         r.bound = r.ceiling = "link"
         return r
 
@@ -237,8 +241,10 @@ def judge(rows: list[Row], link_gbps: float) -> None:
             r.ceiling_fraction = r.gbps / link_gbps
         elif r.op in ("decode", "compressed_decode") and r.impl.startswith("moestream") and r.median_ms:
             p = r.params
-            floor_ms = p.get("bytes_per_step", p.get("bytes_per_token", 0)) / (link_gbps * 1e9) * 1e3
-            p["link_gbps"] = link_gbps
+            link = p.get("files_link_gbps") or link_gbps  # compressed rows: their own files' rate
+            moved = p.get("loaded_bytes_per_step", p.get("bytes_per_step", p.get("bytes_per_token", 0)))
+            floor_ms = moved / (link * 1e9) * 1e3
+            p["link_gbps"] = link
             p["floor_ms"] = floor_ms
             if floor_ms > 0:
                 p["ratio_to_floor"] = r.median_ms / floor_ms
@@ -303,23 +309,29 @@ def _decode(
 
 def _decode_ours(
     model, device: torch.device, vocab: int, steps: int, batch: int, prompt: int, drop_files: list[str] | None
-) -> tuple[Measurement, float]:
+) -> tuple[Measurement, dict]:
     """:func:`_decode` of an offloaded model (the page cache of ``drop_files`` dropped before every
-    step when given), and its compute time per step: the median over the timed steps of the step's
-    time minus the time it waited for weights to land (``ms.offload_stats``' ``wait_seconds``,
-    read before every step), i.e. what the step costs when every load is already there."""
-    waits: list[float] = []
+    step when given), and what ``ms.offload_stats`` says of its timed steps (read before every
+    step and after the last): ``compute_ms``, the median of each step's time minus the time it
+    waited for weights to land (what a step costs when every load is already there), and
+    ``loaded_bytes_per_step``, the bytes moved into the slots per step (the slot ring may keep a
+    unit between steps, so this can be below the streamed units' total)."""
+    marks: list[tuple[float, int]] = []
+
+    def mark():
+        s = ms.offload_stats(model)
+        marks.append((s["wait_seconds"], s["bytes_loaded"]))
 
     def before():
-        waits.append(ms.offload_stats(model)["wait_seconds"])
+        mark()
         if drop_files:
             _drop_page_cache(drop_files)
 
     m = _decode(model, device, vocab, steps, batch=batch, prompt=prompt, before=before)
-    waits.append(ms.offload_stats(model)["wait_seconds"])
-    w = waits[-(steps + 1) :]  # before each timed step, and after the last
-    busy = sorted(t - (b - a) * 1e3 for t, a, b in zip(m.times_ms, w, w[1:]))
-    return m, quantile(busy, 0.5)
+    mark()
+    w = marks[-(steps + 1) :]  # before each timed step, and after the last
+    busy = sorted(t - (b[0] - a[0]) * 1e3 for t, a, b in zip(m.times_ms, w, w[1:]))
+    return m, {"compute_ms": quantile(busy, 0.5), "loaded_bytes_per_step": (w[-1][1] - w[0][1]) / steps}
 
 
 def _per_step(model) -> int:
@@ -373,10 +385,15 @@ def _compressed_rows(
         if scheme is None:
             unc_bytes = nbytes
         files = layer_files + _files_under(qdir)
-        m, compute_ms = _decode_ours(model, dev, vocab, steps.compressed, 1, steps.prompt, files)
+        m, seen = _decode_ours(model, dev, vocab, steps.compressed, 1, steps.prompt, files)
         stats = ms.offload_stats(model)
         del model
         _free(dev)
+        # the link for the very files this model streamed, read right after: on a virtual disk
+        # freshly written files (the packed ones) were read faster than the older checkpoint
+        # (int4 at 2.65 GB/s against a 1.70 GB/s probe of the checkpoint's shards, Llama-3-8B
+        # widths), so each row's floor uses its own files' rate
+        files_link = _disk_gbps(_files_under(qdir) if scheme is not None else layer_files, direct=True)
         shutil.rmtree(qdir, ignore_errors=True)
         rows.append(
             make.compressed(
@@ -384,7 +401,8 @@ def _compressed_rows(
                 m,
                 nbytes,
                 unc_bytes,
-                compute_ms=compute_ms,
+                files_link_gbps=files_link,
+                **seen,
                 streamed_bytes=int(stats["streamed_bytes"]),
                 num_slots=int(stats["num_slots"]),
             )
@@ -460,16 +478,13 @@ def run_stream_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
             disk_runs.append(_disk_gbps(layer_files, direct=True))
         else:
             torch.cuda.reset_peak_memory_stats(dev)
-        l0 = ms.offload_stats(model)["bytes_loaded"]
         dfiles = layer_files if storage == "disk" else None
-        m1, c1 = _decode_ours(model, dev, vocab, steps.batch1, 1, steps.prompt, dfiles)
-        loaded_per_forward = (ms.offload_stats(model)["bytes_loaded"] - l0) / (steps.batch1 + 2)
+        m1, seen = _decode_ours(model, dev, vocab, steps.batch1, 1, steps.prompt, dfiles)
         ours.append(
             make.decode(
                 m1,
                 per_step,
-                compute_ms=c1,
-                loaded_bytes_per_forward=loaded_per_forward,
+                **seen,
                 storage=storage,
                 num_slots=int(s0["num_slots"]),
             )
@@ -482,10 +497,8 @@ def run_stream_suite(cfg: BenchConfig, dtype: torch.dtype) -> list[Row]:
         for b in steps.batches:
             if b == 1:
                 continue
-            m, c = _decode_ours(model, dev, vocab, steps.batched, b, steps.prompt, dfiles)
-            ours.append(
-                make.decode(m, per_step, b, compute_ms=c, storage=storage, num_slots=int(s0["num_slots"]))
-            )
+            m, seen = _decode_ours(model, dev, vocab, steps.batched, b, steps.prompt, dfiles)
+            ours.append(make.decode(m, per_step, b, **seen, storage=storage, num_slots=int(s0["num_slots"])))
         del model
         _free(dev)
 
