@@ -579,14 +579,6 @@ def plot_expert_cache(data: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def _once(seen: set[str], label: str) -> str | None:
-    """``label`` the first time, None after: one legend entry per label."""
-    if label in seen:
-        return None
-    seen.add(label)
-    return label
-
-
 def plot_stream(data: dict, path: str | Path) -> None:
     """The stream suite at a glance, one row of panels per dtype. Left: decode tokens/s (all
     sequences; bars, log scale, each with its value) of moestream and accelerate at every batch,
@@ -600,6 +592,8 @@ def plot_stream(data: dict, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     rows = [r for r in data["rows"] if r["suite"] == "stream"]
     dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rows))
@@ -630,13 +624,17 @@ def plot_stream(data: dict, path: str | Path) -> None:
             OrderedDict.fromkeys((r["op"], r["tokens"]) for r in timed),
             key=lambda g: (g[0] != "decode", g[1]),
         )
-        seen: set[str] = set()  # legend labels of this panel, each given once (see _once)
+        impls: list[str] = []  # of this panel, for its legend
+        any_bad = False
         for gi, (op, batch) in enumerate(groups):
             grp = [r for r in timed if r["op"] == op and r["tokens"] == batch]
             width = 0.8 / len(grp)
             for ii, r in enumerate(grp):
                 x = gi - 0.4 + width * (ii + 0.5)
                 tps, bad, p = r["tokens_per_s"], shaky(r), r.get("params") or {}
+                any_bad |= bad
+                if r["impl"] not in impls:
+                    impls.append(r["impl"])
                 ax.bar(
                     x,
                     tps,
@@ -644,7 +642,6 @@ def plot_stream(data: dict, path: str | Path) -> None:
                     color=color(r["impl"]),
                     hatch="//" if bad else None,
                     alpha=0.5 if bad else 1.0,
-                    label=_once(seen, r["impl"]),
                 )
                 ax.text(
                     x, tps * 1.08, f"{tps:.3g}" + ("?" if bad else ""), ha="center", va="bottom", fontsize=7
@@ -656,7 +653,6 @@ def plot_stream(data: dict, path: str | Path) -> None:
                         x + width * 0.45,
                         colors="black",
                         linewidth=2,
-                        label=_once(seen, floor_label),
                     )
                 if p.get("compute_ms"):
                     ax.hlines(
@@ -666,7 +662,6 @@ def plot_stream(data: dict, path: str | Path) -> None:
                         colors="dimgray",
                         linestyles="dashed",
                         linewidth=1.5,
-                        label=_once(seen, compute_label),
                     )
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(
@@ -684,7 +679,24 @@ def plot_stream(data: dict, path: str | Path) -> None:
         if groups:
             lo, hi = ax.get_ylim()
             ax.set_ylim(lo, hi * 2.0)  # room for the value labels
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
+            # proxies, so that an entry never takes the look of an unreliable (hatched) bar
+            handles = [Patch(color=color(i), label=i) for i in impls]
+            handles += [
+                Line2D([], [], color="black", linewidth=2, label=floor_label),
+                Line2D([], [], color="dimgray", linestyle="dashed", linewidth=1.5, label=compute_label),
+            ]
+            if any_bad:
+                handles.append(
+                    Patch(facecolor="white", edgecolor="black", hatch="//", label="unreliable (?)")
+                )
+            ax.legend(
+                handles=handles,
+                fontsize=7,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.13),
+                ncol=3,
+                frameon=False,
+            )
         else:
             ax.text(0.5, 0.5, "no decode rows", ha="center", va="center", transform=ax.transAxes)
 
