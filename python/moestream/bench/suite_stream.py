@@ -293,7 +293,17 @@ class Steps:
 
     @staticmethod
     def for_run(quick: bool) -> Steps:
-        return Steps(3, 2, 2, 2, 1, 8, QUICK_BATCHES) if quick else Steps()
+        if not quick:
+            return Steps()
+        return Steps(
+            batch1=3,
+            compressed=2,
+            batched=2,
+            baseline1=2,
+            baseline_batched=1,
+            prompt=8,
+            batches=QUICK_BATCHES,
+        )
 
 
 def _decode(
