@@ -72,7 +72,7 @@ def test_stream_suite_tiny_real_run(tmp_path):
     rc, text = run_cli(CLI + ["--suite", "stream", "--json", str(path)])
     assert rc == 0, text
     _, rows = rows_of(path, "stream")
-    by = {(r["op"], r["impl"]): r for r in rows}
+    by = {(r["op"], r["impl"]): r for r in rows if r["tokens"] in (0, 1)}
     assert by[("link", "disk O_DIRECT")]["role"] == "ceiling"
     assert by[("link", "disk O_DIRECT")]["gbps"] > 0
     st = by[("streamer", "moestream (disk)")]
@@ -84,6 +84,40 @@ def test_stream_suite_tiny_real_run(tmp_path):
     assert dec["speedup"]["accelerate.disk_offload"] == pytest.approx(base["median_ms"] / dec["median_ms"])
     assert dec["ceiling_fraction"] == pytest.approx(dec["params"]["floor_ms"] / dec["median_ms"])
     assert "stream / decode / float32 / T=1" in text
+    # throughput: every batch, ours and accelerate's, each against the other at the same batch
+    for b in suite_stream.QUICK_BATCHES:  # --quick: batch 1 and 32
+        grp = {r["impl"]: r for r in rows if r["op"] == "decode" and r["tokens"] == b}
+        assert set(grp) == {"moestream", "accelerate.disk_offload"}, b
+        ours = grp["moestream"]
+        assert ours["status"] == "ok" and ours["params"]["batch"] == b
+        assert ours["tokens_per_s"] == pytest.approx(b / (ours["median_ms"] * 1e-3))
+        assert ours["params"]["bytes_per_step"] == dec["params"]["bytes_per_step"] > 0
+        assert "accelerate.disk_offload" in ours["speedup"]
+        assert f"stream / decode / float32 / T={b}" in text
+    # compressed: the bytes streamed per step are the packed ones
+    comp = {r["impl"]: r for r in rows if r["op"] == "compressed_decode"}
+    assert set(comp) == {"moestream", "moestream int8", "moestream int4"}
+    plain = comp["moestream"]["params"]["bytes_per_step"]
+    assert plain == dec["params"]["bytes_per_step"]
+    i8, i4 = comp["moestream int8"]["params"], comp["moestream int4"]["params"]
+    # the layers' linears compressed, their norms not: between the pure ratios and 1
+    assert (
+        plain / 4 < i8["bytes_per_step"] < plain and plain / 8 < i4["bytes_per_step"] < i8["bytes_per_step"]
+    )
+    assert i4["bytes_ratio"] == pytest.approx(plain / i4["bytes_per_step"])
+    assert i4["loaded_bytes_per_step"] < comp["moestream"]["params"]["loaded_bytes_per_step"]
+    for r in comp.values():
+        assert (
+            r["status"] == "ok"
+            and r["params"]["compute_ms"] > 0
+            and r["params"]["bound_by"] in ("link", "compute")
+        )
+        p = r["params"]
+        # measured bytes moved per step: the packed ones, at most every streamed unit's
+        assert 0 < p["loaded_bytes_per_step"] <= p["bytes_per_step"]
+        assert p["floor_ms"] == pytest.approx(p["loaded_bytes_per_step"] / (p["link_gbps"] * 1e6))
+        assert p["link_gbps"] == p["files_link_gbps"] > 0
+    assert set(comp["moestream int4"]["speedup"]) == {"moestream"}
 
 
 def test_expert_cache_suite_tiny_real_run(tmp_path, monkeypatch):
@@ -187,13 +221,21 @@ def _fake_stream(cfg, dtype):
     make = suite_stream.StreamRows(cfg.shape.name, dtype, cfg.device, model="x/6L")
     ours = [
         make.streamer("disk", 1.5, "fake"),
-        make.decode(_times(10.0), bytes_per_token=16_000_000),
+        make.decode(_times(10.0), bytes_per_step=16_000_000),
+        make.decode(_times(20.0), bytes_per_step=16_000_000, batch=32),
     ]
-    suite_stream.judge(ours, 2.0)
+    comp = [  # uncompressed 16 MB per step, int8 8 MB, int4 4 MB; int4's kernels slower than its disk
+        make.compressed(None, _times(10.0), 16_000_000, 16_000_000, compute_ms=1.0),
+        make.compressed("int8", _times(5.0), 8_000_000, 16_000_000, compute_ms=2.0),
+        make.compressed("int4", _times(4.0), 4_000_000, 16_000_000, compute_ms=3.0),
+    ]
+    suite_stream.judge(ours + comp, 2.0)
     return [
         make.link("disk O_DIRECT", 2.0, "fake"),
         *ours,
+        *comp,
         make.baseline("accelerate.disk_offload", _times(30.0)),
+        make.baseline("accelerate.disk_offload", _times(120.0), batch=32),
     ]
 
 
@@ -228,7 +270,7 @@ def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):
             "--suite",
             "all",
             "--op",
-            "decode,link,streamer,qwen3_moe_forward,qwen3_moe_train",
+            "decode,compressed_decode,link,streamer,qwen3_moe_forward,qwen3_moe_train",
             "--json",
             str(a),
         ]
@@ -237,13 +279,32 @@ def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):
     data, stream = rows_of(a, "stream")
     _, model = rows_of(a, "model")
     assert set(data["meta"]["suites"]) >= {"ops", "moe", "model", "stream"}
-    by = {(r["op"], r["impl"]): r for r in stream}
+    by = {(r["op"], r["impl"]): r for r in stream if r["tokens"] in (0, 1)}
     assert set(by) == {
         ("link", "disk O_DIRECT"),
         ("streamer", "moestream (disk)"),
         ("decode", "moestream"),
         ("decode", "accelerate.disk_offload"),
+        ("compressed_decode", "moestream"),
+        ("compressed_decode", "moestream int8"),
+        ("compressed_decode", "moestream int4"),
     }
+    # throughput: batch 32 against accelerate at batch 32, tokens/s of all sequences
+    b32 = {r["impl"]: r for r in stream if r["op"] == "decode" and r["tokens"] == 32}
+    assert b32["moestream"]["speedup"] == {"accelerate.disk_offload": pytest.approx(6.0)}
+    assert b32["moestream"]["tokens_per_s"] == pytest.approx(1600.0)
+    assert b32["moestream"]["params"]["bytes_per_token"] == pytest.approx(16e6 / 32)
+    assert b32["moestream"]["params"]["floor_ms"] == pytest.approx(8.0)  # the same bytes per step
+    # compressed: speedup against the uncompressed model, the packed bytes' floor, what bounds it
+    i4, i8 = by[("compressed_decode", "moestream int4")], by[("compressed_decode", "moestream int8")]
+    assert i4["speedup"] == {"moestream": pytest.approx(2.5)} and i8["speedup"] == {
+        "moestream": pytest.approx(2.0)
+    }
+    assert i4["params"]["bytes_ratio"] == pytest.approx(4.0) and i4["params"]["floor_ms"] == pytest.approx(
+        2.0
+    )
+    assert i4["params"]["bound_by"] == "compute" and i8["params"]["bound_by"] == "link"
+    assert by[("compressed_decode", "moestream")]["role"] == "baseline"
     dec = by[("decode", "moestream")]
     assert dec["speedup"] == {"accelerate.disk_offload": pytest.approx(3.0)}
     assert dec["ceiling_fraction"] == pytest.approx(0.8) and dec["spread"] == pytest.approx(0.16)

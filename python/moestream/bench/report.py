@@ -776,5 +776,164 @@ def plot_expert_cache(data: dict, path: str | Path) -> None:
     _finish(fig, data, "moestream expert cache: decode", path, list(handles.values()), list(handles))
 
 
+def plot_stream(data: dict, path: str | Path) -> None:
+    """The stream suite at a glance, one row of panels per dtype. Left: decode tokens/s (all
+    sequences; bars, log scale, each with its value) of moestream and accelerate at every batch,
+    and of the uncompressed and compressed models at batch 1; over moestream's bars a black tick
+    at the link's floor (the most tokens/s the bytes streamed per step allow) and a dashed one at
+    compute alone (the steps' time not spent waiting for weights). Right: the measured
+    link rates (gray) against what the streamer and each moestream decode row move over the link,
+    with their fraction of it. Unreliable or failed rows are hatched and marked '?'; legends sit
+    below the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = [r for r in data["rows"] if r["suite"] == "stream"]
+    dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(
+        len(dtypes),
+        2,
+        figsize=(14, 5.6 * len(dtypes)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [3, 2]},
+    )
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color_of: dict[str, str] = {}
+
+    def color(impl: str) -> str:
+        return color_of.setdefault(impl, palette[len(color_of) % len(palette)])
+
+    def shaky(r: dict) -> bool:
+        return r["status"] != "ok" or bool(_unreliable(r))
+
+    floor_label, compute_label = (
+        "link floor: bytes per step / link",
+        "compute alone: step time minus its wait for weights",
+    )
+    for (ax, ax_bw), dtype in zip(axes, dtypes):
+        rs = [r for r in rows if r["dtype"] == dtype]
+        timed = [r for r in rs if r["op"] in ("decode", "compressed_decode") and r.get("tokens_per_s")]
+        groups = sorted(
+            OrderedDict.fromkeys((r["op"], r["tokens"]) for r in timed),
+            key=lambda g: (g[0] != "decode", g[1]),
+        )
+        impls: list[str] = []  # of this panel, for its legend
+        any_bad = False
+        for gi, (op, batch) in enumerate(groups):
+            grp = [r for r in timed if r["op"] == op and r["tokens"] == batch]
+            width = 0.8 / len(grp)
+            for ii, r in enumerate(grp):
+                x = gi - 0.4 + width * (ii + 0.5)
+                tps, bad, p = r["tokens_per_s"], shaky(r), r.get("params") or {}
+                any_bad |= bad
+                if r["impl"] not in impls:
+                    impls.append(r["impl"])
+                ax.bar(
+                    x,
+                    tps,
+                    width * 0.9,
+                    color=color(r["impl"]),
+                    hatch="//" if bad else None,
+                    alpha=0.5 if bad else 1.0,
+                )
+                ax.text(
+                    x, tps * 1.08, f"{tps:.3g}" + ("?" if bad else ""), ha="center", va="bottom", fontsize=7
+                )
+                if r["impl"].startswith("moestream") and p.get("floor_ms"):
+                    ax.hlines(
+                        batch / (p["floor_ms"] * 1e-3),
+                        x - width * 0.45,
+                        x + width * 0.45,
+                        colors="black",
+                        linewidth=2,
+                    )
+                if p.get("compute_ms"):
+                    ax.hlines(
+                        batch / (p["compute_ms"] * 1e-3),
+                        x - width * 0.45,
+                        x + width * 0.45,
+                        colors="dimgray",
+                        linestyles="dashed",
+                        linewidth=1.5,
+                    )
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(
+            [
+                f"batch {b}" if op == "decode" else f"batch {b}, from disk:\n{dtype} vs int8 / int4"
+                for op, b in groups
+            ],
+            fontsize=8,
+        )
+        ax.set_yscale("log")
+        ax.set_ylabel("decode tokens/s, all sequences (log)")
+        model = (rs[0].get("params") or {}).get("model", "") if rs else ""
+        ax.set_title(f"{dtype}: offloaded decode, {model}", fontsize=9)
+        ax.grid(True, axis="y", which="major", alpha=0.3)
+        if groups:
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi * 2.0)  # room for the value labels
+            # proxies, so that an entry never takes the look of an unreliable (hatched) bar
+            handles = [Patch(color=color(i), label=i) for i in impls]
+            handles += [
+                Line2D([], [], color="black", linewidth=2, label=floor_label),
+                Line2D([], [], color="dimgray", linestyle="dashed", linewidth=1.5, label=compute_label),
+            ]
+            if any_bad:
+                handles.append(
+                    Patch(facecolor="white", edgecolor="black", hatch="//", label="unreliable (?)")
+                )
+            ax.legend(
+                handles=handles,
+                fontsize=7,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.13),
+                ncol=3,
+                frameon=False,
+            )
+        else:
+            ax.text(0.5, 0.5, "no decode rows", ha="center", va="center", transform=ax.transAxes)
+
+        # bandwidths: the link rows (gray) and what moestream moves over it
+        bars: list[tuple[str, float, str, dict]] = []
+        for r in rs:
+            if not r.get("gbps") or r["status"] != "ok":
+                continue
+            if r["op"] == "link":
+                bars.append((f"link: {r['impl']}", r["gbps"], "lightgray", r))
+            elif r["op"] == "streamer":
+                bars.append((f"streamer: {r['impl']}, no compute", r["gbps"], "gray", r))
+            elif r["op"] == "decode" and r["impl"].startswith("moestream"):
+                bars.append((f"decode, batch {r['tokens']}", r["gbps"], color(r["impl"]), r))
+            elif r["op"] == "compressed_decode":
+                what = (r.get("params") or {}).get("compress") or dtype
+                bars.append((f"decode from disk, {what}", r["gbps"], color(r["impl"]), r))
+        ys = list(range(len(bars)))[::-1]
+        top = max([b[1] for b in bars] or [1.0])
+        for y, (_, gbps, c, r) in zip(ys, bars):
+            bad = shaky(r)
+            ax_bw.barh(y, gbps, color=c, height=0.7, hatch="//" if bad else None, alpha=0.5 if bad else 1.0)
+            frac = r.get("ceiling_fraction") if r["op"] != "link" else None
+            note = f"{gbps:.2f} GB/s" + (f", {100 * frac:.0f}% of link" if frac is not None else "")
+            ax_bw.text(gbps + top * 0.01, y, note + ("?" if bad else ""), va="center", fontsize=7)
+        ax_bw.set_yticks(ys)
+        ax_bw.set_yticklabels([b[0] for b in bars], fontsize=7)
+        ax_bw.set_xlim(0, top * 1.5)
+        ax_bw.set_xlabel("GB/s (decode: bytes streamed per step / time per step)", fontsize=8)
+        ax_bw.set_title(f"{dtype}: the link and what moestream moves over it", fontsize=9)
+        ax_bw.grid(True, axis="x", alpha=0.3)
+    if not dtypes:
+        axes[0][0].text(0.5, 0.5, "no stream rows", ha="center", va="center")
+    m = data["meta"]
+    fig.suptitle(f"moestream stream suite on {m.get('device_name')} ({m.get('date')})", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # suite -> its picture (suites without an entry: plot_timed)
-PLOTTERS = {"model": plot_model, "ep": plot_ep, "expert_cache": plot_expert_cache}
+PLOTTERS = {"model": plot_model, "ep": plot_ep, "expert_cache": plot_expert_cache, "stream": plot_stream}

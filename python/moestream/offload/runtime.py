@@ -65,6 +65,26 @@ class OffloadState:
             self._entered.depth = depth - 1
             self._lock.release()
 
+    def _kv_cache(self, module: nn.Module, args, kwargs) -> None:
+        """transformers' offloaded KV cache (``generate(..., cache_implementation="offloaded")``)
+        moves each layer's keys and values to host memory between uses and back on a CUDA side
+        stream; its ``update`` calls ``torch.cuda`` unconditionally, so on a CPU model it fails
+        ("Torch not compiled with CUDA enabled") although the cache already lives in host memory
+        there. On CPU its offloading is turned off: the same cache, the same tokens, nothing to move.
+        On CUDA it is left as it is (its side stream and ours are independent)."""
+        if self.device.type != "cpu":
+            return
+        # "cache" since transformers 5.2x, "past_key_values" before
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        for c in (
+            cache,
+            getattr(cache, "self_attention_cache", None),
+            getattr(cache, "cross_attention_cache", None),
+        ):
+            if getattr(c, "offloading", False) is True:
+                c.offloading = False
+        return
+
     def _pre(self, idx: int, module: nn.Module, args) -> None:
         u = self.units[idx]
         self._lock.acquire()
@@ -112,6 +132,7 @@ class OffloadState:
             self.cache.bind(list(expert_modules), list(routers), list(dense) or [False] * len(expert_modules))
             self._cache_modules = [weakref.ref(m) for m in expert_modules]
         self.handles.append(model.register_forward_pre_hook(self._enter))
+        self.handles.append(model.register_forward_pre_hook(self._kv_cache, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._exit, always_call=True))
         for i, m in enumerate(unit_modules):
             self.handles.append(m.register_forward_pre_hook(functools.partial(self._pre, i)))
