@@ -436,7 +436,7 @@ def _impl_colors(impls) -> dict[str, str]:
 def _finish(fig, data: dict, title: str, path: str | Path, handles=None, labels=None) -> None:
     """Title, one legend for the whole picture below the panels (never over the data), save."""
     m = data["meta"]
-    fig.suptitle(f"{title} on {m.get('device_name')} ({m.get('date')})", fontsize=10)
+    fig.suptitle(f"{title} on {m.get('device_name')} ({str(m.get('date'))[:10]})", fontsize=10, wrap=True)
     rect_bottom = 0.0
     if handles:
         ncol = min(len(handles), 4)
@@ -928,7 +928,7 @@ def plot_stream(data: dict, path: str | Path) -> None:
     if not dtypes:
         axes[0][0].text(0.5, 0.5, "no stream rows", ha="center", va="center")
     m = data["meta"]
-    fig.suptitle(f"moestream stream suite on {m.get('device_name')} ({m.get('date')})", fontsize=10)
+    fig.suptitle(f"moestream stream suite on {m.get('device_name')} ({str(m.get('date'))[:10]})", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
