@@ -1,6 +1,7 @@
 """Weight streaming end to end: greedy generation with offloaded transformers models must give exactly
 the tokens of the same model without offloading (several families, storage cpu and disk, prefetch 1
-and 3), checkpoints streamed in place, budgets, errors and memory release."""
+and 3), checkpoints streamed in place, budgets, errors and memory release,
+and transformers' offloaded KV cache."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import warnings
 import moestream as ms
 import pytest
 import torch
+from conftest import cuda
 from moestream import _C, testing
 from moestream.offload import get_state
 
@@ -41,7 +43,7 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
     return m
 
 
-def generate(model, ids):
+def generate(model, ids, **kwargs):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(
@@ -51,6 +53,7 @@ def generate(model, ids):
             min_new_tokens=NEW_TOKENS,
             do_sample=False,
             pad_token_id=0,
+            **kwargs,
         )
 
 
@@ -335,3 +338,71 @@ def test_forwards_from_several_threads_are_serialised(storage, prefetch):
             ),
         )
     assert ms.offload_stats(model)["acquires"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' offloaded KV cache (generate(..., cache_implementation="offloaded")) on an offloaded
+# model: the same tokens as the default cache and as the model without offloading. Its `update`
+# calls torch.cuda unconditionally, so on a CPU-only torch it fails even without moestream; on a CPU
+# model moestream turns its offloading off (the cache already lives in host memory); on CUDA it runs
+# as transformers wrote it (the CUDA test is skipped without a GPU: unverified here).
+
+
+def prompt(device: str, batch: int = 2) -> torch.Tensor:
+    return torch.randint(3, 96, (batch, 7), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_offloaded_kv_cache_same_tokens_cpu(storage, tmp_path):
+    base = build("llama")
+    ids = prompt("cpu")
+    ref = generate(base, ids)
+    model = copy.deepcopy(base)
+    ms.offload(model, device="cpu", storage=storage, offload_dir=str(tmp_path / "off"), prefetch=2)
+    out = generate(model, ids, cache_implementation="offloaded", return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert torch.equal(generate(model, ids), ref)  # the default cache, on the same streamed model
+    # the cache transformers built was the offloaded one, with its offloading off on the CPU
+    cache = out.past_key_values
+    assert type(cache).__name__ == "DynamicCache" and cache.offloading is False
+    assert all(layer.keys.device.type == "cpu" for layer in cache.layers)
+    st = ms.offload_stats(model)
+    assert st["num_slots"] < st["units"] == LAYERS  # the weights really streamed
+
+
+def test_offloaded_kv_cache_load_offloaded_cpu(tmp_path):
+    base = build("llama", seed=3)
+    ids = prompt("cpu", batch=1)
+    ref = generate(base, ids)
+    base.save_pretrained(tmp_path)
+    model = ms.load_offloaded(tmp_path, device="cpu", storage="disk", prefetch=1)
+    assert torch.equal(generate(model, ids, cache_implementation="offloaded"), ref)
+
+
+def test_cpu_model_without_offloading_is_not_changed():
+    """Only offloaded models get the CPU fallback: moestream patches nothing in transformers."""
+    model = build("llama")
+    ids = prompt("cpu", batch=1)
+    try:
+        generate(model, ids, cache_implementation="offloaded")
+    except (AssertionError, RuntimeError) as e:  # transformers' own failure on a CPU-only torch
+        assert "CUDA" in str(e)
+    else:
+        assert torch.cuda.is_available(), "transformers' offloaded cache ran on a CPU-only torch"
+
+
+@cuda
+@pytest.mark.cuda
+def test_offloaded_kv_cache_same_tokens_cuda(tmp_path):
+    """Unverified without a GPU: the CUDA path as transformers wrote it, on a streamed model."""
+    base = build("llama")
+    ids = prompt("cuda")
+    ref = generate(copy.deepcopy(base).to("cuda"), ids)
+    model = ms.offload(copy.deepcopy(base), device="cuda", storage="cpu", prefetch=2)
+    out = generate(model, ids, cache_implementation="offloaded", return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert torch.equal(generate(model, ids), ref)
+    cache = out.past_key_values
+    assert cache.offloading is True
+    # between uses the layers' keys and values live in host memory (one may be prefetched back)
+    assert sum(layer.keys.device.type == "cpu" for layer in cache.layers) >= LAYERS - 1

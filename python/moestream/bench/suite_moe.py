@@ -68,17 +68,6 @@ def _args(inp: dict) -> tuple:
     )
 
 
-def _kw(cfg: BenchConfig) -> dict:
-    s = cfg.shape
-    return {
-        "kind": s.kind,
-        "layout": s.layout,
-        "transpose_b": s.transpose_b,
-        "alpha": s.alpha,
-        "limit": s.limit,
-    }
-
-
 def _fwd(fn):
     def run():
         with torch.no_grad():
@@ -171,7 +160,7 @@ def _transformers(implementation: str, backward: bool):
 def _experts_case(cfg: BenchConfig, dtype: torch.dtype, T: int, backward: bool) -> Case:
     s, dev = cfg.shape, cfg.device
     E, k, H, I = s.num_experts, s.top_k, s.hidden, s.intermediate
-    kw = _kw(cfg)
+    kw = W.experts_kwargs(cfg.shape)
     tol = testing.bench_tolerance(dtype)
 
     def ref(inp):

@@ -68,21 +68,10 @@ def _make_inputs(cfg: BenchConfig, dtype: torch.dtype, T: int, scheme: Q.QuantSc
     return make
 
 
-def _kw(cfg: BenchConfig) -> dict:
-    s = cfg.shape
-    return {
-        "kind": s.kind,
-        "layout": s.layout,
-        "transpose_b": s.transpose_b,
-        "alpha": s.alpha,
-        "limit": s.limit,
-    }
-
-
 def _case(cfg: BenchConfig, dtype: torch.dtype, T: int, scheme: Q.QuantScheme) -> Case:
     s, dev = cfg.shape, cfg.device
     E, k, H, I = s.num_experts, s.top_k, s.hidden, s.intermediate
-    kw = _kw(cfg)
+    kw = W.experts_kwargs(cfg.shape)
     tol = testing.bench_tolerance(dtype)
     el = W.itemsize(dtype)
 

@@ -79,6 +79,17 @@ def expert_biases(shape: Shape, dtype, device, g) -> tuple[Tensor | None, Tensor
     return randn((E, 2 * I), dtype, device, g, 0.1), randn((E, H), dtype, device, g, 0.1)
 
 
+def experts_kwargs(shape: Shape) -> dict:
+    """The expert path's keyword arguments of ``ms.moe_experts`` (and the reference) for a shape."""
+    return {
+        "kind": shape.kind,
+        "layout": shape.layout,
+        "transpose_b": shape.transpose_b,
+        "alpha": shape.alpha,
+        "limit": shape.limit,
+    }
+
+
 def expert_param_bytes(shape: Shape, dtype: torch.dtype) -> int:
     """Bytes of one expert's weights (and biases)."""
     H, I = shape.hidden, shape.intermediate
