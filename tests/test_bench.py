@@ -17,7 +17,7 @@ from io import StringIO
 import pytest
 import torch
 from moestream import bench, reference, testing
-from moestream.bench import report
+from moestream.bench import plots, report
 from moestream.bench.__main__ import main
 from moestream.bench.core import Impl, Unavailable
 from moestream.bench.progress import Progress
@@ -618,10 +618,10 @@ def test_plot_picks_a_picture_per_suite(tmp_path):
         for T in (16, 1024)
     ]
     meta = {"device_name": "cpu", "date": "today", "shape": {"name": "s"}}
-    written = report.plot({"meta": meta, "rows": model + ep}, tmp_path / "run.png")
+    written = plots.plot({"meta": meta, "rows": model + ep}, tmp_path / "run.png")
     assert written == [tmp_path / "run-model.png", tmp_path / "run-ep.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
-    assert report.plot({"meta": meta, "rows": ep}, tmp_path / "ep.png") == [tmp_path / "ep.png"]
+    assert plots.plot({"meta": meta, "rows": ep}, tmp_path / "ep.png") == [tmp_path / "ep.png"]
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, cli_result, tmp_path, capsys):

@@ -14,7 +14,7 @@ from io import StringIO
 import pytest
 import torch
 from moestream import bench
-from moestream.bench import report, suite_expert_cache, suite_model, suite_stream
+from moestream.bench import plots, report, suite_expert_cache, suite_model, suite_stream
 from moestream.bench.__main__ import main
 from moestream.bench.timing import Measurement, TimingPolicy, measure
 
@@ -176,7 +176,7 @@ def test_expert_cache_suite_tiny_real_run(tmp_path, monkeypatch):
     assert "expert_cache / decode_zipf / float32 / T=8" in text
     if importlib.util.find_spec("matplotlib"):
         png = tmp_path / "x.png"
-        report.plot(json.loads(path.read_text()), png)
+        plots.plot(json.loads(path.read_text()), png)
         assert png.stat().st_size > 0
 
 
@@ -336,7 +336,7 @@ def test_rows_reach_json_table_compare_and_plot(fakes, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stream/link" in out and "4 GB/s" in out
     if importlib.util.find_spec("matplotlib"):  # plot: rows without a time (link) are left out
-        written = report.plot(data, tmp_path / "p.png")  # one picture per suite
+        written = plots.plot(data, tmp_path / "p.png")  # one picture per suite
         suites = {r["suite"] for r in data["rows"]}
         assert (
             sorted(written) == sorted(tmp_path / f"p-{s}.png" for s in suites)

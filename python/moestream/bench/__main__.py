@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ..cli import quiet_broken_pipe
-from . import report
+from . import plots, report
 from .core import (
     DEFAULT_SUITES,
     KNOWN_SUITES,
@@ -175,7 +175,7 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Be
 
 
 def _plot(data: dict, path: str) -> None:
-    for p in report.plot(data, path):  # one picture per suite
+    for p in plots.plot(data, path):  # one picture per suite
         print(f"plot written to {p}")
 
 
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.plot:
         try:
-            report.require_matplotlib()
-        except report.PlotUnavailable as e:
+            plots.require_matplotlib()
+        except plots.PlotUnavailable as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if args.load:
