@@ -1,8 +1,10 @@
 // The Python extension module moestream._C. Importing it registers every torch.ops.moestream.*
 // operator (static registrars in the kernel files), exposes the kernel tuning (get_tuning /
-// set_tuning, common/tuning.cpp), the streaming engine classes and the disk read probe of the
-// benchmarks.
+// set_tuning, common/tuning.cpp), the streaming engine classes, the disk read probe of the
+// benchmarks and whether the CPU has the int8-activation kernels of the compressed matmuls.
 #include <pybind11/pybind11.h>
+
+#include "quant/quant_cpu.h"
 
 namespace moestream {
 void bind_stream(pybind11::module_& m);
@@ -20,4 +22,6 @@ PYBIND11_MODULE(_C, m) {
   moestream::bind_tuning(m);
   moestream::bind_stream(m);
   moestream::bind_disk_probe(m);
+  m.def("quant_int8_activations", &moestream::quant::a8::available,
+        "whether the CPU runs the compressed matmuls' int8-activation (AVX-512 VNNI) kernels");
 }

@@ -67,7 +67,10 @@ TORCH_LIBRARY(moestream, m) {
   // offsets[-1] are 0 (grouped_mm with transpose_b).
   m.def(
       "qgrouped_mm(Tensor a, Tensor qweight, Tensor scale, Tensor? zero, Tensor offsets, int bits, int group_size, "
-      "Tensor? bias) -> Tensor");
+      "Tensor? bias, str activations=\"auto\") -> Tensor");
   // x [M, K], qweight [N, K*bits/8], scale/zero [N, K/group_size], bias [N] optional -> x @ W^T [M, N].
-  m.def("qlinear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int group_size, Tensor? bias) -> Tensor");
+  // activations: "auto" | "int8" | "float" (how the CPU kernels treat a: quant/quant_cpu.cpp)
+  m.def(
+      "qlinear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int group_size, Tensor? bias, "
+      "str activations=\"auto\") -> Tensor");
 }

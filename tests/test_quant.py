@@ -121,7 +121,7 @@ def test_qgrouped_mm_matches_dequantize_then_matmul(dtype, scheme, symmetric, wi
     _, q, s, z = packed((E, N, K), scheme, symmetric, gs)
     offsets = make_offsets(counts)
     bias = torch.randn(E, N).to(dtype) if with_bias else None
-    out = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, bias)
+    out = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, bias, "float")
     ref64, w64 = dequant_ref(a, q, s, z, bits, gs, offsets, bias)
     assert out.dtype == dtype and out.shape == (M, N)
     ref_lowp = None
@@ -131,7 +131,7 @@ def test_qgrouped_mm_matches_dequantize_then_matmul(dtype, scheme, symmetric, wi
     used = int(offsets[-1])
     assert bool((out[used:] == 0).all())
     # int32 offsets and a second call give the same bits (deterministic)
-    again = ms.ops.qgrouped_mm(a, q, s, z, offsets.int(), bits, gs, bias)
+    again = ms.ops.qgrouped_mm(a, q, s, z, offsets.int(), bits, gs, bias, "float")
     assert torch.equal(out, again)
 
 
@@ -143,7 +143,7 @@ def test_qlinear_matches_dequantize_then_linear(dtype, scheme, symmetric, rows):
     x = torch.randn(rows, 1, K).to(dtype)  # a 3-D input, as in a decoder
     _, q, s, z = packed((N, K), scheme, symmetric, gs)
     bias = torch.randn(N).to(dtype)
-    out = ms.ops.qlinear(x, q, s, z, bits, gs, bias)
+    out = ms.ops.qlinear(x, q, s, z, bits, gs, bias, "float")
     w64 = Q.dequantize(q, s, z, bits, gs, torch.float64)
     ref64 = torch.nn.functional.linear(x.double(), w64, bias.double())
     assert out.shape == (rows, 1, N) and out.dtype == dtype
@@ -157,7 +157,7 @@ def test_qlinear_no_rows_and_non_contiguous():
     assert ms.ops.qlinear(torch.randn(0, K), q, s, z, 4, gs).shape == (0, N)
     x = torch.randn(K, 6).t()  # non-contiguous rows
     w = Q.dequantize(q, s, z, 4, gs)
-    assert_accurate(ms.ops.qlinear(x, q, s, z, 4, gs), x.double() @ w.double().t())
+    assert_accurate(ms.ops.qlinear(x, q, s, z, 4, gs, activations="float"), x.double() @ w.double().t())
 
 
 def test_opcheck():
@@ -168,9 +168,11 @@ def test_opcheck():
         a = torch.randn(7, K)
         offsets = make_offsets([2, 0, 5])
         torch.library.opcheck(ops.qgrouped_mm.default, (a, q, s, z, offsets, bits, gs, torch.randn(E, N)))
-        torch.library.opcheck(ops.qgrouped_mm.default, (a.bfloat16(), q, s, z, offsets.int(), bits, gs, None))
         torch.library.opcheck(
-            ops.qlinear.default, (a, q[0], s[0], None if z is None else z[0], bits, gs, None)
+            ops.qgrouped_mm.default, (a.bfloat16(), q, s, z, offsets.int(), bits, gs, None, "float")
+        )
+        torch.library.opcheck(
+            ops.qlinear.default, (a, q[0], s[0], None if z is None else z[0], bits, gs, None, "float")
         )
 
 
@@ -231,10 +233,10 @@ def test_every_isa_matches(monkeypatch, isa, scheme, symmetric):
         _, q, s, z = packed((len(counts), N, K), scheme, symmetric, gs)
         offsets = make_offsets(counts)
         bias = torch.randn(len(counts), N)
-        out = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, bias)
+        out = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, bias, "float")
         ref64, w64 = dequant_ref(a, q, s, z, bits, gs, offsets, bias)
         assert_accurate(out, ref64, R.grouped_mm(a, w64.bfloat16(), offsets, True, bias.bfloat16()), isa)
-        out32 = ms.ops.qgrouped_mm(a.float(), q, s, z, offsets, bits, gs, bias)
+        out32 = ms.ops.qgrouped_mm(a.float(), q, s, z, offsets, bits, gs, bias, "float")
         assert_accurate(out32, ref64, None, isa)
 
 
@@ -275,7 +277,7 @@ def test_bf16_rows_every_shape_class(monkeypatch, isa, scheme, symmetric, case):
     _, q, s, z = packed((E, N, K), scheme, symmetric, gs)
     offsets = make_offsets(counts)
     bias = torch.randn(E, N).bfloat16()
-    out = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, bias)
+    out = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, bias, "float")
     ref64, _ = dequant_ref(a, q, s, z, bits, gs, offsets, bias)
     used = int(offsets[-1])
     assert out.dtype == torch.bfloat16 and bool((out[used:] == 0).all())
@@ -287,7 +289,7 @@ def test_bf16_rows_every_shape_class(monkeypatch, isa, scheme, symmetric, case):
     # qlinear on the rows of the first group: the same kernels through the other entry point
     rows = a[: max(counts[0], 1)]
     w64 = Q.dequantize(q[0], s[0], None if z is None else z[0], bits, gs, torch.float64)
-    out_l = ms.ops.qlinear(rows, q[0], s[0], None if z is None else z[0], bits, gs, None)
+    out_l = ms.ops.qlinear(rows, q[0], s[0], None if z is None else z[0], bits, gs, None, "float")
     assert bf16_bound(out_l, rows.double() @ w64.t()) <= 1.0
 
 
@@ -300,9 +302,9 @@ def test_bf16_kernel_matches_float32_kernel(monkeypatch):
         bits = Q.SCHEMES[scheme]
         _, q, s, z = packed((E, N, K), scheme, sym, gs)
         offsets = make_offsets([1, 2, 0, 3])
-        native = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, None)
+        native = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, None, "float")
         monkeypatch.setenv("MOESTREAM_QUANT_ISA", "avx512")
-        fp32 = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, None)
+        fp32 = ms.ops.qgrouped_mm(a, q, s, z, offsets, bits, gs, None, "float")
         monkeypatch.delenv("MOESTREAM_QUANT_ISA")
         diff = (native.float() - fp32.float()).abs()
         assert float((diff / (fp32.float().abs() * 2.0**-7 + 1e-3)).max()) <= 1.0, scheme

@@ -1,4 +1,4 @@
-// CPU weight-only int8 / int4 matmuls on the packed group-wise format (python/moestream/quant.py):
+// CPU int8 / int4 matmuls on the packed group-wise format (python/moestream/quant.py):
 //   qgrouped_mm: out[rows of g] = a[rows of g] @ W_g^T (+ bias[g]), W_g [N, K] the packed weight of group g
 //   qlinear:     out = x @ W^T (+ bias), one packed [N, K] weight
 // The full-precision weights are never materialised: a few rows of W at a time are dequantised into
@@ -13,6 +13,10 @@
 //    Both prefetch the packed rows in software.
 //  - many rows: a panel of W (K x P floats, about 256 KiB) is dequantised and multiplied by the
 //    group's rows with ATen's SGEMM (at::cpu::mm_out), panel after panel.
+//  - activations "int8" ("auto" for bfloat16 / float16 a) on AVX-512 VNNI, groups up to kA8Rows
+//    rows: a quantized to int8 per call and VPDPBUSD on the codes (quant_a8_cpu.cpp), which reads
+//    the weights at the memory's speed where the kernels above are bound by their arithmetic. The
+//    rest of this comment is about activations "float" (weight-only), and larger groups.
 // Dequantisation is (code - zero) * scale in float32, exactly as quant.dequantize computes it, so the
 // result equals dequantize-then-matmul up to the order of the float32 sums (fixed for a given ISA and
 // shape: deterministic). AVX-512 and AVX2 versions are chosen at run time (common/cpu_isa.h).
@@ -26,6 +30,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common/checks.h"
@@ -33,6 +38,7 @@
 #include "common/cpu_memory.h"
 #include "grouped_mm/grouped_mm_checks.h"
 #include "quant/quant_checks.h"
+#include "quant/quant_cpu.h"
 
 #if MS_HAVE_X86_SIMD
 #define MS_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
@@ -64,15 +70,7 @@ Isa cpu_isa() {
   return best;
 }
 
-// One packed weight: rows of N, K input elements, codes `bits` wide, G groups of gs per row.
-struct Packed {
-  const uint8_t* q;  // [E, N, K * bits / 8]
-  const float* s;    // [E, N, G]
-  const float* z;    // [E, N, G] or null (symmetric: zero = 2^(bits-1))
-  int bits;
-  int64_t gs, K, N, G;
-  int64_t row_bytes() const { return bits == 4 ? K / 2 : K; }
-};
+using quant::Packed;
 
 // ----------------------------------------------------------------------------------------------
 // dequantising one row: codes [row_bytes], scales [G], zeros [G] -> out [K] float32
@@ -581,6 +579,13 @@ constexpr int64_t kSmallRows = 16;
 // int4 with bfloat16 activations on AVX512-BF16: groups up to this many rows take the VDPBF16PS
 // kernel (no faster than fused_avx512 beyond, slower at 16 rows).
 constexpr int64_t kBf16Rows = 8;
+// int8 activations (quant_a8_cpu.cpp): groups up to this many rows take the VNNI kernels, larger
+// ones the float kernels (the panels). qlinear [M, 2048] x [2048, 2048] group 64, bf16, one thread
+// of the 2-core test VM, ms, int8 activations / float:
+//   rows   16          32          64
+//   int4   2.2 / 4.9   4.5 / 4.8   7.2 / 5.6
+//   int8   3.2 / 4.6   6.1 / 5.1   11.9 / 6.1
+constexpr int64_t kA8Rows = 16;
 // Output columns (rows of W) per work item of the small-row kernels.
 constexpr int64_t kSmallCols = 64;
 
@@ -605,6 +610,8 @@ struct Inputs {
   const c10::BFloat16* ah;  // a in bf16 for the VDPBF16PS kernel (else null), rows of stride ldh
   int64_t ldh;
   const float* asum;  // [M, G] sums of a over each group (the zero points' term), or null
+  const quant::a8::Activations* act;  // a in int8 for the VNNI kernels (groups up to kA8Rows), or null
+  const quant::a8::BlockMap* bm;
 };
 
 // out_f [M, N] float32 (rows past ends[E-1] already zero) <- the groups' products.
@@ -620,7 +627,7 @@ void qmm_run(const Packed& p, const Inputs& in, const std::vector<int64_t>& ends
     const int64_t r0 = start, r1 = ends[g];
     start = ends[g];
     if (r1 <= r0) continue;
-    const int64_t w = r1 - r0 <= small ? kSmallCols : P;
+    const int64_t w = (in.act != nullptr && r1 - r0 <= kA8Rows) || r1 - r0 <= small ? kSmallCols : P;
     for (int64_t n0 = 0; n0 < N; n0 += w) items.push_back({g, r0, r1, n0, std::min(N, n0 + w)});
   }
   if (items.empty()) return;
@@ -641,6 +648,10 @@ void qmm_run(const Packed& p, const Inputs& in, const std::vector<int64_t>& ends
       const Item& it = items[i];
       const int64_t rows = it.r1 - it.r0, cols = it.n1 - it.n0;
       const float* bg = in.bias ? in.bias + it.g * N : nullptr;
+      if (in.act != nullptr && rows <= kA8Rows) {
+        quant::a8::item(p, *in.act, *in.bm, it.g, it.r0, it.r1, it.n0, it.n1, bg, out);
+        continue;
+      }
       if (rows <= small) {
 #if MS_HAVE_X86_SIMD
         if (dp_bf16 && rows <= kBf16Rows) {
@@ -714,7 +725,8 @@ void qmm_run(const Packed& p, const Inputs& in, const std::vector<int64_t>& ends
 
 at::Tensor qmm_common(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor& scale,
                       const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
-                      const std::vector<int64_t>& ends, const c10::optional<at::Tensor>& bias, const QmmDims& d) {
+                      const std::vector<int64_t>& ends, const c10::optional<at::Tensor>& bias, const QmmDims& d,
+                      bool int8_act) {
   const int64_t M = d.M, K = d.K, N = d.N;
   const int64_t used = ends.empty() ? 0 : ends.back();
   auto out_f = cpu::empty_large({M, N}, a.options().dtype(at::kFloat));
@@ -741,12 +753,24 @@ at::Tensor qmm_common(const at::Tensor& a, const at::Tensor& qweight, const at::
       if (zero.has_value()) z = zero->contiguous();
       Packed p{q.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(), z.defined() ? z.const_data_ptr<float>() : nullptr,
                static_cast<int>(bits), group_size, K, N, d.G};
-      int64_t largest = 0;  // rows of the largest group
-      for (int64_t g = 0, start = 0; g < static_cast<int64_t>(ends.size()); start = ends[g], ++g)
+      int64_t largest = 0, smallest = used;  // rows of the largest and smallest non-empty group
+      for (int64_t g = 0, start = 0; g < static_cast<int64_t>(ends.size()); start = ends[g], ++g) {
         largest = std::max(largest, ends[g] - start);
-      Inputs in{nullptr, 0, nullptr, bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, nullptr, 0, nullptr};
+        if (ends[g] > start) smallest = std::min(smallest, ends[g] - start);
+      }
+      Inputs in{};
+      in.bias = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
       at::Tensor ac = a.contiguous(), afb, ahb, asum;
-      if (bf16_in && bits == 4 && isa == Isa::kAvx512Bf16) {
+      quant::a8::Activations act;
+      quant::a8::BlockMap bm;
+      if (int8_act && isa >= Isa::kAvx512 && quant::a8::available() && smallest <= kA8Rows) {
+        quant::a8::quantize_rows(p, ac, used, act);
+        bm = quant::a8::block_map(p);
+        in.act = &act;
+        in.bm = &bm;
+      }
+      const bool float_groups = in.act == nullptr || largest > kA8Rows;  // groups the float kernels take
+      if (float_groups && bf16_in && bits == 4 && isa == Isa::kAvx512Bf16) {
         // bf16 rows for VDPBF16PS, padded by 32 elements when several rows share a weight row (rows
         // 4 KiB apart fall in one L1 set); one row is used as it is
         const int64_t ldh = used > 1 ? K + 32 : K;
@@ -777,8 +801,9 @@ at::Tensor qmm_common(const at::Tensor& a, const at::Tensor& qweight, const at::
           in.asum = asum.const_data_ptr<float>();
         }
       }
-      if (bf16_in && cpu::lowp_native(at::kBFloat16) && isa >= Isa::kAvx512) in.ab = ac.const_data_ptr<c10::BFloat16>();
-      if (in.ah == nullptr || largest > kBf16Rows) {
+      if (float_groups && bf16_in && cpu::lowp_native(at::kBFloat16) && isa >= Isa::kAvx512)
+        in.ab = ac.const_data_ptr<c10::BFloat16>();
+      if (float_groups && (in.ah == nullptr || largest > kBf16Rows)) {
         // a in float32 with rows padded by 16 floats (the float32 kernels; the panels without bf16)
         const int64_t lda = K + 16;
         afb = at::empty({M, lda}, a.options().dtype(at::kFloat));
@@ -792,25 +817,36 @@ at::Tensor qmm_common(const at::Tensor& a, const at::Tensor& qweight, const at::
   return a.scalar_type() == at::kFloat ? out_f : out_f.to(a.scalar_type());
 }
 
+// activations: "float" (weight-only: a as it is), "int8" (a quantized per call, the VNNI kernels:
+// quant_a8_cpu.cpp) or "auto" (int8 for bfloat16 / float16 a, whose own rounding is of the same
+// order; float for float32). int8 takes effect where the CPU has AVX-512 VNNI (and
+// MOESTREAM_QUANT_ISA does not cap it below avx512); elsewhere the float kernels run.
+bool int8_activations(const at::Tensor& a, c10::string_view activations, const char* op) {
+  MS_CHECK(activations == "auto" || activations == "int8" || activations == "float", op,
+           "activations must be 'auto', 'int8' or 'float', got '", std::string(activations), "'");
+  if (activations == "auto") return a.scalar_type() != at::kFloat;
+  return activations == "int8";
+}
+
 at::Tensor qgrouped_mm_cpu(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor& scale,
                            const c10::optional<at::Tensor>& zero, const at::Tensor& offsets, int64_t bits,
-                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
+                           int64_t group_size, const c10::optional<at::Tensor>& bias, c10::string_view activations) {
   // a [M, K] rows sorted by group; qweight uint8 [E, N, K*bits/8]; scale (zero) float32 [E, N, K/gs];
   // offsets [E] cumulative row ends; bias [E, N] -> out [M, N] in a's dtype, rows past offsets[-1] zero.
   constexpr const char* op = "qgrouped_mm";
   const QmmDims d = check_qmm_args(a, qweight, scale, zero, bits, group_size, bias, op, 1, "a");
   check_same_device(a, offsets, op, "a", "offsets");
   const auto ends = check_offsets(offsets, d.E, d.M, op, "a", /*read_values=*/true);
-  return qmm_common(a, qweight, scale, zero, bits, group_size, ends, bias, d);
+  return qmm_common(a, qweight, scale, zero, bits, group_size, ends, bias, d, int8_activations(a, activations, op));
 }
 
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias, c10::string_view activations) {
   // x [M, K]; qweight uint8 [N, K*bits/8]; scale (zero) float32 [N, K/gs]; bias [N] -> [M, N] in x's dtype.
   constexpr const char* op = "qlinear";
   const QmmDims d = check_qmm_args(x, qweight, scale, zero, bits, group_size, bias, op, 0, "x");
-  return qmm_common(x, qweight, scale, zero, bits, group_size, {d.M}, bias, d);
+  return qmm_common(x, qweight, scale, zero, bits, group_size, {d.M}, bias, d, int8_activations(x, activations, op));
 }
 
 }  // namespace

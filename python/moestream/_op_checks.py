@@ -389,3 +389,18 @@ def _check_gated_activation_backward_args(grad, x, kind, layout) -> None:
             f"[{', '.join(map(str, want))}], got shape {_shape(grad)} (x has shape {_shape(x)})"
         ),
     )
+
+
+# compressed matmuls (csrc/quant/quant_cpu.cpp) -------------------------------------------------
+
+#: How the CPU compressed matmuls treat their activations: "float" as they are (weight-only),
+#: "int8" quantized per call and group (the AVX-512 VNNI kernels), "auto" int8 for bfloat16 and
+#: float16 activations, float for float32.
+ACTIVATIONS = ("auto", "int8", "float")
+
+
+def _check_activations(op: str, activations: str) -> None:
+    _Checks(op).check(
+        activations in ACTIVATIONS,
+        lambda: f"activations must be 'auto', 'int8' or 'float', got '{activations}'",
+    )

@@ -11,10 +11,12 @@ import torch
 from torch import Tensor
 
 from . import _C, pipeline
-from ._op_checks import (  # noqa: F401 (KINDS, LAYOUTS, SCORES: part of ops' namespace)
+from ._op_checks import (  # noqa: F401 (ACTIVATIONS, KINDS, LAYOUTS, SCORES: part of ops' namespace)
+    ACTIVATIONS,
     KINDS,
     LAYOUTS,
     SCORES,
+    _check_activations,
     _check_experts_args,
     _check_gated_activation_args,
     _check_gated_activation_backward_args,
@@ -249,6 +251,7 @@ def qgrouped_mm(
     bits: int,
     group_size: int,
     bias: Tensor | None = None,
+    activations: str = "auto",
 ) -> Tensor:
     """Grouped matmul on compressed weights: a [M, K] (float32, bfloat16 or float16) with rows
     sorted by group, packed weights qweight uint8 [E, N, K] (int8) or [E, N, K/2] (int4), scale
@@ -257,15 +260,22 @@ def qgrouped_mm(
     rows past offsets[-1] zero. ``grouped_mm(a, dequantize(...), offsets, transpose_b=True, bias)``
     without materialising the dequantised weights (see :mod:`moestream.quant` for the format).
 
+    ``activations`` (CPU): ``"float"`` uses a as it is (weight-only); ``"int8"`` quantizes a per
+    row and weight group to int8 (scale max|a| / 127) and multiplies in int32 (AVX-512 VNNI; the
+    result is ``dequantize(W) @ dequantized int8 a``, about 0.5% from the exact product); ``"auto"``
+    is int8 for bfloat16 / float16 a and float for float32 a. Where the CPU has no AVX-512 VNNI,
+    int8 runs the float kernels.
+
     Inference only: asking for a gradient raises. On CPU a native kernel; on other devices (no
     kernel yet) the weights of the call are dequantised and :func:`grouped_mm` runs (unverified on
-    CUDA)."""
+    CUDA; ``activations`` has no effect there)."""
     if a.device.type != "cpu":
+        _check_activations("qgrouped_mm", activations)
         from .quant import dequantize
 
         w = dequantize(qweight, scale, zero, bits, group_size, a.dtype)
         return grouped_mm(a, w, offsets, True, bias)
-    return _ops.qgrouped_mm(a, qweight, scale, zero, offsets, bits, group_size, bias)
+    return _ops.qgrouped_mm(a, qweight, scale, zero, offsets, bits, group_size, bias, activations)
 
 
 def qlinear(
@@ -276,23 +286,28 @@ def qlinear(
     bits: int,
     group_size: int,
     bias: Tensor | None = None,
+    activations: str = "auto",
 ) -> Tensor:
     """``F.linear(x, W, bias)`` on a compressed weight W [N, K]: x [..., K] -> [..., N] in x's dtype;
-    qweight uint8 [N, K] (int8) or [N, K/2] (int4), scale / zero float32 [N, K/group_size], bias [N].
-    Inference only; on other devices than the CPU the weight is dequantised first (unverified)."""
+    qweight uint8 [N, K] (int8) or [N, K/2] (int4), scale / zero float32 [N, K/group_size], bias [N];
+    ``activations`` as in :func:`qgrouped_mm`. Inference only; on other devices than the CPU the
+    weight is dequantised first (unverified)."""
     if x.device.type != "cpu":
+        _check_activations("qlinear", activations)
         from .quant import dequantize
 
         w = dequantize(qweight, scale, zero, bits, group_size, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     lead = x.shape[:-1]
-    out = _ops.qlinear(x.reshape(-1, x.shape[-1]), qweight, scale, zero, bits, group_size, bias)
+    out = _ops.qlinear(x.reshape(-1, x.shape[-1]), qweight, scale, zero, bits, group_size, bias, activations)
     return out.view(*lead, out.shape[-1])
 
 
 def _qgrouped_mm_packed(a: Tensor, w, offsets: Tensor, transpose_b: bool, bias: Tensor | None) -> Tensor:
     # the pipeline's grouped_mm on a moestream.quant.PackedWeight (always [E, N, K]: transpose_b is moot)
-    return qgrouped_mm(a, w.qweight, w.scale, w.zero, offsets, w.bits, w.group_size, bias)
+    return qgrouped_mm(
+        a, w.qweight, w.scale, w.zero, offsets, w.bits, w.group_size, bias, getattr(w, "activations", "auto")
+    )
 
 
 #: The expert pipeline's op set for compressed experts (pipeline.Experts holding PackedWeights).
@@ -396,11 +411,13 @@ def _register_fakes() -> None:
         return torch.empty_like(x)  # the kernels keep x's strides
 
     @reg("moestream::qgrouped_mm")
-    def _(a, qweight, scale, zero, offsets, bits, group_size, bias):
+    def _(a, qweight, scale, zero, offsets, bits, group_size, bias, activations="auto"):
+        _check_activations("qgrouped_mm", activations)
         return a.new_empty((a.shape[0], qweight.shape[1]))
 
     @reg("moestream::qlinear")
-    def _(x, qweight, scale, zero, bits, group_size, bias):
+    def _(x, qweight, scale, zero, bits, group_size, bias, activations="auto"):
+        _check_activations("qlinear", activations)
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
 

@@ -172,6 +172,23 @@ def grouped_mm(
     return out.to(a.dtype)
 
 
+def int8_activations(a: Tensor, group_size: int) -> Tensor:
+    """What the CPU compressed matmuls multiply with ``activations="int8"``: a [M, K] quantized per
+    row and group of ``group_size`` elements to int8 with the scale max|a| / 127 (in float32, round
+    half to even) and dequantized, in float64. A group with a NaN or an infinity gets a non-finite
+    scale, so its row's results are not finite."""
+    M, K = a.shape
+    x = a.float().reshape(M, K // group_size, group_size)
+    amax = x.abs().amax(-1, keepdim=True)
+    amax = torch.where(torch.isnan(x).any(-1, keepdim=True), torch.full_like(amax, float("nan")), amax)
+    ok = (amax > 0) & torch.isfinite(amax)
+    # tensors divided by tensors: one rounding, as the kernels compute them (a division by a
+    # Python scalar may be a multiplication by its reciprocal: two)
+    inv = torch.where(ok, torch.full_like(amax, 127.0) / torch.where(ok, amax, torch.ones_like(amax)), 0.0)
+    q = torch.round(torch.nan_to_num(x * inv, nan=-128.0)).clamp(-128, 127)
+    return (q.double() * (amax / torch.full_like(amax, 127.0)).double()).reshape(M, K)
+
+
 def gated_activation(
     x: Tensor, kind: str = "swiglu", layout: str = "concat", alpha: float = 1.702, limit: float = 7.0
 ) -> Tensor:

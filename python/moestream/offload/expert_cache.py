@@ -54,11 +54,21 @@ class _Packed:
     zero: Tensor | None
     bits: int
     group_size: int
+    owner: nn.Module | None = None  # the PackedWeight these are the buffers of (its `activations`)
+
+    @property
+    def activations(self) -> str:
+        return getattr(self.owner, "activations", "auto")
 
     def index_select(self, sel: Tensor) -> _Packed:
         z = None if self.zero is None else self.zero.index_select(0, sel)
         return _Packed(
-            self.qweight.index_select(0, sel), self.scale.index_select(0, sel), z, self.bits, self.group_size
+            self.qweight.index_select(0, sel),
+            self.scale.index_select(0, sel),
+            z,
+            self.bits,
+            self.group_size,
+            self.owner,
         )
 
 
@@ -215,6 +225,7 @@ class ExpertCache:
                         views.get(f"{w}.zero"),
                         getattr(m, w).bits,
                         getattr(m, w).group_size,
+                        getattr(m, w),
                     )
                     for w in (c.w1, c.w2)
                 )
