@@ -503,17 +503,20 @@ def quant_accuracy(
     seed: int = 0,
     batch: int = 2,
     seq: int = 16,
+    activations: str = "auto",
 ) -> dict:
     """A random ``family`` model (``size``; default :data:`QUANT_SIZES`) against the same model
-    after ``moestream.quant.quantize_model``: for each decoder layer the relative error of its output
+    after ``moestream.quant.quantize_model`` (CPU kernels' ``activations``: see
+    ``moestream.quant.set_activations``): for each decoder layer the relative error of its output
     hidden states (end to end: the quantized model's own earlier layers feed it), then the logits'
     relative error and cosine similarity and the share of positions whose arg-max token agrees."""
-    from .quant import quantize_model
+    from .quant import quantize_model, set_activations
 
     size = QUANT_SIZES[family] if size is None else size
     ref = build_model(family, size, dtype, seed)
     q = build_model(family, size, dtype, seed)
     quantize_model(q, compress, group_size, symmetric)
+    set_activations(q, activations)
     vocab = int(ref.config.vocab_size)
     ids = input_ids(batch, seq, seed, vocab)
 
@@ -538,6 +541,7 @@ def quant_accuracy(
         "compress": compress,
         "group_size": group_size,
         "symmetric": symmetric,
+        "activations": activations,
         "layers": [rel_err(a, b) for a, b in zip(q_layers, ref_layers)],
         "logits_rel_err": rel_err(q_logits, ref_logits),
         "logits_cosine": _cosine(q_logits, ref_logits),

@@ -5,7 +5,10 @@ the shape; symmetric) and token count: the
 random expert weights of the shape are quantized, and
 
 - ``moestream`` runs :class:`moestream.quant.QuantizedGroupedExperts` on the packed weights
-  (``qgrouped_mm`` -> gated activation -> ``qgrouped_mm``);
+  (``qgrouped_mm`` -> gated activation -> ``qgrouped_mm``) with the default activations ("auto":
+  int8 activations for bfloat16 / float16, the AVX-512 VNNI kernels);
+- ``moestream_float`` the same with ``activations="float"`` (weight-only: the activations as they
+  are), where that differs from the default (bfloat16 / float16 cases);
 - the baseline ``dense`` runs ``ms.moe_experts`` (the fused CPU kernel) on the same weights
   dequantized to the case's dtype (bfloat16: the uncompressed model), so both compute the same
   function and the float64 reference of the dequantized weights checks both.
@@ -100,14 +103,20 @@ def _case(cfg: BenchConfig, dtype: torch.dtype, T: int, scheme: Q.QuantScheme) -
     dense_work = work_of(lambda inp: W.expert_param_bytes(s, dtype))
     packed_work = work_of(lambda inp: inp["packed_bytes"])
 
-    def ours(case, inp):
-        m, x, ids, rw = inp["experts"], inp["x"], inp["ids"], inp["weights"]
+    def ours_with(activations):
+        def prepare(case, inp):
+            m, x, ids, rw = inp["experts"], inp["x"], inp["ids"], inp["weights"]
+            w1, w2 = m.gate_up_proj, m.down_proj
 
-        def run():
-            with torch.no_grad():
-                return m(x, ids, rw)
+            def run():
+                # the module is shared by both implementations: each call sets its own mode
+                w1.activations = w2.activations = activations
+                with torch.no_grad():
+                    return m(x, ids, rw)
 
-        return run
+            return run
+
+        return prepare
 
     def dense(case, inp):
         def run():
@@ -128,7 +137,13 @@ def _case(cfg: BenchConfig, dtype: torch.dtype, T: int, scheme: Q.QuantScheme) -
         ref,
         check,
         dense_work,
-        [Impl("moestream", ours, work=packed_work), Impl("dense", dense, role="baseline")],
+        [Impl("moestream", ours_with("auto"), work=packed_work)]
+        + (
+            [Impl("moestream_float", ours_with("float"), work=packed_work)]
+            if dtype != torch.float32
+            else []
+        )
+        + [Impl("dense", dense, role="baseline")],
         est_bytes=2 * wb + E * 3 * H * I * 4 + 3 * T * H * 8,
         params={
             "T": T,
