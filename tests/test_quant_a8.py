@@ -182,3 +182,23 @@ def test_bad_activations_names_the_argument():
         ops.qlinear(a.to("meta"), q[0].to("meta"), s[0].to("meta"), None, 4, gs, None, "int4")
     with pytest.raises(ValueError, match="activations must be 'auto', 'int8' or 'float'"):
         Q.set_activations(torch.nn.Linear(2, 2), "fp8")
+
+
+def test_experts_module_keeps_autograd_where_a_gradient_is_asked_for():
+    # without a gradient the expert path runs below autograd (no Python layer per op); with one,
+    # the compressed matmuls' node still says there is no backward
+    E, H, I, k = 4, 64, 32, 2
+    w1 = Q.PackedWeight.from_weight(torch.randn(E, 2 * I, H), Q.QuantScheme("int4", 32))
+    w2 = Q.PackedWeight.from_weight(torch.randn(E, H, I), Q.QuantScheme("int4", 32))
+    m = Q.QuantizedGroupedExperts(w1, w2)
+    x = torch.randn(3, H)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    rw = torch.rand(3, k)
+    with torch.no_grad():
+        ref = m(x, ids, rw)
+    assert ref.grad_fn is None
+    xg = x.clone().requires_grad_()
+    out = m(xg, ids, rw)
+    assert torch.equal(out.detach(), ref) and out.grad_fn is not None
+    with pytest.raises(RuntimeError, match="qgrouped_mm is inference only"):
+        out.sum().backward()

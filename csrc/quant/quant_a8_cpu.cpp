@@ -200,7 +200,7 @@ MS_TARGET_A8 void kernel(const Packed& p, const Activations& A, const BlockMap& 
 using KernelFn = void (*)(const Packed&, const Activations&, const BlockMap&, int64_t, int64_t, int64_t, float*);
 
 // weight rows per call for MB rows of a: NB * MB float32 accumulators, at most 16 of the 32 registers
-constexpr int nb_for(int mb) { return mb == 1 ? 8 : (mb == 2 ? 4 : (mb <= 4 ? 3 : 2)); }
+constexpr int nb_for(int mb) { return mb == 1 ? 4 : (mb == 2 ? 4 : (mb <= 4 ? 3 : 2)); }
 
 template <int MB>
 KernelFn pick2(bool full, bool int4) {
