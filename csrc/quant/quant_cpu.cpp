@@ -588,6 +588,9 @@ constexpr int64_t kBf16Rows = 8;
 constexpr int64_t kA8Rows = 16;
 // Output columns (rows of W) per work item of the small-row kernels.
 constexpr int64_t kSmallCols = 64;
+// ... and of the int8-activation kernels: each item is one stream of packed rows, whose first
+// kilobytes are read before any prefetch reaches them, so fewer, longer items
+constexpr int64_t kA8Cols = 256;
 
 struct Item {
   int64_t g, r0, r1, n0, n1;
@@ -627,7 +630,8 @@ void qmm_run(const Packed& p, const Inputs& in, const std::vector<int64_t>& ends
     const int64_t r0 = start, r1 = ends[g];
     start = ends[g];
     if (r1 <= r0) continue;
-    const int64_t w = (in.act != nullptr && r1 - r0 <= kA8Rows) || r1 - r0 <= small ? kSmallCols : P;
+    const bool a8 = in.act != nullptr && r1 - r0 <= kA8Rows;
+    const int64_t w = a8 ? kA8Cols : (r1 - r0 <= small ? kSmallCols : P);
     for (int64_t n0 = 0; n0 < N; n0 += w) items.push_back({g, r0, r1, n0, std::min(N, n0 + w)});
   }
   if (items.empty()) return;
