@@ -123,10 +123,24 @@ MS_TARGET_A8 void quantize_range(const Packed& p, const T* a, int64_t r0, int64_
   }
 }
 
+// the rows of the groups (row ends `ends`) of at most max_rows rows
 template <typename T>
-void quantize_all(const Packed& p, const T* a, int64_t rows, Activations& A) {
+void quantize_all(const Packed& p, const T* a, const std::vector<int64_t>& ends, int64_t max_rows, Activations& A) {
+  std::vector<int64_t> rows;  // the rows to quantize, in order
+  for (int64_t g = 0, start = 0; g < static_cast<int64_t>(ends.size()); start = ends[g], ++g)
+    if (ends[g] - start <= max_rows)
+      for (int64_t r = start; r < ends[g]; ++r) rows.push_back(r);
+  const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.K, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { quantize_range(p, a, r0, r1, A); });
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    // runs of consecutive rows
+    for (int64_t i = i0; i < i1;) {
+      int64_t j = i + 1;
+      while (j < i1 && rows[j] == rows[j - 1] + 1) ++j;
+      quantize_range(p, a, rows[i], rows[j - 1] + 1, A);
+      i = j;
+    }
+  });
 }
 
 constexpr int64_t kPfBytes = 8192;  // software prefetch distance, as in quant_cpu.cpp
@@ -224,7 +238,9 @@ KernelFn pick(int mb, bool full, bool int4) {
 }  // namespace
 #endif
 
-void quantize_rows(const Packed& p, const at::Tensor& a, int64_t rows, Activations& A) {
+void quantize_rows(const Packed& p, const at::Tensor& a, const std::vector<int64_t>& ends, int64_t max_rows,
+                   Activations& A) {
+  const int64_t rows = ends.empty() ? 0 : ends.back();
 #if MS_HAVE_X86_SIMD
   const int64_t B = block_of(p);
   A.rows = rows;
@@ -235,12 +251,12 @@ void quantize_rows(const Packed& p, const at::Tensor& a, int64_t rows, Activatio
   A.gscale.assign(rows * p.G, 0.f);
   A.gcorr.assign(rows * p.G, 0.f);
   switch (a.scalar_type()) {
-    case at::kFloat: return quantize_all(p, a.const_data_ptr<float>(), rows, A);
-    case at::kBFloat16: return quantize_all(p, a.const_data_ptr<c10::BFloat16>(), rows, A);
-    default: return quantize_all(p, a.const_data_ptr<c10::Half>(), rows, A);
+    case at::kFloat: return quantize_all(p, a.const_data_ptr<float>(), ends, max_rows, A);
+    case at::kBFloat16: return quantize_all(p, a.const_data_ptr<c10::BFloat16>(), ends, max_rows, A);
+    default: return quantize_all(p, a.const_data_ptr<c10::Half>(), ends, max_rows, A);
   }
 #else
-  (void)p, (void)a, (void)rows, (void)A;
+  (void)p, (void)a, (void)ends, (void)max_rows, (void)A;
 #endif
 }
 

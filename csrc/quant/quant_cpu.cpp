@@ -768,7 +768,7 @@ at::Tensor qmm_common(const at::Tensor& a, const at::Tensor& qweight, const at::
       quant::a8::Activations act;
       quant::a8::BlockMap bm;
       if (int8_act && isa >= Isa::kAvx512 && quant::a8::available() && smallest <= kA8Rows) {
-        quant::a8::quantize_rows(p, ac, used, act);
+        quant::a8::quantize_rows(p, ac, ends, kA8Rows, act);
         bm = quant::a8::block_map(p);
         in.act = &act;
         in.bm = &bm;

@@ -41,8 +41,10 @@ struct Activations {
   std::vector<float> gcorr;    // [rows, G] gscale * the sum of the group's codes (the zero term)
 };
 
-// a [rows, K] contiguous (float32, bfloat16 or float16) -> out, for weights p.
-void quantize_rows(const Packed& p, const at::Tensor& a, int64_t rows, Activations& out);
+// a [rows, K] contiguous (float32, bfloat16 or float16) -> out, for weights p: the rows of the
+// groups (cumulative row ends `ends`) of at most max_rows rows (the others stay zero).
+void quantize_rows(const Packed& p, const at::Tensor& a, const std::vector<int64_t>& ends, int64_t max_rows,
+                   Activations& out);
 
 // Where each block's 16 lanes find their weight group: g0 the first group of the block, idx the
 // group of each lane minus g0, mask the groups to load (so that no load passes the row's end).
