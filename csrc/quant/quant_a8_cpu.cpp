@@ -289,25 +289,13 @@ BlockMap block_map(const Packed& p) {
 void item(const Packed& p, const Activations& act, const BlockMap& bm, int64_t e, int64_t r0, int64_t r1,
           int64_t n0, int64_t n1, const float* bg, float* out) {
 #if MS_HAVE_X86_SIMD
-  constexpr int kMaxMB = 8;
-  const int64_t N = p.N;
   const bool int4 = p.bits == 4;
-  for (int64_t m0 = r0; m0 < r1; m0 += kMaxMB) {
-    const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, r1 - m0));
-    const int NB = nb_for(mb);
-    float res[16 * kMaxMB];
-    for (int64_t n = n0; n < n1;) {
-      const bool full = n + NB <= n1;
-      const int nb = full ? NB : 1;
-      pick(mb, full, int4)(p, act, bm, e, n, m0, res);
-      for (int j = 0; j < nb; ++j)
-        for (int m = 0; m < mb; ++m) {
-          const float v = res[j * mb + m];
-          out[(m0 + m) * N + n + j] = bg ? v + bg[n + j] : v;
-        }
-      n += nb;
-    }
-  }
+  for_each_tile(
+      r0, r1, n0, n1, p.N, nb_for,
+      [&](int mb, int nb, int64_t n, int64_t m0, float* res) {
+        pick(mb, nb == nb_for(mb), int4)(p, act, bm, e, n, m0, res);
+      },
+      [&](float v, int64_t, int64_t n) { return bg ? v + bg[n] : v; }, out);
 #else
   (void)p, (void)act, (void)bm, (void)e, (void)r0, (void)r1, (void)n0, (void)n1, (void)bg, (void)out;
 #endif

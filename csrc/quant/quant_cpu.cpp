@@ -70,6 +70,7 @@ Isa cpu_isa() {
   return best;
 }
 
+using quant::for_each_tile;
 using quant::Packed;
 
 // ----------------------------------------------------------------------------------------------
@@ -355,23 +356,10 @@ FusedFn pick_fused(int mb, int nb) {
 // out[r0:r1, n0:n1] of group g (rows of a at af, stride K; out stride N) with the fused kernels.
 void fused_item(const Packed& p, int64_t g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, const float* af,
                 int64_t lda, const float* bg, float* out) {
-  constexpr int kMaxMB = 8;
-  const int64_t N = p.N;
-  for (int64_t m0 = r0; m0 < r1; m0 += kMaxMB) {
-    const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, r1 - m0));
-    const int NB = mb == 1 ? 4 : (mb == 2 ? 2 : 1);
-    float res[4 * kMaxMB];
-    for (int64_t n = n0; n < n1;) {
-      const int nb = n + NB <= n1 ? NB : 1;
-      pick_fused(mb, nb)(p, g, n, af + m0 * lda, lda, res);
-      for (int j = 0; j < nb; ++j)
-        for (int m = 0; m < mb; ++m) {
-          const float v = res[j * mb + m];
-          out[(m0 + m) * N + n + j] = bg ? v + bg[n + j] : v;
-        }
-      n += nb;
-    }
-  }
+  for_each_tile(
+      r0, r1, n0, n1, p.N, fused_nb,
+      [&](int mb, int nb, int64_t n, int64_t m0, float* res) { pick_fused(mb, nb)(p, g, n, af + m0 * lda, lda, res); },
+      [&](float v, int64_t, int64_t n) { return bg ? v + bg[n] : v; }, out);
 }
 #endif
 
@@ -503,35 +491,24 @@ FusedBf16Fn pick_bf16(int mb, int nb) {
 // groups' activation sums when the weight has zero points, else null).
 void bf16_item(const Packed& p, int64_t g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, const c10::BFloat16* a,
                int64_t lda, const float* asum, const float* bg, float* out) {
-  constexpr int kMaxMB = 8;
   const int64_t N = p.N, G = p.G;
   const float zdef = static_cast<float>(1 << (p.bits - 1));
-  for (int64_t m0 = r0; m0 < r1; m0 += kMaxMB) {
-    const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, r1 - m0));
-    const int NB = bf16_nb(mb);
-    float res[8 * kMaxMB];
-    for (int64_t n = n0; n < n1;) {
-      const int nb = n + NB <= n1 ? NB : 1;
-      pick_bf16(mb, nb)(p, g, n, a + m0 * lda, lda, res);
-      for (int j = 0; j < nb; ++j) {
-        const int64_t r = g * N + n + j;
-        const float* s = p.s + r * G;
-        const float* z = p.z ? p.z + r * G : nullptr;
-        for (int m = 0; m < mb; ++m) {
-          float v = res[j * mb + m];
-          if (z) {
-            // the zero point: sum over groups of (2^(bits-1) - zero) * scale * sum(a over the group)
-            const float* as = asum + (m0 + m) * G;
-            float c = 0.f;
-            for (int64_t h = 0; h < G; ++h) c += (zdef - z[h]) * s[h] * as[h];
-            v += c;
-          }
-          out[(m0 + m) * N + n + j] = bg ? v + bg[n + j] : v;
+  for_each_tile(
+      r0, r1, n0, n1, N, bf16_nb,
+      [&](int mb, int nb, int64_t n, int64_t m0, float* res) { pick_bf16(mb, nb)(p, g, n, a + m0 * lda, lda, res); },
+      [&](float v, int64_t m, int64_t n) {
+        if (p.z) {
+          // the zero point: sum over groups of (2^(bits-1) - zero) * scale * sum(a over the group)
+          const float* s = p.s + (g * N + n) * G;
+          const float* z = p.z + (g * N + n) * G;
+          const float* as = asum + m * G;
+          float c = 0.f;
+          for (int64_t h = 0; h < G; ++h) c += (zdef - z[h]) * s[h] * as[h];
+          v += c;
         }
-      }
-      n += nb;
-    }
-  }
+        return bg ? v + bg[n] : v;
+      },
+      out);
 }
 #endif
 

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -19,6 +20,28 @@ struct Packed {
   int64_t gs, K, N, G;
   int64_t row_bytes() const { return bits == 4 ? K / 2 : K; }
 };
+
+// The tiles of a few-row work item: rows [r0, r1) of a in blocks of up to 8 (mb), output columns
+// [n0, n1) in tiles of nb_of(mb) weight rows (single rows at the end). kernel(mb, nb, n, m0, res)
+// fills res[j * mb + m] = <row m0 + m of a, weight row n + j>; out[m][n] (stride N) = finish(value,
+// m, n) (the bias, a zero-point term).
+template <typename NbOf, typename Kernel, typename Finish>
+void for_each_tile(int64_t r0, int64_t r1, int64_t n0, int64_t n1, int64_t N, NbOf nb_of, Kernel&& kernel,
+                   Finish&& finish, float* out) {
+  constexpr int kMaxMB = 8, kMaxNB = 8;
+  for (int64_t m0 = r0; m0 < r1; m0 += kMaxMB) {
+    const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, r1 - m0));
+    const int NB = nb_of(mb);
+    float res[kMaxNB * kMaxMB];
+    for (int64_t n = n0; n < n1;) {
+      const int nb = n + NB <= n1 ? NB : 1;
+      kernel(mb, nb, n, m0, res);
+      for (int j = 0; j < nb; ++j)
+        for (int m = 0; m < mb; ++m) out[(m0 + m) * N + n + j] = finish(res[j * mb + m], m0 + m, n + j);
+      n += nb;
+    }
+  }
+}
 
 // ----------------------------------------------------------------------------------------------
 // int8 activations (AVX-512 VNNI): the rows of a are quantized per call, per row and weight group,
