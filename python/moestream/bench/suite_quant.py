@@ -138,11 +138,7 @@ def _case(cfg: BenchConfig, dtype: torch.dtype, T: int, scheme: Q.QuantScheme) -
         check,
         dense_work,
         [Impl("moestream", ours_with("auto"), work=packed_work)]
-        + (
-            [Impl("moestream_float", ours_with("float"), work=packed_work)]
-            if dtype != torch.float32
-            else []
-        )
+        + ([Impl("moestream_float", ours_with("float"), work=packed_work)] if dtype != torch.float32 else [])
         + [Impl("dense", dense, role="baseline")],
         est_bytes=2 * wb + E * 3 * H * I * 4 + 3 * T * H * 8,
         params={
