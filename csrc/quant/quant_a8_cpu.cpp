@@ -162,13 +162,12 @@ MS_TARGET_A8 void kernel(const Packed& p, const Activations& A, const BlockMap& 
   __m512 acc[NB][MB];
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
-  const int64_t nblk = A.nblk, kp = A.kp, B = A.block, rb = p.row_bytes(), G = p.G;
+  const int64_t nblk = A.nblk, kp = A.kp, B = A.block, G = p.G;
   const uint8_t* q[NB];
   const float* s[NB];
   for (int j = 0; j < NB; ++j) {
-    const int64_t r = e * p.N + n + j;
-    q[j] = p.q + r * rb;
-    s[j] = p.s + r * G;
+    q[j] = p.codes(e, n + j);
+    s[j] = p.scales(e, n + j);
   }
   const int8_t* xq = A.q.data() + m0 * kp;
   const float* as = A.gscale.data() + m0 * G;
@@ -205,7 +204,7 @@ MS_TARGET_A8 void kernel(const Packed& p, const Activations& A, const BlockMap& 
   }
   const float zdef = static_cast<float>(1 << (p.bits - 1));
   for (int j = 0; j < NB; ++j) {
-    const float* z = p.z ? p.z + (e * p.N + n + j) * G : nullptr;
+    const float* z = p.zeros(e, n + j);
     for (int m = 0; m < MB; ++m)
       res[j * MB + m] = _mm512_reduce_add_ps(acc[j][m]) - zero_term(s[j], z, zdef, A.gcorr.data() + (m0 + m) * G, G);
   }
@@ -243,7 +242,6 @@ void quantize_rows(const Packed& p, const at::Tensor& a, const std::vector<int64
   const int64_t rows = ends.empty() ? 0 : ends.back();
 #if MS_HAVE_X86_SIMD
   const int64_t B = block_of(p);
-  A.rows = rows;
   A.block = B;
   A.nblk = (p.K + B - 1) / B;
   A.kp = A.nblk * B;

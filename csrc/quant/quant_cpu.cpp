@@ -160,10 +160,9 @@ MS_TARGET_AVX512 void dequant_row_avx512(const uint8_t* q, const float* s, const
 #endif
 
 void dequant_row(Isa isa, const Packed& p, int64_t e, int64_t n, float* out) {
-  const int64_t r = e * p.N + n;
-  const uint8_t* q = p.q + r * p.row_bytes();
-  const float* s = p.s + r * p.G;
-  const float* z = p.z ? p.z + r * p.G : nullptr;
+  const uint8_t* q = p.codes(e, n);
+  const float* s = p.scales(e, n);
+  const float* z = p.zeros(e, n);
 #if MS_HAVE_X86_SIMD
   if (isa >= Isa::kAvx512) return dequant_row_avx512(q, s, z, p.bits, p.gs, p.G, out);
   if (isa == Isa::kAvx2) return dequant_row_avx2(q, s, z, p.bits, p.gs, p.G, out);
@@ -266,7 +265,7 @@ MS_TARGET_AVX512 void fused_avx512(const Packed& p, int64_t e, int64_t n, const 
   __m512 acc[NB][MB][2];
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < MB; ++m) acc[j][m][0] = acc[j][m][1] = _mm512_setzero_ps();
-  const int64_t gs = p.gs, G = p.G, rb = p.row_bytes();
+  const int64_t gs = p.gs, G = p.G;
   const float zdef = static_cast<float>(1 << (p.bits - 1));
   const __m512i mask = _mm512_set1_epi32(15);
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -274,10 +273,9 @@ MS_TARGET_AVX512 void fused_avx512(const Packed& p, int64_t e, int64_t n, const 
   const float* s[NB];
   const float* z[NB];
   for (int j = 0; j < NB; ++j) {
-    const int64_t r = e * p.N + n + j;
-    q[j] = p.q + r * rb;
-    s[j] = p.s + r * G;
-    z[j] = p.z ? p.z + r * G : nullptr;
+    q[j] = p.codes(e, n + j);
+    s[j] = p.scales(e, n + j);
+    z[j] = p.zeros(e, n + j);
   }
   const int64_t pf = kPfBytes, gbytes = p.bits == 4 ? gs / 2 : gs;
   for (int64_t g = 0; g < G; ++g) {
@@ -396,7 +394,7 @@ MS_TARGET_AVX512BF16 void fused_bf16(const Packed& p, int64_t e, int64_t n, cons
   __m512 acc[NB][MB];
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
-  const int64_t gs = p.gs, G = p.G, rb = p.row_bytes();
+  const int64_t gs = p.gs, G = p.G;
   // bf16 bits of (i & 15) - 8, i = 0..31: small integers, so the top half of their float32 bits
   alignas(64) static const uint16_t kTable4[32] = {
       0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000,
@@ -407,9 +405,8 @@ MS_TARGET_AVX512BF16 void fused_bf16(const Packed& p, int64_t e, int64_t n, cons
   const uint8_t* q[NB];
   const float* s[NB];
   for (int j = 0; j < NB; ++j) {
-    const int64_t r = e * p.N + n + j;
-    q[j] = p.q + r * rb;
-    s[j] = p.s + r * G;
+    q[j] = p.codes(e, n + j);
+    s[j] = p.scales(e, n + j);
   }
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
   const int64_t pf = kPfBytes;
@@ -499,8 +496,8 @@ void bf16_item(const Packed& p, int64_t g, int64_t r0, int64_t r1, int64_t n0, i
       [&](float v, int64_t m, int64_t n) {
         if (p.z) {
           // the zero point: sum over groups of (2^(bits-1) - zero) * scale * sum(a over the group)
-          const float* s = p.s + (g * N + n) * G;
-          const float* z = p.z + (g * N + n) * G;
+          const float* s = p.scales(g, n);
+          const float* z = p.zeros(g, n);
           const float* as = asum + m * G;
           float c = 0.f;
           for (int64_t h = 0; h < G; ++h) c += (zdef - z[h]) * s[h] * as[h];

@@ -19,6 +19,10 @@ struct Packed {
   int bits;
   int64_t gs, K, N, G;
   int64_t row_bytes() const { return bits == 4 ? K / 2 : K; }
+  // weight row n of group e: its codes, its G scales, its G zeros (null when symmetric)
+  const uint8_t* codes(int64_t e, int64_t n) const { return q + (e * N + n) * row_bytes(); }
+  const float* scales(int64_t e, int64_t n) const { return s + (e * N + n) * G; }
+  const float* zeros(int64_t e, int64_t n) const { return z ? z + (e * N + n) * G : nullptr; }
 };
 
 // The tiles of a few-row work item: rows [r0, r1) of a in blocks of up to 8 (mb), output columns
@@ -57,7 +61,7 @@ bool available();
 // The rows of a, quantized and laid out for the kernels. A block is the run of K a kernel step
 // reads: 128 elements for int4 weights (64 bytes of codes), 64 for int8; nblk = ceil(K / block).
 struct Activations {
-  int64_t rows = 0, nblk = 0, block = 0, kp = 0;  // kp = nblk * block: the padded row length
+  int64_t nblk = 0, block = 0, kp = 0;  // kp = nblk * block: the padded row length
   std::vector<int8_t> q;       // [rows, kp] int8 codes in the kernels' order (int4: per block the
                                // 16-element chunks 0 2 4 6 1 3 5 7), zero past K
   std::vector<float> gscale;   // [rows, G] each group's scale, max|a| / 127

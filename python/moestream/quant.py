@@ -64,6 +64,7 @@ Inference only: the quantized modules have no gradients.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -365,8 +366,6 @@ def _below_autograd(*tensors: Tensor | None):
     below the autograd dispatch key: no Python autograd layer per op, ~0.1 ms less per decode step
     of a layer on the CPU. With a gradient asked for, autograd stays on, so the compressed matmuls'
     backward can say why there is none."""
-    import contextlib
-
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     ):
